@@ -1,0 +1,168 @@
+"""Dataclass schemas for every config group, registered in Hydra's ConfigStore, plus cross-field checks.
+
+The YAML files under ``conf/`` pick values; these classes fix the keys and their types, so a misspelt
+key or a wrong type is rejected before anything runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from tyingrun.errors import BadInput
+
+
+@dataclass
+class ModelConfig:
+    name: str = "gpt2"
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    dropout: float = 0.0
+    bias: bool = True
+    # Learned positions; a dataset.block_size above this is rejected.
+    max_positions: int = 256
+    # Input embedding = output projection (language models).
+    tie_embeddings: bool = True
+    # Vocabulary size; null takes the tokenizer's.
+    vocab_size: Optional[int] = None
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "pydoc"
+    # Tokens per training sequence (language models).
+    block_size: int = 128
+    # Vocabulary of the tokenizer trained on the corpus (pydoc, text_files).
+    vocab_size: int = 4096
+    # Share of documents held out for validation (corpora without a published split).
+    val_fraction: float = 0.05
+    # Local copy of a hub dataset: a datasets.save_to_disk folder or a folder of raw text files.
+    path: Optional[str] = None
+    # text_files: .txt files or folders of them.
+    files: List[str] = field(default_factory=list)
+    # Hugging Face dataset id and configuration (wiki2, 1b).
+    hf_name: Optional[str] = None
+    hf_config: Optional[str] = None
+    # "bpe": byte-level BPE trained on the corpus and cached; "gpt2": the GPT-2 tokenizer.
+    tokenizer: str = "bpe"
+    # A local tokenizer.json to use instead of training or downloading one.
+    tokenizer_path: Optional[str] = None
+    # Use at most this many documents per split (null: all).
+    max_documents: Optional[int] = None
+    # Where tokenizers and token ids are cached; null: $TYINGRUN_CACHE or ~/.cache/tyingrun.
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class PolicyConfig:
+    name: str = "none"
+    # Unique layer sets for sequential, cyclic and cycle_rev.
+    n_sets: int = 1
+    # from_file: an earlier run's summary.json or maps.jsonl.
+    path: Optional[str] = None
+    # "shared" (gradients of every position summed) or "frozen_copy" (a tied slot passes no weight gradient).
+    grad: str = "shared"
+
+
+@dataclass
+class HardwareConfig:
+    name: str = "auto"
+    # "auto" (cuda when present), "cpu" or "cuda".
+    device: str = "auto"
+    # Autocast dtype on CUDA: "bf16" or "fp32" (no autocast). The CPU always trains in fp32.
+    precision: str = "bf16"
+    tf32: bool = True
+    compile: bool = False
+    # Fused AdamW kernel (CUDA only).
+    fused_adamw: bool = False
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200
+    batch_size: int = 16
+    lr: float = 1e-3
+    # Linear warmup steps, then cosine decay to min_lr_ratio * lr; "constant" keeps lr after warmup.
+    warmup_steps: int = 20
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_interval: int = 50
+    # Validation batches per evaluation (null: the whole validation split).
+    eval_batches: Optional[int] = 20
+    log_interval: int = 10
+
+
+@dataclass
+class LogConfig:
+    # "auto": a rich progress bar on a terminal, plain log lines otherwise; "bar" or "lines" to force one.
+    progress: str = "auto"
+    wandb: bool = False
+    wandb_project: str = "tyingrun"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    policy: PolicyConfig = MISSING
+    hardware: HardwareConfig = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+SECTION_SCHEMAS = {
+    "model": ModelConfig, "dataset": DatasetConfig, "policy": PolicyConfig, "hardware": HardwareConfig,
+    "train": TrainConfig, "log": LogConfig,
+}
+
+CHOICES = {
+    "policy.grad": ("shared", "frozen_copy"),
+    "hardware.device": ("auto", "cpu", "cuda"),
+    "hardware.precision": ("bf16", "fp32"),
+    "train.schedule": ("cosine", "constant"),
+    "log.progress": ("auto", "bar", "lines"),
+    "dataset.tokenizer": ("bpe", "gpt2"),
+}
+
+
+def register_configs() -> None:
+    """Store the typed schema that ``conf/config.yaml`` extends, so every group and section is validated."""
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def check(cfg: Config) -> None:
+    """Cross-field checks that a schema cannot express; raise BadInput naming the key and the fix."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise BadInput(f"{key}={value!r} is not an option; choose one of: {', '.join(allowed)}")
+    m, d, t = cfg.model, cfg.dataset, cfg.train
+    positive = {
+        "model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.d_model": m.d_model,
+        "dataset.block_size": d.block_size, "train.batch_size": t.batch_size, "train.max_steps": t.max_steps,
+        "train.eval_interval": t.eval_interval, "train.log_interval": t.log_interval,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise BadInput(f"{key}={value} must be at least 1")
+    if m.d_model % m.n_head:
+        raise BadInput(f"model.n_head={m.n_head} does not divide model.d_model={m.d_model}; pick a divisor of it")
+    if d.block_size > m.max_positions:
+        raise BadInput(
+            f"dataset.block_size={d.block_size} exceeds the model's {m.max_positions} positions; "
+            f"lower dataset.block_size or raise model.max_positions"
+        )
+    if not 0.0 <= m.dropout < 1.0:
+        raise BadInput(f"model.dropout={m.dropout} must be in [0, 1)")
+    if not 0.0 < d.val_fraction < 1.0:
+        raise BadInput(f"dataset.val_fraction={d.val_fraction} must be between 0 and 1")

@@ -1,0 +1,137 @@
+"""Where measurements go: JSONL files in the run folder, the console (progress bar or log lines), wandb."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+log = logging.getLogger("tyingrun")
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(obj, handle, indent=2)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+class JsonlFile:
+    def __init__(self, path: Path):
+        self._handle = path.open("a")
+
+    def write(self, row: Dict[str, Any]) -> None:
+        self._handle.write(json.dumps(row) + "\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+class ConsoleSink:
+    """A rich progress bar on a terminal; plain log lines (for files and Slurm logs) otherwise."""
+
+    def __init__(self, mode: str, total_steps: int):
+        self.console = Console()
+        use_bar = mode == "bar" or (mode == "auto" and sys.stdout.isatty())
+        self._bar: Optional[Progress] = None
+        if use_bar:
+            self._bar = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+                TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,
+            )
+            self._task = self._bar.add_task("train", total=total_steps, status="")
+            self._bar.start()
+
+    @property
+    def uses_bar(self) -> bool:
+        return self._bar is not None
+
+    def line(self, text: str, show: bool = True) -> None:
+        """Log ``text`` to run.log; print it too unless ``show`` is false and the bar already shows progress."""
+        log.info(text)
+        if show or not self.uses_bar:
+            self.console.print(text, highlight=False, markup=False)
+
+    def progress(self, step: int, status: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, status=status)
+
+    def table(self, title: str, values: Dict[str, Any]) -> None:
+        table = Table(title=title, show_header=False)
+        for key, value in values.items():
+            table.add_row(key, _fmt(value))
+        self.console.print(table)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+class WandbSink:
+    """Imported only when ``log.wandb=true``; honours WANDB_MODE (online, offline, disabled)."""
+
+    def __init__(self, project: str, config: Dict[str, Any], out_dir: Path):
+        import wandb
+
+        self._wandb = wandb
+        self._run = wandb.init(project=project, config=config, dir=str(out_dir), name=out_dir.name)
+
+    def log(self, row: Dict[str, Any]) -> None:
+        self._run.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row["step"])
+
+    def summary(self, summary: Dict[str, Any]) -> None:
+        self._run.summary.update(summary)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class RunSinks:
+    """Everything a run records, written as it happens; summary.json only when the run completes."""
+
+    def __init__(self, out_dir: Path, console: ConsoleSink, wandb: Optional[WandbSink] = None):
+        self.out_dir = out_dir
+        self.console = console
+        self.wandb = wandb
+        self._metrics = JsonlFile(out_dir / "metrics.jsonl")
+        self._maps = JsonlFile(out_dir / "maps.jsonl")
+
+    def metrics(self, row: Dict[str, Any]) -> None:
+        self._metrics.write(row)
+        if self.wandb:
+            self.wandb.log(row)
+
+    def map_change(self, row: Dict[str, Any]) -> None:
+        self._maps.write(row)
+        if self.wandb:
+            self.wandb.log(row)
+
+    def summary(self, summary: Dict[str, Any]) -> None:
+        write_json_atomic(self.out_dir / "summary.json", summary)
+        if self.wandb:
+            self.wandb.summary(summary)
+
+    def close(self) -> None:
+        self.console.close()
+        self._metrics.close()
+        self._maps.close()
+        if self.wandb:
+            self.wandb.close()

@@ -1,0 +1,52 @@
+"""GPT-2 (nanoGPT-style): learned positions, pre-LN blocks in a TiedStack, final LayerNorm, tied LM head."""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tyingrun.config import ModelConfig
+from tyingrun.models.blocks import PreLNBlock
+from tyingrun.models.embeddings import TokenEmbedding
+from tyingrun.tying.stack import TiedStack
+
+
+class GPT2(nn.Module):
+    task = "lm"
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, grad_mode: str = "shared"):
+        super().__init__()
+        self.max_positions = cfg.max_positions
+        self.tokens = TokenEmbedding(vocab_size, cfg.d_model, cfg.tie_embeddings)
+        self.wpe = nn.Embedding(cfg.max_positions, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        blocks = [PreLNBlock(cfg.d_model, cfg.n_head, cfg.dropout, cfg.bias, causal=True) for _ in range(cfg.n_layer)]
+        self.stack = TiedStack(blocks, grad_mode)
+        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self._init_weights(cfg.n_layer)
+
+    def _init_weights(self, n_layer: int) -> None:
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        for block in self.stack.blocks:
+            for weight in block.residual_projections():
+                nn.init.normal_(weight, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.drop(self.tokens.embed(input_ids) + self.wpe(positions))
+        return self.tokens.project(self.ln_f(self.stack(x)))
+
+    def loss(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, int]:
+        """Mean next-token cross-entropy over the batch, and the number of predicted tokens."""
+        logits = self(batch["input_ids"])
+        labels = batch["labels"]
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+        return loss, labels.numel()

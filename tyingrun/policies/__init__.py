@@ -1,0 +1,18 @@
+"""Who decides the tying map, and when."""
+
+from __future__ import annotations
+
+from tyingrun.config import PolicyConfig
+from tyingrun.errors import BadInput
+from tyingrun.policies.base import Policy
+from tyingrun.policies.fixed import FIXED_PATTERNS, FixedPolicy, map_from_file
+
+POLICIES = ("none", "sequential", "cyclic", "cycle_rev", "from_file")
+
+
+def build_policy(cfg: PolicyConfig, n_layer: int) -> Policy:
+    if cfg.name in FIXED_PATTERNS:
+        return FixedPolicy(cfg.name, FIXED_PATTERNS[cfg.name](n_layer, cfg.n_sets))
+    if cfg.name == "from_file":
+        return FixedPolicy(cfg.name, map_from_file(cfg.path, n_layer))
+    raise BadInput(f"policy.name={cfg.name!r} is not a policy; choose one of: {', '.join(POLICIES)}")

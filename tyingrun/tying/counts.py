@@ -1,0 +1,58 @@
+"""Parameter and training-state counts that see through aliasing: every storage is counted once."""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional
+
+import torch
+from torch import nn
+
+from tyingrun.tying.stack import TiedStack
+
+
+def _storage_key(tensor: torch.Tensor):
+    return tensor.untyped_storage().data_ptr(), tensor.device
+
+
+def unique_parameters(params: Iterable[nn.Parameter]) -> Dict[tuple, nn.Parameter]:
+    """One parameter per storage; when several share a storage, a trainable one represents it."""
+    unique: Dict[tuple, nn.Parameter] = {}
+    for param in params:
+        key = _storage_key(param)
+        if key not in unique or (param.requires_grad and not unique[key].requires_grad):
+            unique[key] = param
+    return unique
+
+
+def trainable_parameters(model: nn.Module) -> list:
+    """The tensors the optimizer must hold: each trainable storage exactly once."""
+    return [p for p in unique_parameters(model.parameters()).values() if p.requires_grad]
+
+
+def stored_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in unique_parameters(model.parameters()).values())
+
+
+def trainable_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in trainable_parameters(model))
+
+
+def total_params(model: nn.Module) -> int:
+    """The parameter count of the same model with every layer slot independent (embedding tying kept)."""
+    stacks = [m for m in model.modules() if isinstance(m, TiedStack)]
+    in_stacks = {id(p) for stack in stacks for p in stack.parameters()}
+    outside = unique_parameters(p for p in model.parameters() if id(p) not in in_stacks)
+    per_slot = sum(p.numel() for stack in stacks for block in stack.blocks for p in block.parameters())
+    return per_slot + sum(p.numel() for p in outside.values())
+
+
+def train_state_bytes(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> int:
+    """Bytes of weights (each storage once), of the gradients of trainable tensors and of optimizer state."""
+    params = unique_parameters(model.parameters()).values()
+    weights = sum(p.untyped_storage().nbytes() for p in params)
+    grads = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    state = 0
+    if optimizer is not None:
+        for per_param in optimizer.state.values():
+            state += sum(v.numel() * v.element_size() for v in per_param.values() if torch.is_tensor(v))
+    return weights + grads + state
