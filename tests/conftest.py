@@ -11,11 +11,18 @@ from tyingrun.config import ModelConfig  # noqa: E402
 from tyingrun.models.gpt2 import GPT2  # noqa: E402
 
 
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    """One tokenizer and token cache for the whole session, as a user's ~/.cache/tyingrun would be."""
+    return tmp_path_factory.mktemp("tyingrun-cache")
+
+
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch):
+def _offline(monkeypatch, data_cache):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("TYINGRUN_CACHE", str(data_cache))
 
 
 def tiny_gpt2(n_layer=4, grad_mode="shared", vocab=64, d_model=32, seed=0, dropout=0.0):

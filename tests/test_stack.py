@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tyingrun.config import HardwareConfig, TrainConfig
-from tyingrun.tying import counts, maps
 from tyingrun.train.optim import build_optimizer, optimizer_parameters, sync_optimizer
+from tyingrun.tying import counts, maps
 
 from .conftest import lm_batch, tiny_gpt2
 

@@ -2,34 +2,22 @@
 
 from __future__ import annotations
 
-import difflib
 import os
 import sys
-from dataclasses import fields
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, OverrideParseException
+from hydra.errors import HydraException, MissingConfigException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from tyingrun.config import SECTION_SCHEMAS, register_configs
+from tyingrun.config import register_configs, reject_unknown_keys, unknown_key_message
 from tyingrun.errors import BadInput
 
 EXIT_BAD_INPUT = 2
-
-
-def _allowed_keys(full_key: str) -> Optional[str]:
-    section = full_key.split(".")[0]
-    schema = SECTION_SCHEMAS.get(section)
-    if schema is None:
-        return None
-    names = [f"{section}.{f.name}" for f in fields(schema)]
-    close = difflib.get_close_matches(full_key, names, n=1)
-    hint = f"did you mean {close[0]}? " if close else ""
-    return f"{hint}{section} accepts: {', '.join(f.name for f in fields(schema))}"
 
 
 def explain(err: BaseException) -> str:
@@ -39,10 +27,8 @@ def explain(err: BaseException) -> str:
         group = (err.missing_cfg_file or "").rpartition("/")[0]
         option = (err.missing_cfg_file or "").rpartition("/")[2]
         return f"unknown option {group}={option}; choose one of: {', '.join(sorted(err.options))}"
-    if isinstance(cause, ConfigKeyError) and getattr(cause, "full_key", None):
-        allowed = _allowed_keys(cause.full_key)
-        known = f"; {allowed}" if allowed else f"; sections are: {', '.join(SECTION_SCHEMAS)}"
-        return f"unknown config key {cause.full_key}{known}"
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(cause, "full_key", None):
+        return unknown_key_message(cause.full_key)
     if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
         message = str(cause).splitlines()[0]
         return f"bad value for {cause.full_key}: {message}"
@@ -58,9 +44,14 @@ def fail(message: str) -> NoReturn:
 def _hydra_main(cfg: DictConfig) -> float:
     from tyingrun.run import run
 
-    typed = OmegaConf.to_object(cfg)
-    summary = run(typed, Path(HydraConfig.get().runtime.output_dir))
-    return summary.get("val_loss", float("nan"))
+    try:
+        reject_unknown_keys(cfg)
+        summary = run(OmegaConf.to_object(cfg), Path(HydraConfig.get().runtime.output_dir))
+    except BadInput as err:
+        if HydraConfig.get().mode == RunMode.RUN:
+            fail(str(err))
+        raise
+    return summary["val_loss"]
 
 
 def main() -> None:
@@ -69,13 +60,7 @@ def main() -> None:
     register_configs()
     try:
         _hydra_main()
-    except BadInput as err:
-        fail(str(err))
-    except (MissingConfigException, ConfigCompositionException, OverrideParseException) as err:
-        fail(explain(err))
-    except (ConfigKeyError, ValidationError) as err:
-        fail(explain(err))
-    except HydraException as err:
+    except (HydraException, ConfigKeyError, ConfigAttributeError, ValidationError) as err:
         fail(explain(err))
 
 

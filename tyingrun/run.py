@@ -19,8 +19,8 @@ from tyingrun.metrics.meters import peak_memory, reset_peak_memory
 from tyingrun.metrics.sinks import ConsoleSink, RunSinks, WandbSink
 from tyingrun.models.gpt2 import GPT2
 from tyingrun.policies import build_policy
-from tyingrun.tying.counts import total_params
 from tyingrun.train.trainer import Trainer
+from tyingrun.tying.counts import total_params
 
 MODELS = {"gpt2": GPT2}
 
@@ -59,6 +59,7 @@ def build_model(model_cfg: ModelConfig, vocab_size: int, grad_mode: str) -> nn.M
 def run(cfg: Config, out_dir: Path) -> Dict[str, Any]:
     """Train one model under one policy; write metrics.jsonl, maps.jsonl and, when it completes, summary.json."""
     config_module.check(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
     policy = build_policy(cfg.policy, cfg.model.n_layer)
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.hardware)

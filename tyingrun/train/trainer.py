@@ -40,7 +40,7 @@ def learning_rate(step: int, cfg: Config) -> float:
 class TrainerContext:
     """What a policy may ask at a decision point: score a training batch, read the counts."""
 
-    def __init__(self, trainer: "Trainer"):
+    def __init__(self, trainer: Trainer):
         self._trainer = trainer
 
     @property
@@ -173,6 +173,7 @@ class Trainer:
             "final_trainable": self.stack.effective_trainable,
             **self.counts,
             **{f"{name}_mean": self.means[name].mean for name in MEANS},
+            "optimizer_params": sum(p.numel() for p in optimizer_parameters(self.optimizer)),
             "train_state_bytes": train_state_bytes(self.model, self.optimizer),
             "wall_time_s": time.perf_counter() - started,
             "tokens_per_s": self.throughput.rate,

@@ -63,7 +63,7 @@ class TiedStack(nn.Module):
         flags = list(self.trainable if trainable is None else trainable)
         if len(flags) != len(self):
             raise ValueError(f"{len(flags)} trainable flags for {len(self)} layers")
-        for slot, (old_root, new_root) in enumerate(zip(self.src, new_src)):
+        for slot, (old_root, new_root) in enumerate(zip(self.src, new_src, strict=True)):
             if new_root == slot and old_root != slot:
                 self._give_own_copy(slot)
         self.src, self.trainable = new_src, [bool(f) for f in flags]

@@ -1,0 +1,125 @@
+"""The real `tyingrun` command in subprocesses: a full run's files, and one clear line for every bad input."""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+SUMMARY_KEYS = {
+    "status", "model", "dataset", "policy", "steps", "n_layer", "final_map", "independent_layers",
+    "trainable_layers", "independent_layers_mean", "val_loss", "val_ppl", "total_params", "trainable_params",
+    "trainable_params_mean", "stored_params", "train_state_bytes", "peak_memory_bytes", "peak_memory_kind",
+    "wall_time_s", "tokens_per_s", "seed",
+}
+SMALL = ["model.d_model=64", "dataset.block_size=64", "train.batch_size=8", "train.eval_batches=4"]
+
+
+def tyingrun(run_dir, *overrides):
+    command = [sys.executable, "-m", "tyingrun.cli", *overrides, f"hydra.run.dir={run_dir}"]
+    return subprocess.run(command, capture_output=True, text=True, env=os.environ.copy(), timeout=300)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def cyclic_and_none(tmp_path_factory):
+    runs = {}
+    for policy in ("cyclic", "none"):
+        run_dir = tmp_path_factory.mktemp(policy)
+        result = tyingrun(
+            run_dir, "model=gpt2", "dataset=pydoc", f"policy={policy}", "policy.n_sets=2", "model.n_layer=4",
+            "train.max_steps=12", "train.eval_interval=6", "train.log_interval=3", *SMALL,
+        )
+        assert result.returncode == 0, result.stderr
+        runs[policy] = run_dir
+    return runs
+
+
+def test_cyclic_run_leaves_every_file_and_summary_key(cyclic_and_none):
+    run_dir = cyclic_and_none["cyclic"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert SUMMARY_KEYS <= summary.keys()
+    assert summary["status"] == "completed" and summary["policy"] == "cyclic"
+    assert summary["final_map"] == [0, 1, 0, 1]
+    assert summary["independent_layers"] == 2 and summary["independent_layers_mean"] == 2
+    assert summary["trainable_params"] == summary["optimizer_params"] == summary["trainable_params_mean"]
+    assert summary["peak_memory_kind"] == "cpu_rss" and summary["peak_memory_bytes"] > 0
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert [row["step"] for row in metrics if "val_loss" in row] == [0, 6, 12]
+    assert [row["step"] for row in metrics if "train_loss" in row] == [3, 6, 9, 12]
+    assert metrics[-1]["val_loss"] == summary["val_loss"]
+    maps_rows = read_jsonl(run_dir / "maps.jsonl")
+    assert maps_rows == [{**maps_rows[0], "step": 0, "map": [0, 1, 0, 1], "trainable": [True, True, False, False]}]
+
+
+def test_cyclic_trains_two_blocks_fewer_than_none(cyclic_and_none):
+    cyclic = json.loads((cyclic_and_none["cyclic"] / "summary.json").read_text())
+    none = json.loads((cyclic_and_none["none"] / "summary.json").read_text())
+    d_model = 64
+    block = 12 * d_model * d_model + 13 * d_model  # attention + MLP weights and biases, two LayerNorms
+    assert cyclic["trainable_params"] == none["trainable_params"] - 2 * block
+    assert none["trainable_params"] == none["optimizer_params"] == none["total_params"] == cyclic["total_params"]
+    assert cyclic["train_state_bytes"] < none["train_state_bytes"]
+
+
+BAD_INPUTS = {
+    "misspelt key": (["train.max_stepz=3"], "unknown config key train.max_stepz; did you mean train.max_steps?"),
+    "added key": (["+model.n_layerz=3"], "unknown config key model.n_layerz"),
+    "wrong type": (["train.max_steps=many"], "bad value for train.max_steps"),
+    "unknown group option": (["dataset=nonexistent"], "unknown option dataset=nonexistent; choose one of: 1b, pydoc"),
+    "n_sets not dividing": (
+        ["policy=sequential", "policy.n_sets=3", "model.n_layer=4"], "does not divide model.n_layer=4"
+    ),
+    "wiki2 offline": (["dataset=wiki2"], "dataset=wiki2"),
+    "n_head not dividing": (["model.n_head=3"], "model.n_head=3 does not divide model.d_model=128"),
+    "block too long": (["dataset.block_size=512"], "exceeds the model's 256 positions"),
+    "bad choice": (["policy.grad=both"], "policy.grad='both' is not an option"),
+    "from_file without path": (["policy=from_file"], "policy=from_file needs policy.path"),
+    "missing text file": (["dataset=text_files", "dataset.files=[/no/such.txt]"], "no such file"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_INPUTS)
+def test_bad_input_exits_2_with_one_line(tmp_path, name):
+    overrides, expected = BAD_INPUTS[name]
+    result = tyingrun(tmp_path / "run", *overrides)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tyingrun: error: "), result.stderr
+    assert expected in lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_from_file_rejects_a_map_of_the_wrong_length(tmp_path):
+    saved = tmp_path / "summary.json"
+    saved.write_text(json.dumps({"final_map": [0, 0, 2]}))
+    result = tyingrun(tmp_path / "run", "policy=from_file", f"policy.path={saved}")
+    assert result.returncode == 2
+    assert "has 3 entries but the model has 4 layers" in result.stderr
+
+
+def test_from_file_retrains_a_saved_map(tmp_path, cyclic_and_none):
+    saved = cyclic_and_none["cyclic"] / "maps.jsonl"
+    result = tyingrun(
+        tmp_path, "policy=from_file", f"policy.path={saved}", "model.n_layer=4", "train.max_steps=2", *SMALL
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "summary.json").read_text())["final_map"] == [0, 1, 0, 1]
+
+
+def test_wheel_ships_the_config_tree(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), "."],
+        check=True, capture_output=True, cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
+    (wheel,) = tmp_path.glob("tyingrun-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for config in ("config.yaml", "model/gpt2.yaml", "dataset/pydoc.yaml", "policy/cyclic.yaml", "hardware/cpu.yaml"):
+        assert f"tyingrun/conf/{config}" in names
