@@ -6,11 +6,12 @@ key or a wrong type is rejected before anything runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+from dataclasses import dataclass, field, fields
 from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig
 
 from tyingrun.errors import BadInput
 
@@ -66,6 +67,16 @@ class PolicyConfig:
     path: Optional[str] = None
     # "shared" (gradients of every position summed) or "frozen_copy" (a tied slot passes no weight gradient).
     grad: str = "shared"
+    # dynamic_q, random: K optimizer steps follow each decision before it is rewarded.
+    steps_per_decision: int = 4
+    # dynamic_q, random: layers 1..L-1 stay frozen at their initial weights until first visited.
+    freeze_at_init: bool = True
+    # dynamic_q, random: "paper" (-batch PPL, clipped at -10), "neg_loss", "improvement" or "param_penalty".
+    reward: str = "paper"
+    # param_penalty reward: -CE - param_penalty_weight * (trainable layer slots / all layer slots).
+    param_penalty_weight: float = 1.0
+    # dynamic_q, random: seed of the policy's own RNG and Q-network init; null takes train.seed.
+    seed: Optional[int] = None
 
 
 @dataclass
@@ -126,6 +137,8 @@ SECTION_SCHEMAS = {
 
 CHOICES = {
     "policy.grad": ("shared", "frozen_copy"),
+    # The names of tyingrun.policies.dynamic_q.REWARDS (a test keeps the two equal).
+    "policy.reward": ("paper", "neg_loss", "improvement", "param_penalty"),
     "hardware.device": ("auto", "cpu", "cuda"),
     "hardware.precision": ("bf16", "fp32"),
     "train.schedule": ("cosine", "constant"),
@@ -137,6 +150,26 @@ CHOICES = {
 def register_configs() -> None:
     """Store the typed schema that ``conf/config.yaml`` extends, so every group and section is validated."""
     ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def unknown_key_message(full_key: str) -> str:
+    """Name the unknown key, the closest known one, and every key its section accepts."""
+    section = full_key.split(".")[0]
+    if section not in SECTION_SCHEMAS:
+        return f"unknown config key {full_key}; the sections are: {', '.join(SECTION_SCHEMAS)}"
+    names = [f.name for f in fields(SECTION_SCHEMAS[section])]
+    close = difflib.get_close_matches(full_key, [f"{section}.{name}" for name in names], n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"unknown config key {full_key}; {hint}{section} accepts: {', '.join(names)}"
+
+
+def reject_unknown_keys(cfg: DictConfig) -> None:
+    """``+key=value`` can add keys that no schema declares; refuse them instead of silently ignoring them."""
+    for section in cfg:
+        declared = {f.name for f in fields(SECTION_SCHEMAS[section])} if section in SECTION_SCHEMAS else set()
+        unknown = [key for key in cfg[section] if key not in declared] if declared else [""]
+        if unknown:
+            raise BadInput(unknown_key_message(f"{section}.{unknown[0]}".rstrip(".")))
 
 
 def check(cfg: Config) -> None:

@@ -60,7 +60,7 @@ def run(cfg: Config, out_dir: Path) -> Dict[str, Any]:
     """Train one model under one policy; write metrics.jsonl, maps.jsonl and, when it completes, summary.json."""
     config_module.check(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    policy = build_policy(cfg.policy, cfg.model.n_layer)
+    policy = build_policy(cfg.policy, cfg.model.n_layer, cfg.train.seed)
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.hardware)
     configure_backends(cfg.hardware, device)
@@ -94,7 +94,8 @@ def run(cfg: Config, out_dir: Path) -> Dict[str, Any]:
         }
         sinks.summary(summary)
         console.close()
-        console.table(f"summary ({out_dir / 'summary.json'})", summary)
+        console.table("summary", summary)
+        console.line(f"summary written to {out_dir / 'summary.json'}")
     finally:
         sinks.close()
     return summary

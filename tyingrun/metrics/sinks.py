@@ -28,7 +28,9 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:,.1f}" if abs(value) >= 1000 else f"{value:.4g}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
     return str(value)
 
 
@@ -48,8 +50,10 @@ class ConsoleSink:
     """A rich progress bar on a terminal; plain log lines (for files and Slurm logs) otherwise."""
 
     def __init__(self, mode: str, total_steps: int):
-        self.console = Console()
-        use_bar = mode == "bar" or (mode == "auto" and sys.stdout.isatty())
+        on_terminal = sys.stdout.isatty()
+        # Log files and pipes get long lines rather than rich's default of 80 columns.
+        self.console = Console(width=None if on_terminal else 160)
+        use_bar = mode == "bar" or (mode == "auto" and on_terminal)
         self._bar: Optional[Progress] = None
         if use_bar:
             self._bar = Progress(
