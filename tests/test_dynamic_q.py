@@ -237,7 +237,7 @@ class ModelContext:
     @torch.no_grad()
     def score_batch(self):
         self.model.eval()
-        loss, _ = self.model.loss(lm_batch(seed=1000 + self.step))
+        loss = self.model.loss(lm_batch(seed=1000 + self.step)).loss
         return loss.item()
 
     def counts(self):
@@ -267,7 +267,7 @@ def test_real_optimizer_follows_every_decision(name):
     tied_seen = False
     for step in range(1, 31):
         model.train()
-        loss, _ = model.loss(lm_batch(seed=step))
+        loss = model.loss(lm_batch(seed=step)).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -22,7 +22,10 @@ from tyingrun.policies import build_policy
 from tyingrun.train.trainer import Trainer
 from tyingrun.tying.counts import total_params
 
-MODELS = {"gpt2": GPT2}
+# Each model is built from its config section, the data it will train on, and the gradient mode.
+MODELS = {
+    "gpt2": lambda cfg, data, grad_mode: GPT2(cfg, cfg.vocab_size or data.vocab_size, grad_mode),
+}
 
 
 def seed_everything(seed: int) -> None:
@@ -45,15 +48,20 @@ def configure_backends(hardware: HardwareConfig, device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = hardware.tf32
 
 
-def build_model(model_cfg: ModelConfig, vocab_size: int, grad_mode: str) -> nn.Module:
+def build_data(cfg: Config):
+    return build_lm_data(cfg.dataset)
+
+
+def build_model(model_cfg: ModelConfig, data, grad_mode: str) -> nn.Module:
     if model_cfg.name not in MODELS:
         raise BadInput(f"model.name={model_cfg.name!r} is not a model; choose one of: {', '.join(MODELS)}")
-    if model_cfg.vocab_size is not None and model_cfg.vocab_size < vocab_size:
+    vocab_size = getattr(data, "vocab_size", None)
+    if model_cfg.vocab_size is not None and vocab_size is not None and model_cfg.vocab_size < vocab_size:
         raise BadInput(
             f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {vocab_size} tokens; "
             f"remove the override or raise it"
         )
-    return MODELS[model_cfg.name](model_cfg, model_cfg.vocab_size or vocab_size, grad_mode)
+    return MODELS[model_cfg.name](model_cfg, data, grad_mode)
 
 
 def run(cfg: Config, out_dir: Path) -> Dict[str, Any]:
@@ -64,17 +72,17 @@ def run(cfg: Config, out_dir: Path) -> Dict[str, Any]:
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.hardware)
     configure_backends(cfg.hardware, device)
-    data = build_lm_data(cfg.dataset)
-    model = build_model(cfg.model, data.vocab_size, cfg.policy.grad).to(device)
+    data = build_data(cfg)
+    model = build_model(cfg.model, data, cfg.policy.grad).to(device)
     console = ConsoleSink(cfg.log.progress, cfg.train.max_steps)
     wandb = WandbSink(cfg.log.wandb_project, asdict(cfg), out_dir) if cfg.log.wandb else None
     sinks = RunSinks(out_dir, console, wandb)
     try:
         console.line(
             f"{cfg.model.name} {cfg.model.n_layer}x{cfg.model.d_model}, {total_params(model):,} parameters untied; "
-            f"dataset {cfg.dataset.name}: {len(data.train)} train / {len(data.val)} val blocks of "
-            f"{cfg.dataset.block_size} tokens; policy {cfg.policy.name}; device {device}; run folder {out_dir}"
+            f"dataset {cfg.dataset.name}: {data.describe()}; policy {cfg.policy.name}; device {device}"
         )
+        console.line(f"run folder {out_dir}")
         reset_peak_memory(device)
         measured = Trainer(cfg, model, model.stack, data, policy, device, sinks).fit()
         memory_bytes, memory_kind = peak_memory(device)

@@ -34,6 +34,16 @@ class LMData:
     val: torch.Tensor  # int64 [n_val_blocks, block_size + 1]
     vocab_size: int
     tokenizer: tokenizers.Tokenizer
+    unit = "tokens"
+
+    def train_sampler(self, batch_size: int, seed: int) -> BlockSampler:
+        return BlockSampler(self.train, batch_size, seed)
+
+    def val_batches(self, batch_size: int, limit: Optional[int]) -> Iterator[dict[str, torch.Tensor]]:
+        return eval_batches(self.val, batch_size, limit)
+
+    def describe(self) -> str:
+        return f"{len(self.train)} train / {len(self.val)} val blocks of {self.train.shape[1] - 1} tokens"
 
 
 def build_lm_data(cfg: DatasetConfig) -> LMData:

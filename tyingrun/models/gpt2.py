@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, Tuple
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +12,7 @@ from torch import nn
 from tyingrun.config import ModelConfig
 from tyingrun.models.blocks import PreLNBlock
 from tyingrun.models.embeddings import TokenEmbedding
+from tyingrun.models.outputs import LossResult
 from tyingrun.tying.stack import TiedStack
 
 
@@ -44,9 +45,8 @@ class GPT2(nn.Module):
         x = self.drop(self.tokens.embed(input_ids) + self.wpe(positions))
         return self.tokens.project(self.ln_f(self.stack(x)))
 
-    def loss(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, int]:
+    def loss(self, batch: Dict[str, torch.Tensor]) -> LossResult:
         """Mean next-token cross-entropy over the batch, and the number of predicted tokens."""
         logits = self(batch["input_ids"])
         labels = batch["labels"]
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
-        return loss, labels.numel()
+        return LossResult(F.cross_entropy(logits.float().flatten(0, 1), labels.flatten()), labels.numel())

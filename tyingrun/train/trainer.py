@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from tyingrun.config import Config
-from tyingrun.data.lm import BlockSampler, LMData, eval_batches
 from tyingrun.metrics.meters import RunningMean, Throughput, model_counts, perplexity
 from tyingrun.metrics.sinks import RunSinks
 from tyingrun.policies.base import Decision, Policy
@@ -55,13 +54,15 @@ class TrainerContext:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, model: nn.Module, stack: TiedStack, data: LMData, policy: Policy,
+    def __init__(self, cfg: Config, model: nn.Module, stack: TiedStack, data, policy: Policy,
                  device: torch.device, sinks: RunSinks):
         self.cfg, self.model, self.stack, self.data, self.policy = cfg, model, stack, data, policy
         self.device, self.sinks = device, sinks
         self.optimizer = build_optimizer(model, cfg.train, cfg.hardware, device)
-        self.sampler = BlockSampler(data.train, cfg.train.batch_size, cfg.train.seed)
-        self.score_sampler = BlockSampler(data.train, cfg.train.batch_size, cfg.train.seed + 1)
+        self.sampler = data.train_sampler(cfg.train.batch_size, cfg.train.seed)
+        # Policies score the model on their own stream of training batches, so the training stream is the
+        # same whatever the policy.
+        self.score_sampler = data.train_sampler(cfg.train.batch_size, cfg.train.seed + 1)
         self.loss_fn = torch.compile(model.loss) if cfg.hardware.compile else model.loss
         self.step = 0
         self.counts: Dict[str, int] = {}
@@ -95,7 +96,7 @@ class Trainer:
             group["lr"] = lr
         self.throughput.start()
         with self._autocast():
-            loss, n_items = self.loss_fn(batch)
+            loss, n_items, _ = self.loss_fn(batch)
         loss.backward()
         if self.cfg.train.grad_clip > 0:
             nn.utils.clip_grad_norm_(optimizer_parameters(self.optimizer), self.cfg.train.grad_clip)
@@ -108,28 +109,34 @@ class Trainer:
         return value
 
     @torch.no_grad()
-    def _mean_loss(self, batches) -> float:
+    def _measure(self, batches) -> Dict[str, float]:
+        """Mean loss over the items of ``batches`` in eval mode; accuracy too for models that report it."""
         self.model.eval()
-        total, count = 0.0, 0
+        total, count, correct = 0.0, 0, None
         for batch in batches:
             with self._autocast():
-                loss, n_items = self.loss_fn(self._to_device(batch))
+                loss, n_items, n_correct = self.loss_fn(self._to_device(batch))
             total += loss.item() * n_items
             count += n_items
-        return total / count
+            if n_correct is not None:
+                correct = (correct or 0) + int(n_correct)
+        return {"loss": total / count} if correct is None else {"loss": total / count, "acc": correct / count}
 
     def score_batch(self) -> float:
-        return self._mean_loss([self.score_sampler.next_batch()])
+        return self._measure([self.score_sampler.next_batch()])["loss"]
 
     def evaluate(self) -> Dict[str, float]:
-        val_loss = self._mean_loss(eval_batches(self.data.val, self.cfg.train.batch_size, self.cfg.train.eval_batches))
-        return {"val_loss": val_loss, "val_ppl": perplexity(val_loss)}
+        measured = self._measure(self.data.val_batches(self.cfg.train.batch_size, self.cfg.train.eval_batches))
+        if "acc" in measured:
+            return {"val_loss": measured["loss"], "val_acc": measured["acc"]}
+        return {"val_loss": measured["loss"], "val_ppl": perplexity(measured["loss"])}
 
     def _record_eval(self) -> Dict[str, float]:
         result = self.evaluate()
         self.sinks.metrics({"step": self.step, **result, **self.counts})
+        quality = f"val_acc {result['val_acc']:.4f}" if "val_acc" in result else f"val_ppl {result['val_ppl']:.2f}"
         self.sinks.console.line(
-            f"step {self.step:>6}  val_loss {result['val_loss']:.4f}  val_ppl {result['val_ppl']:.2f}  "
+            f"step {self.step:>6}  val_loss {result['val_loss']:.4f}  {quality}  "
             f"independent {self.counts['independent_layers']}/{len(self.stack)}  "
             f"trainable_params {self.counts['trainable_params']:,}"
         )
@@ -138,12 +145,12 @@ class Trainer:
     def _record_train(self, losses: list) -> None:
         row = {
             "step": self.step, "train_loss": sum(losses) / len(losses), "lr": self.optimizer.param_groups[0]["lr"],
-            "tokens_per_s": self.throughput.rate, **self.counts,
+            f"{self.data.unit}_per_s": self.throughput.rate, **self.counts,
         }
         self.sinks.metrics(row)
         self.sinks.console.line(
             f"step {self.step:>6}/{self.cfg.train.max_steps}  train_loss {row['train_loss']:.4f}  "
-            f"lr {row['lr']:.2e}  tokens/s {row['tokens_per_s']:,.0f}",
+            f"lr {row['lr']:.2e}  {self.data.unit}/s {self.throughput.rate:,.0f}",
             show=False,
         )
 
@@ -176,5 +183,5 @@ class Trainer:
             "optimizer_params": sum(p.numel() for p in optimizer_parameters(self.optimizer)),
             "train_state_bytes": train_state_bytes(self.model, self.optimizer),
             "wall_time_s": time.perf_counter() - started,
-            "tokens_per_s": self.throughput.rate,
+            f"{self.data.unit}_per_s": self.throughput.rate,
         }
