@@ -1,4 +1,4 @@
-# tyingrun: make demo | make test | make lint
+# tyingrun: make demo | make test | make lint | make ablations
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
@@ -7,7 +7,13 @@ TORCH_INDEX ?=
 HAS_NVIDIA_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
 
-.PHONY: install demo test lint clean
+# make ablations [SCALE=cpu|paper] [SEEDS=0,1,2] [STEPS=n] [ABLATION_ARGS="key=value ..."]
+SCALE ?= cpu
+SEEDS ?= 0,1,2
+STEPS ?=
+ABLATION_ARGS ?=
+
+.PHONY: install demo test test-all lint bench ablations clean
 
 install: $(VENV)/.installed
 
@@ -23,11 +29,26 @@ endif
 demo: install
 	$(OFFLINE) $(VENV)/bin/tyingrun model=gpt2 dataset=pydoc policy=cyclic hardware=cpu
 
+# torch.compile tests cost ~30 s of compilation each on a cold cache: test-all includes them.
 test: install
+	$(OFFLINE) $(PY) -m pytest -q -m "not compile"
+
+test-all: install
 	$(OFFLINE) $(PY) -m pytest -q
+
+# Loop overhead, memory against the physical limit, frozen_copy speed-up, dynamic_q's decision cost, tokens/s
+# (MFU on a GPU) -> benchmarks/results.json. BENCH_ARGS="--n-layer 48 --d-model 1600 ..." for other sizes.
+bench: install
+	$(OFFLINE) $(PY) benchmarks/bench.py $(BENCH_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check tyingrun tests
+
+# METHOD.md §6 over SEEDS, then report.md/report.csv/figures, under outputs/ablations/<scale>-<date>_<time>.
+# The cpu scale needs no network; the paper scale downloads WikiText-2 and wants GPUs.
+ablations: install
+	$(if $(filter cpu,$(SCALE)),$(OFFLINE)) $(PY) -m tyingrun.ablations --scale $(SCALE) --seeds $(SEEDS) \
+		$(if $(STEPS),train.max_steps=$(STEPS)) $(ABLATION_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -72,7 +72,9 @@ BAD_INPUTS = {
     "misspelt key": (["train.max_stepz=3"], "unknown config key train.max_stepz; did you mean train.max_steps?"),
     "added key": (["+model.n_layerz=3"], "unknown config key model.n_layerz"),
     "wrong type": (["train.max_steps=many"], "bad value for train.max_steps"),
-    "unknown group option": (["dataset=nonexistent"], "unknown option dataset=nonexistent; choose one of: 1b, pydoc"),
+    "unknown group option": (
+        ["dataset=nonexistent"], "unknown option dataset=nonexistent; choose one of: 1b, cifar10, digits, pydoc"
+    ),
     "n_sets not dividing": (
         ["policy=sequential", "policy.n_sets=3", "model.n_layer=4"], "does not divide model.n_layer=4"
     ),
@@ -82,6 +84,9 @@ BAD_INPUTS = {
     "bad choice": (["policy.grad=both"], "policy.grad='both' is not an option"),
     "from_file without path": (["policy=from_file"], "policy=from_file needs policy.path"),
     "missing text file": (["dataset=text_files", "dataset.files=[/no/such.txt]"], "no such file"),
+    "cifar10 offline": (["model=vit", "dataset=cifar10"], "dataset=cifar10: the Hugging Face dataset 'cifar10' is"),
+    "vit on text": (["model=vit", "dataset=pydoc"], "model=vit trains on one of: cifar10, digits"),
+    "gpt2 on images": (["model=gpt2", "dataset=digits"], "model=gpt2 trains on one of: pydoc, wiki2, 1b, text_files"),
 }
 
 

@@ -9,7 +9,7 @@ from tyingrun.config import HardwareConfig, TrainConfig
 from tyingrun.train.optim import build_optimizer, optimizer_parameters, sync_optimizer
 from tyingrun.tying import counts, maps
 
-from .conftest import lm_batch, tiny_gpt2
+from .conftest import TINY_MODELS, lm_batch, tiny_gpt2
 
 CPU = torch.device("cpu")
 
@@ -18,8 +18,8 @@ def optimizer_for(model, weight_decay=0.1):
     return build_optimizer(model, TrainConfig(lr=1e-2, weight_decay=weight_decay), HardwareConfig(), CPU)
 
 
-def train_step(model, optimizer, seed=1):
-    loss = model.loss(lm_batch(seed=seed)).loss
+def train_step(model, optimizer, seed=1, make_batch=lm_batch):
+    loss = model.loss(make_batch(seed=seed)).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -33,14 +33,16 @@ def grads_of(model, slot):
     return {name: p.grad.clone() for name, p in block_params(model, slot).items()}
 
 
+@pytest.mark.parametrize("architecture", TINY_MODELS)
 @pytest.mark.parametrize("grad_mode", ["shared", "frozen_copy"])
-def test_tied_slot_aliases_root_and_holds_no_grad_or_optimizer_state(grad_mode):
-    model = tiny_gpt2(grad_mode=grad_mode)
+def test_tied_slot_aliases_root_and_holds_no_grad_or_optimizer_state(grad_mode, architecture):
+    make_model, make_batch = TINY_MODELS[architecture]
+    model = make_model(grad_mode=grad_mode)
     optimizer = optimizer_for(model)
     model.stack.apply_map([0, 1, 0, 1])
     sync_optimizer(optimizer, model)
-    train_step(model, optimizer)
-    loss = model.loss(lm_batch(seed=2)).loss
+    train_step(model, optimizer, make_batch=make_batch)
+    loss = model.loss(make_batch(seed=2)).loss
     loss.backward()
     optimized = {id(p) for p in optimizer_parameters(optimizer)}
     for slot, root in [(2, 0), (3, 1)]:

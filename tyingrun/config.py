@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field, fields
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
@@ -28,8 +28,15 @@ class ModelConfig:
     max_positions: int = 256
     # Input embedding = output projection (language models).
     tie_embeddings: bool = True
+    # Parts that never train, whatever the policy decides: layer indices, "embeddings" (every embedding
+    # table; with a tied head that is the head too) and "head" (an untied LM head).
+    freeze: List[Any] = field(default_factory=list)
     # Vocabulary size; null takes the tokenizer's.
     vocab_size: Optional[int] = None
+    # bert: causal attention and next-token labels (the official code's variant) instead of masked-LM.
+    causal: bool = False
+    # vit: side of the square patches; it must divide the dataset's image size.
+    patch_size: int = 4
 
 
 @dataclass
@@ -39,16 +46,17 @@ class DatasetConfig:
     block_size: int = 128
     # Vocabulary of the tokenizer trained on the corpus (pydoc, text_files).
     vocab_size: int = 4096
-    # Share of documents held out for validation (corpora without a published split).
+    # Share of documents (or images) held out for validation (data without a published split: pydoc, digits).
     val_fraction: float = 0.05
-    # Local copy of a hub dataset: a datasets.save_to_disk folder or a folder of raw text files.
+    # Local copy of a hub dataset: a datasets.save_to_disk folder or (text) a folder of raw text files.
     path: Optional[str] = None
     # text_files: .txt files or folders of them.
     files: List[str] = field(default_factory=list)
-    # Hugging Face dataset id and configuration (wiki2, 1b).
+    # Hugging Face dataset id and configuration (wiki2, 1b, cifar10).
     hf_name: Optional[str] = None
     hf_config: Optional[str] = None
-    # "bpe": byte-level BPE trained on the corpus and cached; "gpt2": the GPT-2 tokenizer.
+    # "bpe": byte-level BPE trained on the corpus and cached (model=bert trains WordPiece instead);
+    # "wordpiece": BERT's WordPiece trained on the corpus and cached; "gpt2": the GPT-2 tokenizer.
     tokenizer: str = "bpe"
     # A local tokenizer.json to use instead of training or downloading one.
     tokenizer_path: Optional[str] = None
@@ -56,6 +64,8 @@ class DatasetConfig:
     max_documents: Optional[int] = None
     # Where tokenizers and token ids are cached; null: $TYINGRUN_CACHE or ~/.cache/tyingrun.
     cache_dir: Optional[str] = None
+    # Vision training batches: random crop (after padding 4 pixels) and horizontal flip.
+    augment: bool = False
 
 
 @dataclass
@@ -87,6 +97,8 @@ class HardwareConfig:
     # Autocast dtype on CUDA: "bf16" or "fp32" (no autocast). The CPU always trains in fp32.
     precision: str = "bf16"
     tf32: bool = True
+    # torch.compile the training loss: each distinct tying map (and trainable flags) compiles once, up to
+    # torch._dynamo's recompile_limit (8) distinct ones; later new ones run eager.
     compile: bool = False
     # Fused AdamW kernel (CUDA only).
     fused_adamw: bool = False
@@ -110,6 +122,16 @@ class TrainConfig:
     # Validation batches per evaluation (null: the whole validation split).
     eval_batches: Optional[int] = 20
     log_interval: int = 10
+    # Save a checkpoint every this many steps (0: only at the end); keep the newest keep_checkpoints.
+    checkpoint_interval: int = 200
+    keep_checkpoints: int = 2
+    # A run folder to continue exactly where it stopped (its config is reused; overrides may extend it).
+    resume: Optional[str] = None
+    # Start from earlier weights: a run folder (its newest checkpoint), a checkpoint folder, or a local
+    # Hugging Face GPT-2 folder (config.json + model.safetensors). Ignored when resuming.
+    init_from: Optional[str] = None
+    # Weight-decay the embedding tables (and so a tied head, once) like other matrices, as nanoGPT does now.
+    decay_embeddings: bool = True
 
 
 @dataclass
@@ -143,7 +165,7 @@ CHOICES = {
     "hardware.precision": ("bf16", "fp32"),
     "train.schedule": ("cosine", "constant"),
     "log.progress": ("auto", "bar", "lines"),
-    "dataset.tokenizer": ("bpe", "gpt2"),
+    "dataset.tokenizer": ("bpe", "gpt2", "wordpiece"),
 }
 
 
@@ -182,7 +204,8 @@ def check(cfg: Config) -> None:
     m, d, t = cfg.model, cfg.dataset, cfg.train
     positive = {
         "model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.d_model": m.d_model,
-        "dataset.block_size": d.block_size, "train.batch_size": t.batch_size, "train.max_steps": t.max_steps,
+        "model.patch_size": m.patch_size, "dataset.block_size": d.block_size, "train.batch_size": t.batch_size,
+        "train.max_steps": t.max_steps,
         "train.eval_interval": t.eval_interval, "train.log_interval": t.log_interval,
     }
     for key, value in positive.items():
@@ -199,3 +222,23 @@ def check(cfg: Config) -> None:
         raise BadInput(f"model.dropout={m.dropout} must be in [0, 1)")
     if not 0.0 < d.val_fraction < 1.0:
         raise BadInput(f"dataset.val_fraction={d.val_fraction} must be between 0 and 1")
+    check_freeze(m)
+
+
+FREEZE_PARTS = ("embeddings", "head")
+
+
+def check_freeze(m: ModelConfig) -> None:
+    for part in m.freeze:
+        if isinstance(part, int) and not isinstance(part, bool):
+            if not 0 <= part < m.n_layer:
+                raise BadInput(f"model.freeze: there is no layer {part}; model.n_layer={m.n_layer} has layers "
+                               f"0..{m.n_layer - 1}")
+        elif part not in FREEZE_PARTS:
+            raise BadInput(f"model.freeze: {part!r} is not a part; give layer indices, embeddings or head")
+        elif m.name == "vit":
+            raise BadInput(f"model.freeze: model=vit has no token embedding or LM head ({part}); freeze layer "
+                           f"indices instead")
+        elif part == "head" and m.tie_embeddings:
+            raise BadInput("model.freeze: the head is tied, so it is the token embedding matrix itself; freeze "
+                           "embeddings (which freezes both), or set model.tie_embeddings=false to freeze it alone")

@@ -1,8 +1,12 @@
 """Language-model data: token streams chunked into fixed-length blocks, a resumable shuffling sampler, eval batches.
 
-Each split's documents are tokenized, each followed by ``<|endoftext|>``, and concatenated into one stream.
-Blocks hold ``block_size + 1`` tokens with stride ``block_size``: consecutive blocks share one token, so every
-token of the stream (but the first) is a prediction target exactly once. The ragged tail is dropped.
+Each split's documents are tokenized, each followed by the tokenizer's document separator (``<|endoftext|>``,
+or ``[SEP]`` for WordPiece), and concatenated into one stream. Blocks hold ``block_size + 1`` tokens with stride
+``block_size``: consecutive blocks share one token, so every token of the stream (but the first) is a prediction
+target exactly once. The ragged tail is dropped.
+
+Causal batches predict each next token. Masked-LM batches (BERT) take a block's first ``block_size`` tokens and
+predict the masked ones only; every other position is labelled ``IGNORE_INDEX``.
 """
 
 from __future__ import annotations
@@ -17,15 +21,54 @@ import tokenizers
 import torch
 
 from tyingrun.config import DatasetConfig
+from tyingrun.data.sampling import Batch, ShuffledSampler, TransformedSampler
 from tyingrun.data.text import atomic_output, cache_root, documents_hash, load_corpus, short_hash
-from tyingrun.data.tokenizer import EOS, load_tokenizer
+from tyingrun.data.tokenizer import MASK, document_separator, load_tokenizer
 from tyingrun.errors import BadInput
+from tyingrun.models.outputs import IGNORE_INDEX
 
 log = logging.getLogger("tyingrun")
 
 TOKENS_FORMAT = 1
 # Documents per encode_batch call: enough to keep every core busy, few enough to bound memory.
 ENCODE_CHUNK = 4096
+# BERT's masking: this share of the (non-special) tokens is predicted; of those, MASK_TOKEN_SHARE become [MASK],
+# RANDOM_TOKEN_SHARE a random token, and the rest stay as they are.
+MASK_PROB = 0.15
+MASK_TOKEN_SHARE = 0.8
+RANDOM_TOKEN_SHARE = 0.1
+# Validation batches are masked from this seed at every evaluation, so val_ppl is comparable across runs.
+EVAL_MASK_SEED = 0
+
+
+@dataclass(frozen=True)
+class MaskedLM:
+    """The masked-LM batch transform: corrupts ``input_ids`` and labels the predicted positions."""
+
+    mask_id: int
+    vocab_size: int
+    special_ids: torch.Tensor  # never masked (separators, padding...)
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: tokenizers.Tokenizer) -> MaskedLM:
+        mask_id = tokenizer.token_to_id(MASK)
+        if mask_id is None:
+            raise BadInput(
+                f"masked-LM needs a {MASK} token and this tokenizer has none; use dataset.tokenizer=wordpiece, "
+                f"a dataset.tokenizer_path that has one, or train causally with model.causal=true"
+            )
+        special = [token_id for token_id, token in tokenizer.get_added_tokens_decoder().items() if token.special]
+        return cls(mask_id, tokenizer.get_vocab_size(), torch.tensor(special, dtype=torch.int64))
+
+    def __call__(self, batch: Batch, generator: torch.Generator) -> Batch:
+        ids = batch["input_ids"]
+        chosen = (torch.rand(ids.shape, generator=generator) < MASK_PROB) & ~torch.isin(ids, self.special_ids)
+        roll = torch.rand(ids.shape, generator=generator)
+        random_ids = torch.randint(self.vocab_size, ids.shape, generator=generator)
+        corrupted = torch.where(chosen & (roll < MASK_TOKEN_SHARE), self.mask_id, ids)
+        random_share = chosen & (roll >= MASK_TOKEN_SHARE) & (roll < MASK_TOKEN_SHARE + RANDOM_TOKEN_SHARE)
+        corrupted = torch.where(random_share, random_ids, corrupted)
+        return {"input_ids": corrupted, "labels": torch.where(chosen, ids, IGNORE_INDEX)}
 
 
 @dataclass
@@ -34,35 +77,44 @@ class LMData:
     val: torch.Tensor  # int64 [n_val_blocks, block_size + 1]
     vocab_size: int
     tokenizer: tokenizers.Tokenizer
+    masking: Optional[MaskedLM] = None  # masked-LM batches (BERT) instead of causal ones
     unit = "tokens"
 
-    def train_sampler(self, batch_size: int, seed: int) -> BlockSampler:
-        return BlockSampler(self.train, batch_size, seed)
+    def train_sampler(self, batch_size: int, seed: int) -> BlockSampler | TransformedSampler:
+        blocks = BlockSampler(self.train, batch_size, seed)
+        return blocks if self.masking is None else TransformedSampler(blocks, self.masking, seed)
 
-    def val_batches(self, batch_size: int, limit: Optional[int]) -> Iterator[dict[str, torch.Tensor]]:
-        return eval_batches(self.val, batch_size, limit)
+    def val_batches(self, batch_size: int, limit: Optional[int]) -> Iterator[Batch]:
+        batches = eval_batches(self.val, batch_size, limit)
+        if self.masking is None:
+            return batches
+        generator = torch.Generator().manual_seed(EVAL_MASK_SEED)
+        return (self.masking(batch, generator) for batch in batches)
 
     def describe(self) -> str:
-        return f"{len(self.train)} train / {len(self.val)} val blocks of {self.train.shape[1] - 1} tokens"
+        objective = "" if self.masking is None else ", masked-LM"
+        return f"{len(self.train)} train / {len(self.val)} val blocks of {self.train.shape[1] - 1} tokens{objective}"
 
 
-def build_lm_data(cfg: DatasetConfig) -> LMData:
+def build_lm_data(cfg: DatasetConfig, masked_lm: bool = False) -> LMData:
     corpus = load_corpus(cfg)
     tokenizer = load_tokenizer(cfg, corpus)
-    eos = tokenizer.token_to_id(EOS)
-    if eos is None:
-        raise BadInput(f"the tokenizer has no {EOS} token to separate documents; use one that has (e.g. gpt2 or bpe)")
+    masking = MaskedLM.for_tokenizer(tokenizer) if masked_lm else None
+    separator = document_separator(tokenizer)
     tokenizer_key = short_hash(tokenizer.to_str())
     blocks = {}
     for split, documents in (("train", corpus.train), ("val", corpus.val)):
-        ids = _cached_token_ids(cfg, split, documents, tokenizer, tokenizer_key, eos)
+        ids = _cached_token_ids(cfg, split, documents, tokenizer, tokenizer_key, separator)
         if len(ids) < cfg.block_size + 1:
             raise BadInput(
                 f"dataset={cfg.name}: the {split} split has {len(ids)} tokens, fewer than one block of "
                 f"{cfg.block_size + 1}; lower dataset.block_size or give more text"
             )
         blocks[split] = chunk_blocks(torch.from_numpy(ids.astype(np.int64)), cfg.block_size)
-    return LMData(train=blocks["train"], val=blocks["val"], vocab_size=tokenizer.get_vocab_size(), tokenizer=tokenizer)
+    return LMData(
+        train=blocks["train"], val=blocks["val"], vocab_size=tokenizer.get_vocab_size(), tokenizer=tokenizer,
+        masking=masking,
+    )
 
 
 def chunk_blocks(ids: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -99,38 +151,12 @@ def _as_batch(blocks: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"input_ids": blocks[:, :-1].contiguous(), "labels": blocks[:, 1:].contiguous()}
 
 
-class BlockSampler:
-    """Shuffled training batches, one permutation of the blocks per epoch, resumable at any batch.
-
-    Epoch ``e`` uses the permutation drawn from ``seed + e``; batch ``k`` of the epoch is its ``k``-th slice of
-    ``batch_size`` (an incomplete last slice is dropped). With fewer blocks than ``batch_size`` the permutation
-    wraps around, so a batch is always full and each batch is one epoch.
-    """
+class BlockSampler(ShuffledSampler):
+    """Shuffled causal batches of blocks (see ShuffledSampler for the order and resumption)."""
 
     def __init__(self, blocks: torch.Tensor, batch_size: int, seed: int):
         self.blocks = blocks
-        self.batch_size = batch_size
-        self.batches_per_epoch = max(1, len(blocks) // batch_size)
-        self._start(seed=seed, epoch=0, position=0)
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        if self.position == self.batches_per_epoch:
-            self._start(seed=self.seed, epoch=self.epoch + 1, position=0)
-        offsets = self.position * self.batch_size + torch.arange(self.batch_size)
-        indices = self._order[offsets % len(self.blocks)]
-        self.position += 1
-        return _as_batch(self.blocks[indices])
-
-    def state_dict(self) -> dict:
-        return {"seed": self.seed, "epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._start(seed=int(state["seed"]), epoch=int(state["epoch"]), position=int(state["position"]))
-
-    def _start(self, seed: int, epoch: int, position: int) -> None:
-        self.seed, self.epoch, self.position = seed, epoch, position
-        generator = torch.Generator().manual_seed(seed + epoch)
-        self._order = torch.randperm(len(self.blocks), generator=generator)
+        super().__init__(len(blocks), batch_size, seed, take=lambda indices: _as_batch(self.blocks[indices]))
 
 
 def eval_batches(blocks: torch.Tensor, batch_size: int, limit: Optional[int]) -> Iterator[dict[str, torch.Tensor]]:

@@ -22,7 +22,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Optional
 from urllib.parse import urlparse
 
 from tyingrun.config import DatasetConfig
@@ -299,7 +299,18 @@ def _read_lines(files: list[Path]) -> list[str]:
 
 
 def _hub_lines(cfg: DatasetConfig) -> tuple[list[str], list[str]]:
-    default_name, default_config = HUB_DEFAULTS[cfg.name]
+    dataset_dict, label = load_hub_dataset(cfg, *HUB_DEFAULTS[cfg.name], "a save_to_disk folder or raw text files")
+    return _text_splits(dataset_dict, f"Hugging Face dataset {label!r}")
+
+
+def load_hub_dataset(
+    cfg: DatasetConfig, default_name: str, default_config: Optional[str], local_copy: str
+) -> tuple[Any, str]:
+    """``datasets.load_dataset`` of dataset.hf_name/hf_config (or the defaults), and its label.
+
+    Offline and not cached, it fails at once with a BadInput that names ``local_copy``, the kind of
+    dataset.path folder that replaces the hub.
+    """
     hf_name, hf_config = cfg.hf_name or default_name, cfg.hf_config or default_config
     label = hf_name if hf_config is None else f"{hf_name}/{hf_config}"
     go_offline_unless_hub_reachable()
@@ -312,20 +323,20 @@ def _hub_lines(cfg: DatasetConfig) -> tuple[list[str], list[str]]:
             dataset_dict = datasets.load_dataset(hf_name, hf_config)
     # datasets signals "not cached" and "no such dataset" with many unrelated exception types.
     except Exception as error:
-        raise BadInput(_hub_failure(cfg.name, label, error)) from error
-    return _text_splits(dataset_dict, f"Hugging Face dataset {label!r}")
+        raise BadInput(_hub_failure(cfg.name, label, error, local_copy)) from error
+    return dataset_dict, label
 
 
-def _hub_failure(name: str, label: str, error: Exception) -> str:
-    local_copy = "or download it and pass dataset.path=FOLDER (a save_to_disk folder or raw text files)"
+def _hub_failure(name: str, label: str, error: Exception, local_copy: str) -> str:
+    fix = f"or download it and pass dataset.path=FOLDER ({local_copy})"
     if hub_offline():
         return (
             f"dataset={name}: the Hugging Face dataset {label!r} is neither cached nor reachable (offline); "
-            f"run once with internet to cache it, {local_copy}"
+            f"run once with internet to cache it, {fix}"
         )
     return (
         f"dataset={name}: could not load the Hugging Face dataset {label!r} ({first_line(error)}); "
-        f"check dataset.hf_name and dataset.hf_config, {local_copy}"
+        f"check dataset.hf_name and dataset.hf_config, {fix}"
     )
 
 

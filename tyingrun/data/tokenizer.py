@@ -1,11 +1,13 @@
-"""Tokenizers: byte-level BPE trained on a corpus and cached, the GPT-2 tokenizer, or a local tokenizer.json."""
+"""Tokenizers: byte-level BPE or WordPiece trained on a corpus and cached, the GPT-2 tokenizer, or a local
+tokenizer.json."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from tyingrun.config import DatasetConfig
 from tyingrun.data.text import (
@@ -20,12 +22,15 @@ from tyingrun.data.text import (
 )
 from tyingrun.errors import BadInput
 
-__all__ = ["EOS", "cache_root", "load_tokenizer", "train_bpe"]
+__all__ = ["EOS", "MASK", "SEP", "cache_root", "document_separator", "load_tokenizer", "train_bpe", "train_wordpiece"]
 
 log = logging.getLogger("tyingrun")
 
 EOS = "<|endoftext|>"
+# BERT's special tokens, in BERT's order (ids 0-4 of a trained WordPiece vocabulary).
+PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 BPE_FORMAT = 1
+WORDPIECE_FORMAT = 1
 # Byte-level BPE starts from all 256 bytes plus the end-of-text token.
 MIN_BPE_VOCAB = 257
 
@@ -36,8 +41,25 @@ def load_tokenizer(cfg: DatasetConfig, corpus: Corpus) -> Tokenizer:
     if cfg.tokenizer == "gpt2":
         return _gpt2_tokenizer()
     if cfg.tokenizer == "bpe":
-        return _cached_bpe(cfg, corpus)
-    raise BadInput(f"dataset.tokenizer={cfg.tokenizer!r} is not an option; choose one of: bpe, gpt2")
+        if cfg.vocab_size < MIN_BPE_VOCAB:
+            raise BadInput(
+                f"dataset.vocab_size={cfg.vocab_size} is too small for byte-level BPE; use at least {MIN_BPE_VOCAB}"
+            )
+        return _cached_trained(cfg, corpus, "bpe", BPE_FORMAT, train_bpe)
+    if cfg.tokenizer == "wordpiece":
+        return _cached_trained(cfg, corpus, "wordpiece", WORDPIECE_FORMAT, train_wordpiece)
+    raise BadInput(f"dataset.tokenizer={cfg.tokenizer!r} is not an option; choose one of: bpe, gpt2, wordpiece")
+
+
+def document_separator(tokenizer: Tokenizer) -> int:
+    """The id that ends each document in a token stream: ``<|endoftext|>``, else WordPiece's ``[SEP]``."""
+    for token in (EOS, SEP):
+        token_id = tokenizer.token_to_id(token)
+        if token_id is not None:
+            return token_id
+    raise BadInput(
+        f"the tokenizer has neither {EOS} nor {SEP} to separate documents; use one that has (e.g. bpe or wordpiece)"
+    )
 
 
 def train_bpe(documents: list[str], vocab_size: int) -> Tokenizer:
@@ -54,17 +76,28 @@ def train_bpe(documents: list[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def _cached_bpe(cfg: DatasetConfig, corpus: Corpus) -> Tokenizer:
-    if cfg.vocab_size < MIN_BPE_VOCAB:
-        raise BadInput(
-            f"dataset.vocab_size={cfg.vocab_size} is too small for byte-level BPE; use at least {MIN_BPE_VOCAB}"
-        )
-    key = short_hash(BPE_FORMAT, cfg.vocab_size, documents_hash(corpus.train))
-    path = cache_root(cfg) / "tokenizers" / f"bpe-{cfg.vocab_size}-{key}.json"
+def train_wordpiece(documents: list[str], vocab_size: int) -> Tokenizer:
+    """BERT's tokenizer (as bert-base-uncased): lowercased, split at whitespace and punctuation, then WordPiece."""
+    tokenizer = Tokenizer(models.WordPiece(unk_token=UNK))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=[PAD, UNK, CLS, SEP, MASK], show_progress=False
+    )
+    tokenizer.train_from_iterator(documents, trainer=trainer, length=len(documents))
+    return tokenizer
+
+
+def _cached_trained(
+    cfg: DatasetConfig, corpus: Corpus, kind: str, version: int, train: Callable[[list[str], int], Tokenizer]
+) -> Tokenizer:
+    key = short_hash(version, cfg.vocab_size, documents_hash(corpus.train))
+    path = cache_root(cfg) / "tokenizers" / f"{kind}-{cfg.vocab_size}-{key}.json"
     if path.exists():
         return Tokenizer.from_file(str(path))
-    log.info("training a byte-level BPE tokenizer (vocab %d) on %s (once; cached)", cfg.vocab_size, corpus.name)
-    tokenizer = train_bpe(corpus.train, cfg.vocab_size)
+    log.info("training a %s tokenizer (vocab %d) on %s (once; cached)", kind, cfg.vocab_size, corpus.name)
+    tokenizer = train(corpus.train, cfg.vocab_size)
     with atomic_output(path) as tmp:
         tokenizer.save(str(tmp))
     return tokenizer

@@ -8,11 +8,13 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from tyingrun.errors import BadInput
 
 log = logging.getLogger("tyingrun")
 
@@ -35,7 +37,11 @@ def _fmt(value: Any) -> str:
 
 
 class JsonlFile:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, keep_through_step: Optional[int] = None):
+        if keep_through_step is not None and path.exists():
+            # A resumed run continues from its checkpoint: drop what the interrupted run logged after it.
+            rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= keep_through_step]
+            path.write_text("".join(f"{row}\n" for row in rows))
         self._handle = path.open("a")
 
     def write(self, row: Dict[str, Any]) -> None:
@@ -89,34 +95,66 @@ class ConsoleSink:
             self._bar = None
 
 
+def _numbers(row: Dict[str, Any], prefix: str = "") -> Dict[str, float]:
+    return {f"{prefix}{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+
+
 class WandbSink:
-    """Imported only when ``log.wandb=true``; honours WANDB_MODE (online, offline, disabled)."""
+    """Imported only when ``log.wandb=true``; honours WANDB_MODE (online, offline, disabled) and WANDB_DIR.
+
+    Metrics go to their own names, map changes to ``tying/...`` plus a ``tying/maps`` table of every map,
+    and the summary to the run's summary.
+    """
+
+    MAP_COLUMNS = ("step", "map", "trainable", "layer", "action", "reward", "epsilon")
+
+    @staticmethod
+    def require_login() -> None:
+        """Called before anything is built: online without credentials, wandb.init would prompt or fail late."""
+        import wandb
+
+        if wandb.setup().settings.mode not in ("offline", "dryrun", "disabled") and not wandb.login(
+                prompt=False, verify=False):
+            raise BadInput("log.wandb=true but wandb is not logged in here; run `wandb login` (or set "
+                           "WANDB_API_KEY), or log locally with WANDB_MODE=offline and `wandb sync` later")
 
     def __init__(self, project: str, config: Dict[str, Any], out_dir: Path):
         import wandb
 
         self._wandb = wandb
-        self._run = wandb.init(project=project, config=config, dir=str(out_dir), name=out_dir.name)
+        self._maps: List[List[Any]] = []
+        self._run = wandb.init(
+            project=project, config=config, name="/".join(out_dir.parts[-2:]), notes=str(out_dir),
+            dir=None if "WANDB_DIR" in os.environ else str(out_dir),
+        )
 
     def log(self, row: Dict[str, Any]) -> None:
-        self._run.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row["step"])
+        self._run.log(_numbers(row), step=row["step"])
+
+    def map_change(self, row: Dict[str, Any]) -> None:
+        self._run.log(_numbers(row, "tying/"), step=row["step"])
+        self._maps.append([json.dumps(row.get(column)) if isinstance(row.get(column), list) else row.get(column)
+                           for column in self.MAP_COLUMNS])
 
     def summary(self, summary: Dict[str, Any]) -> None:
         self._run.summary.update(summary)
 
     def close(self) -> None:
+        if self._maps:
+            self._run.log({"tying/maps": self._wandb.Table(columns=list(self.MAP_COLUMNS), data=self._maps)})
         self._run.finish()
 
 
 class RunSinks:
     """Everything a run records, written as it happens; summary.json only when the run completes."""
 
-    def __init__(self, out_dir: Path, console: ConsoleSink, wandb: Optional[WandbSink] = None):
+    def __init__(self, out_dir: Path, console: ConsoleSink, wandb: Optional[WandbSink] = None,
+                 resume_step: Optional[int] = None):
         self.out_dir = out_dir
         self.console = console
         self.wandb = wandb
-        self._metrics = JsonlFile(out_dir / "metrics.jsonl")
-        self._maps = JsonlFile(out_dir / "maps.jsonl")
+        self._metrics = JsonlFile(out_dir / "metrics.jsonl", resume_step)
+        self._maps = JsonlFile(out_dir / "maps.jsonl", resume_step)
 
     def metrics(self, row: Dict[str, Any]) -> None:
         self._metrics.write(row)
@@ -126,7 +164,7 @@ class RunSinks:
     def map_change(self, row: Dict[str, Any]) -> None:
         self._maps.write(row)
         if self.wandb:
-            self.wandb.log(row)
+            self.wandb.map_change(row)
 
     def summary(self, summary: Dict[str, Any]) -> None:
         write_json_atomic(self.out_dir / "summary.json", summary)

@@ -1,4 +1,4 @@
-"""Transformer building blocks: SDPA self-attention, the GELU MLP and the pre-LN block."""
+"""Transformer building blocks: SDPA self-attention, the GELU MLP, the pre-LN and post-LN blocks, and their init."""
 
 from __future__ import annotations
 
@@ -55,3 +55,27 @@ class PreLNBlock(nn.Module):
 
     def residual_projections(self):
         return [self.attn.c_proj.weight, self.mlp.c_proj.weight]
+
+
+class PostLNBlock(nn.Module):
+    """ln(x + attn(x)), then ln(x + mlp(x)) (BERT)."""
+
+    def __init__(self, d_model: int, n_head: int, dropout: float, bias: bool, causal: bool):
+        super().__init__()
+        self.attn = SelfAttention(d_model, n_head, dropout, bias, causal)
+        self.ln_1 = nn.LayerNorm(d_model, bias=bias)
+        self.mlp = MLP(d_model, dropout, bias)
+        self.ln_2 = nn.LayerNorm(d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.ln_1(x + self.attn(x))
+        return self.ln_2(x + self.mlp(x))
+
+
+def init_normal(model: nn.Module, std: float = 0.02) -> None:
+    """Normal(0, std) weights for every Linear and Embedding, zero Linear biases (GPT-2 and BERT init)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)

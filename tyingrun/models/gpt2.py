@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tyingrun.config import ModelConfig
-from tyingrun.models.blocks import PreLNBlock
+from tyingrun.models.blocks import PreLNBlock, init_normal
 from tyingrun.models.embeddings import TokenEmbedding
 from tyingrun.models.outputs import LossResult
 from tyingrun.tying.stack import TiedStack
@@ -31,11 +31,7 @@ class GPT2(nn.Module):
         self._init_weights(cfg.n_layer)
 
     def _init_weights(self, n_layer: int) -> None:
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
+        init_normal(self)
         for block in self.stack.blocks:
             for weight in block.residual_projections():
                 nn.init.normal_(weight, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))

@@ -6,6 +6,9 @@ from typing import NamedTuple, Optional
 
 import torch
 
+# The label of a position that is not predicted (masked-LM batches); torch's cross_entropy skips it by default.
+IGNORE_INDEX = -100
+
 
 class LossResult(NamedTuple):
     loss: torch.Tensor  # mean over the predicted items, with a graph in training

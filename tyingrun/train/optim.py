@@ -1,4 +1,9 @@
-"""AdamW over exactly the trainable tensors, kept in sync with the tying map and the trainable flags."""
+"""AdamW over exactly the trainable tensors, kept in sync with the tying map and the trainable flags.
+
+Three parameter groups, each tensor in exactly one (a tied head is the embedding tensor itself, so it is
+decayed at most once): matrices (weight-decayed), embedding tables (decayed when train.decay_embeddings)
+and vectors (biases and LayerNorm gains, never decayed).
+"""
 
 from __future__ import annotations
 
@@ -8,19 +13,24 @@ import torch
 from torch import nn
 
 from tyingrun.config import HardwareConfig, TrainConfig
-from tyingrun.tying.counts import trainable_parameters
+from tyingrun.models.embeddings import embedding_tables
+from tyingrun.tying.counts import storage_key, trainable_parameters
 
 
-def _split_by_decay(params: List[nn.Parameter]):
-    """Matrices (and embeddings) are weight-decayed; biases and LayerNorm gains are not."""
-    return [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
+def _split_by_decay(params: List[nn.Parameter], model: nn.Module):
+    """Matrices, embedding tables and vectors, in the order of the optimizer's groups."""
+    tables = {storage_key(table) for table in embedding_tables(model)}
+    embeddings = [p for p in params if storage_key(p) in tables]
+    matrices = [p for p in params if p.dim() >= 2 and storage_key(p) not in tables]
+    return matrices, embeddings, [p for p in params if p.dim() < 2]
 
 
 def build_optimizer(model: nn.Module, train: TrainConfig, hardware: HardwareConfig, device: torch.device):
-    decay, no_decay = _split_by_decay(trainable_parameters(model))
+    matrices, embeddings, vectors = _split_by_decay(trainable_parameters(model), model)
     groups = [
-        {"params": decay, "weight_decay": train.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": matrices, "weight_decay": train.weight_decay},
+        {"params": embeddings, "weight_decay": train.weight_decay if train.decay_embeddings else 0.0},
+        {"params": vectors, "weight_decay": 0.0},
     ]
     fused = hardware.fused_adamw and device.type == "cuda"
     return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), fused=fused or None)
@@ -38,9 +48,8 @@ def sync_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
         for param in group["params"]:
             if id(param) not in wanted_ids:
                 optimizer.state.pop(param, None)
-    decay, no_decay = _split_by_decay(wanted)
-    optimizer.param_groups[0]["params"] = decay
-    optimizer.param_groups[1]["params"] = no_decay
+    for group, params in zip(optimizer.param_groups, _split_by_decay(wanted, model), strict=True):
+        group["params"] = params
 
 
 def optimizer_parameters(optimizer: torch.optim.Optimizer) -> List[nn.Parameter]:

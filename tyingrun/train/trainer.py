@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import time
-from typing import Any, Dict, Optional
+from pathlib import Path
+from typing import Any, Dict, List, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -14,7 +17,10 @@ from tyingrun.config import Config
 from tyingrun.metrics.meters import RunningMean, Throughput, model_counts, perplexity
 from tyingrun.metrics.sinks import RunSinks
 from tyingrun.policies.base import Decision, Policy
+from tyingrun.train.checkpoint import load_weights, read_state, save_checkpoint
+from tyingrun.train.freeze import freeze_tensors, frozen_layers
 from tyingrun.train.optim import build_optimizer, optimizer_parameters, sync_optimizer
+from tyingrun.train.signals import RunInterrupted, StopSignals
 from tyingrun.tying.counts import train_state_bytes
 from tyingrun.tying.stack import TiedStack
 
@@ -58,17 +64,25 @@ class Trainer:
                  device: torch.device, sinks: RunSinks):
         self.cfg, self.model, self.stack, self.data, self.policy = cfg, model, stack, data, policy
         self.device, self.sinks = device, sinks
+        freeze_tensors(model, cfg.model.freeze)
+        self.frozen_layers = frozen_layers(cfg.model.freeze)
         self.optimizer = build_optimizer(model, cfg.train, cfg.hardware, device)
         self.sampler = data.train_sampler(cfg.train.batch_size, cfg.train.seed)
         # Policies score the model on their own stream of training batches, so the training stream is the
         # same whatever the policy.
         self.score_sampler = data.train_sampler(cfg.train.batch_size, cfg.train.seed + 1)
-        self.loss_fn = torch.compile(model.loss) if cfg.hardware.compile else model.loss
+        # Dynamo guards on the map and on requires_grad, so each distinct map and trainable flags compile once
+        # and revisits reuse the cached graph. Evaluation runs eager: in eval mode under no_grad every map
+        # would compile a second graph.
+        self.train_loss = torch.compile(model.loss) if cfg.hardware.compile else model.loss
         self.step = 0
         self.counts: Dict[str, int] = {}
         self.means = {name: RunningMean() for name in MEANS}
         self.throughput = Throughput()
         self.context = TrainerContext(self)
+        self.last_eval: Dict[str, float] = {}
+        self.elapsed_before = 0.0
+        self.losses_since_log: List[float] = []
 
     def _autocast(self):
         if self.device.type == "cuda" and self.cfg.hardware.precision == "bf16":
@@ -79,8 +93,10 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def apply_decision(self, decision: Decision) -> None:
-        """The only place the map changes: the stack obeys it, the optimizer follows, the sinks record it."""
-        self.stack.apply_map(decision.src, decision.trainable)
+        """The only place the map changes: the stack obeys it (layers frozen by model.freeze stay frozen), the
+        optimizer follows, the sinks record it."""
+        trainable = [flag and slot not in self.frozen_layers for slot, flag in enumerate(decision.trainable)]
+        self.stack.apply_map(decision.src, trainable)
         sync_optimizer(self.optimizer, self.model)
         self.counts = model_counts(self.model, self.stack)
         self.sinks.map_change({
@@ -96,7 +112,7 @@ class Trainer:
             group["lr"] = lr
         self.throughput.start()
         with self._autocast():
-            loss, n_items, _ = self.loss_fn(batch)
+            loss, n_items, _ = self.train_loss(batch)
         loss.backward()
         if self.cfg.train.grad_clip > 0:
             nn.utils.clip_grad_norm_(optimizer_parameters(self.optimizer), self.cfg.train.grad_clip)
@@ -115,7 +131,7 @@ class Trainer:
         total, count, correct = 0.0, 0, None
         for batch in batches:
             with self._autocast():
-                loss, n_items, n_correct = self.loss_fn(self._to_device(batch))
+                loss, n_items, n_correct = self.model.loss(self._to_device(batch))
             total += loss.item() * n_items
             count += n_items
             if n_correct is not None:
@@ -154,34 +170,96 @@ class Trainer:
             show=False,
         )
 
-    def fit(self) -> Dict[str, Any]:
-        """Train for train.max_steps; return the measurements the summary reports."""
-        started = time.perf_counter()
-        self.apply_decision(self.policy.start(len(self.stack)))
-        result: Optional[Dict[str, float]] = self._record_eval()
-        losses = []
-        while self.step < self.cfg.train.max_steps:
-            losses.append(self._train_step())
-            for name in MEANS:
-                self.means[name].add(self.counts[name])
-            self.step += 1
-            decision = self.policy.after_step(self.context)
-            if decision is not None:
-                self.apply_decision(decision)
-            self.sinks.console.progress(self.step, f"loss {losses[-1]:.3f}")
-            if self.step % self.cfg.train.log_interval == 0 or self.step == self.cfg.train.max_steps:
-                self._record_train(losses)
-                losses = []
-            if self.step % self.cfg.train.eval_interval == 0 or self.step == self.cfg.train.max_steps:
-                result = self._record_eval()
+    def _checkpoint(self, elapsed: float) -> None:
+        state = {**self.state_dict(), "elapsed_s": self.elapsed_before + elapsed}
+        save_checkpoint(self.sinks.out_dir, self.step, self.model, state, self.cfg.train.keep_checkpoints)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything but the weights that the next step depends on (the checkpoint stores the weights)."""
+        _, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
+        _, python_state, python_gauss = random.getstate()
         return {
-            **result,
+            "map": list(self.stack.src), "trainable": list(self.stack.trainable),
+            "optimizer": self.optimizer.state_dict(), "policy": self.policy.state_dict(),
+            "sampler": self.sampler.state_dict(), "score_sampler": self.score_sampler.state_dict(),
+            "means": {name: mean.state_dict() for name, mean in self.means.items()},
+            "throughput": {"items": self.throughput.items, "seconds": self.throughput.seconds},
+            "last_eval": self.last_eval, "losses_since_log": self.losses_since_log,
+            "rng": {
+                "python": [list(python_state), python_gauss], "torch": torch.get_rng_state(),
+                "numpy": [torch.from_numpy(numpy_keys.astype(np.int64)), numpy_pos, numpy_has_gauss, numpy_gauss],
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+        }
+
+    def restore(self, checkpoint: Path) -> None:
+        """Continue exactly where ``checkpoint`` left off: weights, map, optimizer, policy, data and RNGs."""
+        self.step, state = read_state(checkpoint)
+        self.stack.apply_map(state["map"], state["trainable"])
+        load_weights(self.model, checkpoint / "model.safetensors")
+        sync_optimizer(self.optimizer, self.model)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.policy.load_state_dict(state["policy"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.score_sampler.load_state_dict(state["score_sampler"])
+        for name, mean in self.means.items():
+            mean.load_state_dict(state["means"][name])
+        self.throughput.items, self.throughput.seconds = state["throughput"]["items"], state["throughput"]["seconds"]
+        self.last_eval, self.elapsed_before = state["last_eval"], state["elapsed_s"]
+        self.losses_since_log = state["losses_since_log"]
+        self.counts = model_counts(self.model, self.stack)
+        rng = state["rng"]
+        python_state, python_gauss = rng["python"]
+        random.setstate((3, tuple(python_state), python_gauss))
+        torch.set_rng_state(rng["torch"])
+        numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = rng["numpy"]
+        np.random.set_state(("MT19937", numpy_keys.numpy().astype(np.uint32), numpy_pos, numpy_has_gauss, numpy_gauss))
+        if rng["cuda"]:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def _run_step(self) -> None:
+        """One optimizer step, then whatever falls due at this step: a decision, a log line, an evaluation."""
+        losses = self.losses_since_log
+        losses.append(self._train_step())
+        for name in MEANS:
+            self.means[name].add(self.counts[name])
+        self.step += 1
+        decision = self.policy.after_step(self.context)
+        if decision is not None:
+            self.apply_decision(decision)
+        self.sinks.console.progress(self.step, f"loss {losses[-1]:.3f}")
+        train = self.cfg.train
+        if self.step % train.log_interval == 0 or self.step == train.max_steps:
+            self._record_train(losses)
+            losses.clear()
+        if self.step % train.eval_interval == 0 or self.step == train.max_steps:
+            self.last_eval = self._record_eval()
+
+    def fit(self, resume_from: Optional[Path] = None) -> Dict[str, Any]:
+        """Train until train.max_steps (continuing from ``resume_from`` if given); return the measurements."""
+        started = time.perf_counter()
+        if resume_from is not None:
+            self.restore(resume_from)
+        else:
+            self.apply_decision(self.policy.start(len(self.stack)))
+            self.last_eval = self._record_eval()
+        train = self.cfg.train
+        with StopSignals() as signals:
+            while self.step < train.max_steps:
+                self._run_step()
+                due = train.checkpoint_interval > 0 and self.step % train.checkpoint_interval == 0
+                if due or signals.received or self.step == train.max_steps:
+                    self._checkpoint(time.perf_counter() - started)
+                if signals.received:
+                    raise RunInterrupted(signals.received, self.step)
+        return {
+            **self.last_eval,
             "final_map": list(self.stack.src),
             "final_trainable": self.stack.effective_trainable,
             **self.counts,
             **{f"{name}_mean": self.means[name].mean for name in MEANS},
             "optimizer_params": sum(p.numel() for p in optimizer_parameters(self.optimizer)),
             "train_state_bytes": train_state_bytes(self.model, self.optimizer),
-            "wall_time_s": time.perf_counter() - started,
+            "wall_time_s": self.elapsed_before + time.perf_counter() - started,
             f"{self.data.unit}_per_s": self.throughput.rate,
         }

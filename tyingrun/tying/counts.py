@@ -10,7 +10,7 @@ from torch import nn
 from tyingrun.tying.stack import TiedStack
 
 
-def _storage_key(tensor: torch.Tensor):
+def storage_key(tensor: torch.Tensor):
     return tensor.untyped_storage().data_ptr(), tensor.device
 
 
@@ -18,7 +18,7 @@ def unique_parameters(params: Iterable[nn.Parameter]) -> Dict[tuple, nn.Paramete
     """One parameter per storage; when several share a storage, a trainable one represents it."""
     unique: Dict[tuple, nn.Parameter] = {}
     for param in params:
-        key = _storage_key(param)
+        key = storage_key(param)
         if key not in unique or (param.requires_grad and not unique[key].requires_grad):
             unique[key] = param
     return unique

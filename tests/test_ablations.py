@@ -1,0 +1,52 @@
+"""The ablation driver's second stage, its presets, and the Slurm launcher preset."""
+
+import json
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from tyingrun.ablations import dynamic_q_outcome, hydra_string, stage_2
+from tyingrun.config import register_configs
+
+
+def compose_config(overrides, **kwargs):
+    register_configs()
+    with initialize_config_module("tyingrun.conf", version_base="1.3"):
+        return compose("config", overrides=overrides, **kwargs)
+
+
+def test_stage_2_copies_what_dynamic_q_kept(tmp_path):
+    arms = stage_2(n_layer=8, kept=3, learned_map=tmp_path / "run 0" / "summary.json")
+    assert arms["none_as_many_layers"] == ["policy=none", "model.n_layer=3"]
+    assert arms["cyclic"] == ["policy=cyclic", "policy.n_sets=3"]
+    assert arms["sequential"] == ["policy=sequential", "policy.n_sets=2"]  # the largest divisor of 8 up to 3
+    assert arms["cycle_rev"] == ["policy=cycle_rev", "policy.n_sets=3"]
+    assert arms["from_file_learned_map"] == ["policy=from_file", f"policy.path='{tmp_path}/run 0/summary.json'"]
+    assert stage_2(n_layer=8, kept=6, learned_map=tmp_path)["cycle_rev"] == ["policy=cycle_rev", "policy.n_sets=4"]
+
+
+def test_hydra_string_quotes_only_what_needs_it():
+    assert hydra_string("/runs/01_dynamic_q/0/summary.json") == "/runs/01_dynamic_q/0/summary.json"
+    assert hydra_string("/a b/it's") == "'/a b/it\\'s'"
+
+
+def test_dynamic_q_outcome_rounds_the_mean_and_picks_the_best_map(tmp_path):
+    for seed, (layers, loss) in enumerate(((2, 5.0), (3, 4.0), (3, 4.5))):
+        (tmp_path / str(seed)).mkdir()
+        summary = {"n_layer": 8, "independent_layers": layers, "val_loss": loss}
+        (tmp_path / str(seed) / "summary.json").write_text(json.dumps(summary))
+    assert dynamic_q_outcome(tmp_path) == (8, 3, tmp_path / "1" / "summary.json")
+    assert dynamic_q_outcome(tmp_path / "missing") is None
+
+
+@pytest.mark.parametrize("scale, n_layer, dataset", [("cpu", 8, "pydoc"), ("paper", 48, "wiki2")])
+def test_ablation_presets_compose(scale, n_layer, dataset):
+    cfg = compose_config([f"+experiment=ablation_{scale}", "policy=dynamic_q"])
+    assert cfg.model.n_layer == n_layer and cfg.dataset.name == dataset and cfg.policy.name == "dynamic_q"
+    assert compose_config([f"+experiment=ablation_{scale}", "model.n_layer=3"]).model.n_layer == 3
+
+
+def test_slurm_preset_never_resubmits():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install 'tyingrun[launchers]'")
+    launcher = compose_config(["hydra/launcher=slurm"], return_hydra_config=True).hydra.launcher
+    assert launcher.max_num_timeout == 0 and launcher.gpus_per_node == 1 and launcher.timeout_min > 0

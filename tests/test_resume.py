@@ -1,0 +1,142 @@
+"""Exact resume after SIGKILL, clean stops on SIGTERM, and one clear line for every bad checkpoint."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+TINY = [
+    "model.n_layer=4", "model.d_model=64", "dataset.block_size=64", "train.batch_size=8", "train.eval_batches=2",
+    "train.max_steps=120", "train.checkpoint_interval=20", "train.log_interval=5", "train.eval_interval=20",
+    "log.progress=lines",
+]
+TIMING_KEYS = ("tokens_per_s", "samples_per_s")
+
+
+def command(*args):
+    return [sys.executable, "-m", "tyingrun.cli", *args]
+
+
+def run_cli(*args):
+    return subprocess.run(command(*args), capture_output=True, text=True, timeout=300, env=os.environ.copy())
+
+
+def start_and_wait_for_checkpoint(run_dir, *args):
+    process = subprocess.Popen(command(*TINY, *args, f"hydra.run.dir={run_dir}"), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    deadline = time.monotonic() + 120
+    while not list((run_dir / "checkpoints").glob("step_*")):
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return process
+
+
+def rows(path):
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in path.open()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["none", "dynamic_q"])
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, policy):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert run_cli(*TINY, f"policy={policy}", f"hydra.run.dir={whole}").returncode == 0
+
+    process = start_and_wait_for_checkpoint(killed, f"policy={policy}")
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "summary.json").exists()
+
+    resumed = run_cli(f"train.resume={killed}")
+    assert resumed.returncode == 0, resumed.stderr
+    for name in ("metrics.jsonl", "maps.jsonl"):
+        assert rows(killed / name) == rows(whole / name)
+    summaries = [json.loads((folder / "summary.json").read_text()) for folder in (whole, killed)]
+    for summary in summaries:
+        for key in ("wall_time_s", "peak_memory_bytes", *TIMING_KEYS):
+            summary.pop(key, None)
+    assert summaries[0] == summaries[1]
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_exits_143_then_resumes_to_completion(tmp_path):
+    run_dir = tmp_path / "run"
+    process = start_and_wait_for_checkpoint(run_dir, "policy=cyclic")
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143
+    assert stderr.strip().splitlines()[-1].endswith(f"resume with: tyingrun train.resume={run_dir}")
+    assert not (run_dir / "summary.json").exists()
+    stopped_at = max(int(path.name.removeprefix("step_")) for path in (run_dir / "checkpoints").glob("step_*"))
+    assert 20 <= stopped_at < 120
+
+    resumed = run_cli(f"train.resume={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 120 and summary["final_map"] == [0, 1, 0, 1]
+    assert [row["step"] for row in rows(run_dir / "metrics.jsonl") if "val_loss" in row] == list(range(0, 121, 20))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("finished")
+    result = run_cli(*TINY, "train.max_steps=20", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def damage(run_dir, how):
+    (checkpoint,) = (run_dir / "checkpoints").glob("step_*")
+    weights = checkpoint / "model.safetensors"
+    if how == "truncate":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif how == "corrupt":
+        weights.write_bytes(b"\x00garbage" * 100)
+    elif how == "delete":
+        weights.unlink()
+    elif how == "corrupt state":
+        (checkpoint / "state.json").write_text("{not json")
+
+
+@pytest.mark.parametrize("how, expected", [
+    ("truncate", "is truncated or corrupt"),
+    ("corrupt", "is truncated or corrupt"),
+    ("delete", "is missing"),
+    ("corrupt state", "state.json is corrupt"),
+])
+def test_damaged_checkpoint_is_one_clear_line(tmp_path, finished_run, how, expected):
+    run_dir = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(finished_run), str(run_dir)], check=True)
+    damage(run_dir, how)
+    result = run_cli(f"train.resume={run_dir}", "train.max_steps=30")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert not (run_dir / "summary.json").exists()
+
+
+def test_checkpoint_of_another_model_shape(tmp_path, finished_run):
+    run_dir = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(finished_run), str(run_dir)], check=True)
+    result = run_cli(f"train.resume={run_dir}", "model.d_model=32", "train.max_steps=30")
+    assert result.returncode == 2
+    assert "saved from a different model shape" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
+    result = run_cli(f"train.resume={tmp_path}")
+    assert result.returncode == 2
+    assert "is not a tyingrun run folder" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_nan_loss_stops_with_one_line_and_status_failed(tmp_path):
+    result = run_cli(*TINY, "train.lr=1e30", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "at step" in lines[0] and "nan" in lines[0], result.stderr
+    assert json.loads((tmp_path / "status.json").read_text())["status"] == "failed"
+    assert not (tmp_path / "summary.json").exists()

@@ -1,0 +1,101 @@
+"""Data parallelism under torchrun without a DDP wrapper.
+
+The set of trainable tensors changes at every tying decision, which a DistributedDataParallel wrapper
+cannot follow (its buckets and hooks are fixed at construction). Instead every rank computes its share of
+the global batch, and the gradients of exactly the trainable tensors are averaged in one coalesced
+all-reduce per step. Rank 0 takes every map decision and broadcasts it, so ranks never disagree.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from tyingrun.errors import BadInput
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """This process's place among the ranks (world_size 1: a plain single-process run)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+SINGLE = Mesh()
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env(backend: str) -> Mesh:
+    """Join the process group torchrun describes in the environment (idempotent)."""
+    if not launched_by_torchrun():
+        return SINGLE
+    mesh = Mesh(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    if not dist.is_initialized():
+        if backend == "nccl":
+            torch.cuda.set_device(mesh.local_rank)
+        dist.init_process_group(backend=backend)
+    return mesh
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def local_rows(batch: Dict[str, torch.Tensor], mesh: Mesh) -> Dict[str, torch.Tensor]:
+    """This rank's equal share of a global batch (every rank draws the same global batch)."""
+    size = next(iter(batch.values())).shape[0]
+    if size % mesh.world_size:
+        raise BadInput(f"train.batch_size={size} must be divisible by the {mesh.world_size} ranks")
+    share = size // mesh.world_size
+    return {k: v[mesh.rank * share:(mesh.rank + 1) * share] for k, v in batch.items()}
+
+
+def average_gradients(params: Sequence[torch.Tensor], mesh: Mesh) -> None:
+    """Average the gradients of ``params`` over the ranks in one all-reduce per device and dtype."""
+    grads: Dict[tuple, List[torch.Tensor]] = {}
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        grads.setdefault((param.grad.device, param.grad.dtype), []).append(param.grad)
+    for group in grads.values():
+        flat = _flatten_dense_tensors(group)
+        dist.all_reduce(flat)
+        flat.div_(mesh.world_size)
+        for grad, reduced in zip(group, _unflatten_dense_tensors(flat, group), strict=True):
+            grad.copy_(reduced)
+
+
+def sum_over_ranks(values: Sequence[float], device: torch.device) -> List[float]:
+    totals = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    return totals.tolist()
+
+
+def broadcast_object(obj: Optional[object], mesh: Mesh, device: torch.device) -> Optional[object]:
+    """Rank 0's ``obj`` on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=device)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
