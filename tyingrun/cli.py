@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import List, NoReturn, Optional, Tuple
 
@@ -21,6 +22,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from tyingrun.config import register_configs, reject_unknown_keys, unknown_key_message
 from tyingrun.errors import BadInput
 from tyingrun.run_status import write_status
+from tyingrun.train.distributed import broadcast_object, init_from_env, launched_by_torchrun, leave_process_group
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -90,15 +92,33 @@ def with_resume_arguments(argv: List[str]) -> List[str]:
     return [*earlier, *argv, *run_dir]
 
 
+def with_rank_arguments(argv: List[str]) -> List[str]:
+    """Under torchrun every rank composes the config: all must write into rank 0's run folder, and only
+    rank 0 writes Hydra's files and the run log."""
+    if not launched_by_torchrun():
+        return argv
+    import torch
+
+    mesh = init_from_env()
+    device = torch.device("cuda", mesh.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    given = any(arg.startswith("hydra.run.dir=") for arg in argv)
+    rank0_dir = time.strftime("outputs/runs/%Y-%m-%d/%H-%M-%S-ddp")
+    run_dir = [] if given else [f"hydra.run.dir={broadcast_object(rank0_dir, device)}"]
+    quiet = [] if mesh.is_main else ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
+    return [*argv, *run_dir, *quiet]
+
+
 def main() -> None:
     # Let exceptions reach us instead of Hydra's multi-line report, so each becomes one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
-    sys.argv = [sys.argv[0], *with_resume_arguments(sys.argv[1:])]
+    sys.argv = [sys.argv[0], *with_rank_arguments(with_resume_arguments(sys.argv[1:]))]
     register_configs()
     try:
         _hydra_main()
     except CONFIG_ERRORS as err:
         fail(explain(err))
+    finally:
+        leave_process_group()
 
 
 def report_main(argv: Optional[List[str]] = None) -> None:

@@ -6,7 +6,7 @@ import random
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -18,12 +18,13 @@ from tyingrun.data.lm import build_lm_data
 from tyingrun.data.vision import build_vision_data
 from tyingrun.errors import BadInput
 from tyingrun.metrics.meters import peak_memory, reset_peak_memory
-from tyingrun.metrics.sinks import ConsoleSink, RunSinks, WandbSink
+from tyingrun.metrics.sinks import ConsoleSink, RankSinks, RunSinks, WandbSink
 from tyingrun.models.bert import BERT
 from tyingrun.models.gpt2 import GPT2
 from tyingrun.models.vit import ViT
 from tyingrun.policies import build_policy
 from tyingrun.train.checkpoint import checkpoint_step, latest_checkpoint
+from tyingrun.train.distributed import SINGLE, Mesh, mesh_for
 from tyingrun.train.init_from import init_from, init_source
 from tyingrun.train.signals import RunInterrupted
 from tyingrun.train.trainer import Trainer
@@ -56,12 +57,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(hardware: HardwareConfig) -> torch.device:
+def resolve_device(hardware: HardwareConfig, mesh: Mesh = SINGLE) -> torch.device:
+    """The device of this process: under data parallelism on GPUs, the GPU of its local rank."""
     if hardware.device == "cuda" and not torch.cuda.is_available():
         raise BadInput("hardware asks for CUDA but no GPU is visible; use hardware=cpu (or hardware=auto)")
-    if hardware.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(hardware.device)
+    use_cuda = hardware.device == "cuda" or (hardware.device == "auto" and torch.cuda.is_available())
+    return torch.device("cuda", mesh.local_rank) if use_cuda else torch.device("cpu")
 
 
 def configure_backends(hardware: HardwareConfig, device: torch.device) -> None:
@@ -117,6 +118,15 @@ def resume_point(run_dir: str) -> Path:
     return checkpoint
 
 
+def build_sinks(cfg: Config, out_dir: Path, mesh: Mesh, resume_step: Optional[int]):
+    """Rank 0 records the run (and wandb when asked); other ranks record only the maps they applied."""
+    if not mesh.is_main:
+        return RankSinks(out_dir, mesh.rank, resume_step)
+    console = ConsoleSink(cfg.log.progress, cfg.train.max_steps)
+    wandb = WandbSink(cfg.log.wandb_project, asdict(cfg), out_dir) if cfg.log.wandb else None
+    return RunSinks(out_dir, console, wandb, resume_step)
+
+
 def run(cfg: Config, out_dir: Path) -> Dict[str, Any]:
     """Train one model under one policy; write metrics.jsonl, maps.jsonl and, when it completes, summary.json."""
     config_module.check(cfg)
@@ -130,29 +140,30 @@ def run(cfg: Config, out_dir: Path) -> Dict[str, Any]:
         (out_dir / "summary.json").unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     policy = build_policy(cfg.policy, cfg.model.n_layer, cfg.train.seed)
+    mesh = mesh_for(cfg.hardware.name, cfg.hardware.device)
     seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.hardware)
+    device = resolve_device(cfg.hardware, mesh)
     configure_backends(cfg.hardware, device)
     data = build_data(cfg)
     model = build_model(cfg.model, data, cfg.policy.grad).to(device)
     if start is not None:
         init_from(model, start)
-    console = ConsoleSink(cfg.log.progress, cfg.train.max_steps)
-    wandb = WandbSink(cfg.log.wandb_project, asdict(cfg), out_dir) if cfg.log.wandb else None
-    sinks = RunSinks(out_dir, console, wandb, checkpoint_step(checkpoint) if checkpoint else None)
+    sinks = build_sinks(cfg, out_dir, mesh, checkpoint_step(checkpoint) if checkpoint else None)
+    console = sinks.console
     try:
         console.line(
             f"{cfg.model.name} {cfg.model.n_layer}x{cfg.model.d_model}, {total_params(model):,} parameters untied; "
             f"dataset {cfg.dataset.name}: {data.describe()}; policy {cfg.policy.name}; device {device}"
         )
-        console.line(f"run folder {out_dir}")
+        console.line(f"run folder {out_dir}" + (f"; {mesh.world_size} data-parallel ranks" if mesh.distributed else ""))
         reset_peak_memory(device)
-        trainer = Trainer(cfg, model, model.stack, data, policy, device, sinks)
+        trainer = Trainer(cfg, model, model.stack, data, policy, device, sinks, mesh)
         try:
             measured = trainer.fit(resume_from=checkpoint)
         except RunInterrupted as stop:
             console.close()
-            sys.stderr.write(f"tyingrun: {stop}; checkpoint saved, resume with: tyingrun train.resume={out_dir}\n")
+            if mesh.is_main:
+                sys.stderr.write(f"tyingrun: {stop}; checkpoint saved, resume with: tyingrun train.resume={out_dir}\n")
             raise SystemExit(stop.exit_code) from None
         memory_bytes, memory_kind = peak_memory(device)
         summary = {

@@ -91,6 +91,9 @@ class LMData:
         generator = torch.Generator().manual_seed(EVAL_MASK_SEED)
         return (self.masking(batch, generator) for batch in batches)
 
+    def items_in(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["input_ids"].numel()
+
     def describe(self) -> str:
         objective = "" if self.masking is None else ", masked-LM"
         return f"{len(self.train)} train / {len(self.val)} val blocks of {self.train.shape[1] - 1} tokens{objective}"

@@ -65,6 +65,9 @@ class VisionData:
         for start in itertools.islice(range(0, len(labels), batch_size), limit):
             yield self._batch(images[start : start + batch_size], labels[start : start + batch_size])
 
+    def items_in(self, batch: Batch) -> int:
+        return len(batch["labels"])
+
     def describe(self) -> str:
         augmented = ", augmented" if self.augment else ""
         size = f"{self.channels}x{self.image_size}x{self.image_size}"

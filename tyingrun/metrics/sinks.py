@@ -22,6 +22,7 @@ log = logging.getLogger("tyingrun")
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write to a temporary file in the same folder, then rename: readers never see half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide results from other users of a shared machine
     with os.fdopen(fd, "w") as handle:
         json.dump(obj, handle, indent=2)
         handle.write("\n")
@@ -55,11 +56,11 @@ class JsonlFile:
 class ConsoleSink:
     """A rich progress bar on a terminal; plain log lines (for files and Slurm logs) otherwise."""
 
-    def __init__(self, mode: str, total_steps: int):
+    def __init__(self, mode: str, total_steps: int, quiet: bool = False):
         on_terminal = sys.stdout.isatty()
         # Log files and pipes get long lines rather than rich's default of 80 columns.
-        self.console = Console(width=None if on_terminal else 160)
-        use_bar = mode == "bar" or (mode == "auto" and on_terminal)
+        self.console = Console(width=None if on_terminal else 160, quiet=quiet)
+        use_bar = not quiet and (mode == "bar" or (mode == "auto" and on_terminal))
         self._bar: Optional[Progress] = None
         if use_bar:
             self._bar = Progress(
@@ -177,3 +178,29 @@ class RunSinks:
         self._maps.close()
         if self.wandb:
             self.wandb.close()
+
+
+class RankSinks:
+    """What a rank other than 0 records under data parallelism: the maps it applied, nothing else.
+
+    Rank 0 writes the run's files; ``ranks/rank<r>_maps.jsonl`` lets anyone check that every rank trained
+    with the same map at every step.
+    """
+
+    def __init__(self, out_dir: Path, rank: int, resume_step: Optional[int] = None):
+        self.out_dir = out_dir
+        self.console = ConsoleSink("lines", 0, quiet=True)
+        (out_dir / "ranks").mkdir(parents=True, exist_ok=True)
+        self._maps = JsonlFile(out_dir / "ranks" / f"rank{rank}_maps.jsonl", resume_step)
+
+    def metrics(self, row: Dict[str, Any]) -> None:
+        """Rank 0 records the metrics."""
+
+    def map_change(self, row: Dict[str, Any]) -> None:
+        self._maps.write(row)
+
+    def summary(self, summary: Dict[str, Any]) -> None:
+        """Rank 0 writes the summary."""
+
+    def close(self) -> None:
+        self._maps.close()

@@ -39,28 +39,42 @@ class Mesh:
 SINGLE = Mesh()
 
 
+def mesh_for(hardware_name: str, device: str) -> Mesh:
+    """The mesh of this run: data parallel exactly when ``hardware=ddp`` and torchrun launched the processes."""
+    if hardware_name == "ddp" and not launched_by_torchrun():
+        raise BadInput("hardware=ddp needs several processes: torchrun --nproc_per_node=N -m tyingrun.cli "
+                       "hardware=ddp ... (or use hardware=auto for one process)")
+    if launched_by_torchrun() and hardware_name != "ddp":
+        raise BadInput(f"torchrun started {os.environ['WORLD_SIZE']} processes; add hardware=ddp to train them "
+                       f"as one data-parallel run")
+    mesh = init_from_env()
+    if mesh.distributed and device == "cpu" and dist.get_backend() == "nccl":
+        raise BadInput("hardware.device=cpu under torchrun on a machine with GPUs: data parallelism uses NCCL "
+                       "on the GPUs; drop hardware.device=cpu")
+    return mesh
+
+
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init_from_env(backend: str) -> Mesh:
-    """Join the process group torchrun describes in the environment (idempotent)."""
+def init_from_env() -> Mesh:
+    """Join the process group torchrun describes in the environment (idempotent): NCCL when the machine
+    has GPUs, gloo otherwise."""
     if not launched_by_torchrun():
         return SINGLE
     mesh = Mesh(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():
-        if backend == "nccl":
+        if torch.cuda.is_available():
             torch.cuda.set_device(mesh.local_rank)
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     return mesh
-
-
-def default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
 
 
 def local_rows(batch: Dict[str, torch.Tensor], mesh: Mesh) -> Dict[str, torch.Tensor]:
     """This rank's equal share of a global batch (every rank draws the same global batch)."""
+    if not mesh.distributed:
+        return batch
     size = next(iter(batch.values())).shape[0]
     if size % mesh.world_size:
         raise BadInput(f"train.batch_size={size} must be divisible by the {mesh.world_size} ranks")
@@ -89,7 +103,7 @@ def sum_over_ranks(values: Sequence[float], device: torch.device) -> List[float]
     return totals.tolist()
 
 
-def broadcast_object(obj: Optional[object], mesh: Mesh, device: torch.device) -> Optional[object]:
+def broadcast_object(obj: Optional[object], device: torch.device) -> Optional[object]:
     """Rank 0's ``obj`` on every rank."""
     box = [obj]
     dist.broadcast_object_list(box, src=0, device=device)
@@ -99,3 +113,8 @@ def broadcast_object(obj: Optional[object], mesh: Mesh, device: torch.device) ->
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def leave_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

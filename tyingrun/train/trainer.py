@@ -18,6 +18,15 @@ from tyingrun.metrics.meters import RunningMean, Throughput, model_counts, perpl
 from tyingrun.metrics.sinks import RunSinks
 from tyingrun.policies.base import Decision, Policy
 from tyingrun.train.checkpoint import load_weights, read_state, save_checkpoint
+from tyingrun.train.distributed import (
+    SINGLE,
+    Mesh,
+    average_gradients,
+    barrier,
+    broadcast_object,
+    local_rows,
+    sum_over_ranks,
+)
 from tyingrun.train.freeze import freeze_tensors, frozen_layers
 from tyingrun.train.optim import build_optimizer, optimizer_parameters, sync_optimizer
 from tyingrun.train.signals import RunInterrupted, StopSignals
@@ -61,9 +70,9 @@ class TrainerContext:
 
 class Trainer:
     def __init__(self, cfg: Config, model: nn.Module, stack: TiedStack, data, policy: Policy,
-                 device: torch.device, sinks: RunSinks):
+                 device: torch.device, sinks: RunSinks, mesh: Mesh = SINGLE):
         self.cfg, self.model, self.stack, self.data, self.policy = cfg, model, stack, data, policy
-        self.device, self.sinks = device, sinks
+        self.device, self.sinks, self.mesh = device, sinks, mesh
         freeze_tensors(model, cfg.model.freeze)
         self.frozen_layers = frozen_layers(cfg.model.freeze)
         self.optimizer = build_optimizer(model, cfg.train, cfg.hardware, device)
@@ -105,44 +114,58 @@ class Trainer:
         })
 
     def _train_step(self) -> float:
-        batch = self._to_device(self.sampler.next_batch())
+        global_batch = self.sampler.next_batch()
+        batch = self._to_device(local_rows(global_batch, self.mesh))
         self.model.train()
         lr = learning_rate(self.step, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.throughput.start()
         with self._autocast():
-            loss, n_items, _ = self.train_loss(batch)
+            loss = self.train_loss(batch).loss
         loss.backward()
+        if self.mesh.distributed:
+            average_gradients(optimizer_parameters(self.optimizer), self.mesh)
         if self.cfg.train.grad_clip > 0:
             nn.utils.clip_grad_norm_(optimizer_parameters(self.optimizer), self.cfg.train.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         value = loss.item()
-        self.throughput.stop(n_items)
+        if self.mesh.distributed:
+            value = sum_over_ranks([value], self.device)[0] / self.mesh.world_size
+        self.throughput.stop(self.data.items_in(global_batch))
         if not math.isfinite(value):
             raise NonFiniteLoss(f"training loss became {value} at step {self.step}")
         return value
 
     @torch.no_grad()
-    def _measure(self, batches) -> Dict[str, float]:
-        """Mean loss over the items of ``batches`` in eval mode; accuracy too for models that report it."""
+    def _measure(self, batches, shard: bool = False) -> Dict[str, float]:
+        """Mean loss over the items of ``batches`` in eval mode; accuracy too for models that report it.
+
+        ``shard``: under data parallelism each rank measures every world_size-th batch and the sums are
+        reduced, so every rank gets the same result.
+        """
         self.model.eval()
-        total, count, correct = 0.0, 0, None
-        for batch in batches:
+        total, count, correct, has_accuracy = 0.0, 0, 0, False
+        for index, batch in enumerate(batches):
+            if shard and index % self.mesh.world_size != self.mesh.rank:
+                continue
             with self._autocast():
                 loss, n_items, n_correct = self.model.loss(self._to_device(batch))
             total += loss.item() * n_items
             count += n_items
             if n_correct is not None:
-                correct = (correct or 0) + int(n_correct)
-        return {"loss": total / count} if correct is None else {"loss": total / count, "acc": correct / count}
+                correct, has_accuracy = correct + int(n_correct), True
+        if shard and self.mesh.distributed:
+            total, count, correct = sum_over_ranks([total, count, correct], self.device)
+        return {"loss": total / count, "acc": correct / count} if has_accuracy else {"loss": total / count}
 
     def score_batch(self) -> float:
         return self._measure([self.score_sampler.next_batch()])["loss"]
 
     def evaluate(self) -> Dict[str, float]:
-        measured = self._measure(self.data.val_batches(self.cfg.train.batch_size, self.cfg.train.eval_batches))
+        batches = self.data.val_batches(self.cfg.train.batch_size, self.cfg.train.eval_batches)
+        measured = self._measure(batches, shard=True)
         if "acc" in measured:
             return {"val_loss": measured["loss"], "val_acc": measured["acc"]}
         return {"val_loss": measured["loss"], "val_ppl": perplexity(measured["loss"])}
@@ -171,8 +194,10 @@ class Trainer:
         )
 
     def _checkpoint(self, elapsed: float) -> None:
-        state = {**self.state_dict(), "elapsed_s": self.elapsed_before + elapsed}
-        save_checkpoint(self.sinks.out_dir, self.step, self.model, state, self.cfg.train.keep_checkpoints)
+        if self.mesh.is_main:
+            state = {**self.state_dict(), "elapsed_s": self.elapsed_before + elapsed}
+            save_checkpoint(self.sinks.out_dir, self.step, self.model, state, self.cfg.train.keep_checkpoints)
+        barrier()
 
     def state_dict(self) -> Dict[str, Any]:
         """Everything but the weights that the next step depends on (the checkpoint stores the weights)."""
@@ -217,14 +242,19 @@ class Trainer:
         if rng["cuda"]:
             torch.cuda.set_rng_state_all(rng["cuda"])
 
-    def _run_step(self) -> None:
-        """One optimizer step, then whatever falls due at this step: a decision, a log line, an evaluation."""
+    def _run_step(self, stop_signal: Optional[int] = None) -> Optional[int]:
+        """One optimizer step, then whatever falls due at this step: a decision, a log line, an evaluation.
+
+        Returns the stop signal the run obeys: rank 0's, like the map, so every rank stops at the same step.
+        """
         losses = self.losses_since_log
         losses.append(self._train_step())
         for name in MEANS:
             self.means[name].add(self.counts[name])
         self.step += 1
-        decision = self.policy.after_step(self.context)
+        decision = self.policy.after_step(self.context) if self.mesh.is_main else None
+        if self.mesh.distributed:
+            decision, stop_signal = broadcast_object((decision, stop_signal), self.device)
         if decision is not None:
             self.apply_decision(decision)
         self.sinks.console.progress(self.step, f"loss {losses[-1]:.3f}")
@@ -234,6 +264,7 @@ class Trainer:
             losses.clear()
         if self.step % train.eval_interval == 0 or self.step == train.max_steps:
             self.last_eval = self._record_eval()
+        return stop_signal
 
     def fit(self, resume_from: Optional[Path] = None) -> Dict[str, Any]:
         """Train until train.max_steps (continuing from ``resume_from`` if given); return the measurements."""
@@ -246,12 +277,12 @@ class Trainer:
         train = self.cfg.train
         with StopSignals() as signals:
             while self.step < train.max_steps:
-                self._run_step()
+                stop_signal = self._run_step(signals.received)
                 due = train.checkpoint_interval > 0 and self.step % train.checkpoint_interval == 0
-                if due or signals.received or self.step == train.max_steps:
+                if due or stop_signal or self.step == train.max_steps:
                     self._checkpoint(time.perf_counter() - started)
-                if signals.received:
-                    raise RunInterrupted(signals.received, self.step)
+                if stop_signal:
+                    raise RunInterrupted(stop_signal, self.step)
         return {
             **self.last_eval,
             "final_map": list(self.stack.src),
