@@ -128,3 +128,33 @@ def test_wheel_ships_the_config_tree(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for config in ("config.yaml", "model/gpt2.yaml", "dataset/pydoc.yaml", "policy/cyclic.yaml", "hardware/cpu.yaml"):
         assert f"tyingrun/conf/{config}" in names
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+FILE_INPUTS = {
+    "empty text file": (lambda d: ["dataset=text_files", f"dataset.files=[{_write(d / 'empty.txt', '')}]"],
+                        "dataset.files"),
+    "corpus smaller than one block": (
+        lambda d: ["dataset=text_files", "dataset.vocab_size=300",
+                   f"dataset.files=[{_write(d / 'tiny.txt', 'a few words.' + chr(10) * 2 + 'and a few more.')}]"],
+        "fewer than one block",
+    ),
+    "illegal from_file map": (
+        lambda d: ["policy=from_file", f"policy.path={_write(d / 's.json', json.dumps({'final_map': [0, 2, 1, 3]}))}"],
+        "entry 1 is 2; each entry must be an integer in [0, 1]",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", FILE_INPUTS)
+def test_bad_files_exit_2_with_one_line(tmp_path, name):
+    make_overrides, expected = FILE_INPUTS[name]
+    result = tyingrun(tmp_path / "run", *make_overrides(tmp_path))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert not (tmp_path / "run" / "summary.json").exists()
