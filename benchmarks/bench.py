@@ -79,7 +79,7 @@ def bare_step(trainer: Trainer) -> Callable[[], None]:
 
     def step() -> None:
         batch = {k: v.to(device, non_blocking=True) for k, v in sampler.next_batch().items()}
-        with trainer._autocast():
+        with trainer.autocast():
             loss = model.loss(batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, trainer.cfg.train.grad_clip)
@@ -131,7 +131,7 @@ def decision_cost(trainer: Trainer, decisions: int) -> float:
     steps = decisions * trainer.cfg.policy.steps_per_decision
     started = time.perf_counter()
     for _ in range(steps):
-        trainer._run_step()
+        trainer.run_step()
     synchronize(trainer.device)
     spent["total"] = time.perf_counter() - started
     return spent["policy"] / spent["total"]
@@ -163,9 +163,9 @@ def run_benchmarks(args) -> dict:
             "quarter_frozen_copy": build_trainer(bench_config(args, quarter), data, Path(tmp) / "quarter"),
         }
         variants = {
-            "none": trainers["none"]._run_step,
+            "none": trainers["none"].run_step,
             "bare": bare_step(trainers["bare"]),
-            "quarter_frozen_copy": trainers["quarter_frozen_copy"]._run_step,
+            "quarter_frozen_copy": trainers["quarter_frozen_copy"].run_step,
         }
         device = trainers["none"].device
         step_s = median_step_times(variants, device, args.rounds, args.steps)

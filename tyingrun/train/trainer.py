@@ -93,7 +93,7 @@ class Trainer:
         self.elapsed_before = 0.0
         self.losses_since_log: List[float] = []
 
-    def _autocast(self):
+    def autocast(self):
         if self.device.type == "cuda" and self.cfg.hardware.precision == "bf16":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
@@ -121,7 +121,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.throughput.start()
-        with self._autocast():
+        with self.autocast():
             loss = self.train_loss(batch).loss
         loss.backward()
         if self.mesh.distributed:
@@ -150,7 +150,7 @@ class Trainer:
         for index, batch in enumerate(batches):
             if shard and index % self.mesh.world_size != self.mesh.rank:
                 continue
-            with self._autocast():
+            with self.autocast():
                 loss, n_items, n_correct = self.model.loss(self._to_device(batch))
             total += loss.item() * n_items
             count += n_items
@@ -242,7 +242,7 @@ class Trainer:
         if rng["cuda"]:
             torch.cuda.set_rng_state_all(rng["cuda"])
 
-    def _run_step(self, stop_signal: Optional[int] = None) -> Optional[int]:
+    def run_step(self, stop_signal: Optional[int] = None) -> Optional[int]:
         """One optimizer step, then whatever falls due at this step: a decision, a log line, an evaluation.
 
         Returns the stop signal the run obeys: rank 0's, like the map, so every rank stops at the same step.
@@ -277,7 +277,7 @@ class Trainer:
         train = self.cfg.train
         with StopSignals() as signals:
             while self.step < train.max_steps:
-                stop_signal = self._run_step(signals.received)
+                stop_signal = self.run_step(signals.received)
                 due = train.checkpoint_interval > 0 and self.step % train.checkpoint_interval == 0
                 if due or stop_signal or self.step == train.max_steps:
                     self._checkpoint(time.perf_counter() - started)
