@@ -1,4 +1,4 @@
-# tyingrun: make demo | make test | make lint | make ablations
+# tyingrun: make demo | make test | make test-fast | make lint | make ablations
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
@@ -7,13 +7,13 @@ TORCH_INDEX ?=
 HAS_NVIDIA_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
 
-# make ablations [SCALE=cpu|paper] [SEEDS=0,1,2] [STEPS=n] [ABLATION_ARGS="key=value ..."]
+# make ablations [SCALE=cpu|paper|learn] [SEEDS=0,1,2] [STEPS=n] [ABLATION_ARGS="key=value ..."]
 SCALE ?= cpu
 SEEDS ?= 0,1,2
 STEPS ?=
 ABLATION_ARGS ?=
 
-.PHONY: install demo test test-all lint bench ablations clean
+.PHONY: install demo test test-fast test-all lint bench ablations clean
 
 install: $(VENV)/.installed
 
@@ -31,7 +31,11 @@ demo: install
 
 # torch.compile tests cost ~30 s of compilation each on a cold cache: test-all includes them.
 test: install
-	$(OFFLINE) $(PY) -m pytest -q -m "not compile"
+	$(OFFLINE) $(PY) -m pytest -q -m "not compile" --durations=15
+
+# The inner loop (about a minute on 2 cores): also skips the slow tests, those that train for seconds or more.
+test-fast: install
+	$(OFFLINE) $(PY) -m pytest -q -m "not slow and not compile"
 
 test-all: install
 	$(OFFLINE) $(PY) -m pytest -q
@@ -44,10 +48,11 @@ bench: install
 lint: install
 	$(VENV)/bin/ruff check tyingrun tests
 
-# METHOD.md §6 over SEEDS, then report.md/report.csv/figures, under outputs/ablations/<scale>-<date>_<time>.
-# The cpu scale needs no network; the paper scale downloads WikiText-2 and wants GPUs.
+# docs/method.md#ablations over SEEDS, then report.md/report.csv/figures, under outputs/ablations/<scale>-<date>_<time>.
+# The cpu and learn scales need no network; the paper scale downloads WikiText-2 and wants GPUs. SCALE=learn is the
+# learning study (docs/method.md#the-learning-study).
 ablations: install
-	$(if $(filter cpu,$(SCALE)),$(OFFLINE)) $(PY) -m tyingrun.ablations --scale $(SCALE) --seeds $(SEEDS) \
+	$(if $(filter cpu learn,$(SCALE)),$(OFFLINE)) $(PY) -m tyingrun.ablations --scale $(SCALE) --seeds $(SEEDS) \
 		$(if $(STEPS),train.max_steps=$(STEPS)) $(ABLATION_ARGS)
 
 clean:

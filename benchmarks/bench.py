@@ -4,7 +4,12 @@
 (b) train_state_bytes at a map with a quarter of the layers independent over the physical limit;
 (c) step time at that map under ``frozen_copy`` over ``policy=none``;
 (d) dynamic_q's decision cost (Q-network + reward batch) as a fraction of training time at K=4;
-(e) tokens/s of each, and MFU on a GPU.
+(e) tokens/s of each, and MFU on a GPU;
+(f) peak tensor bytes of a training step at that map under ``frozen_copy`` over ``policy=none``, beside the ratio
+    the train-state savings alone would give and the floor (tying leaves every slot's activations), and on a GPU
+    a cross-check against ``torch.cuda.max_memory_allocated``;
+(g) what measuring the peak costs: a measured step over an unmeasured one, and a run measured at its start over
+    one never measured.
 
 Step times are medians over rounds; each round times every variant in turn, so drift hits all alike.
 Writes ``benchmarks/results.json`` and prints a table.
@@ -18,7 +23,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from rich.console import Console
@@ -26,10 +31,10 @@ from rich.table import Table
 
 from tyingrun.config import Config, DatasetConfig, HardwareConfig, LogConfig, ModelConfig, PolicyConfig, TrainConfig
 from tyingrun.metrics.sinks import ConsoleSink, RunSinks
-from tyingrun.policies import build_policy
-from tyingrun.run import build_data, build_model, configure_backends, resolve_device
+from tyingrun.metrics.tensor_memory import TensorMemoryTracker, training_state
+from tyingrun.run import build_data, build_parts
 from tyingrun.train.optim import optimizer_parameters
-from tyingrun.train.trainer import Trainer
+from tyingrun.train.trainer import PEAK_TENSOR_KEYS, Trainer
 from tyingrun.tying import maps
 from tyingrun.tying.counts import train_state_bytes
 
@@ -54,16 +59,12 @@ def bench_config(args, policy: PolicyConfig) -> Config:
 
 
 def build_trainer(cfg: Config, data, out_dir: Path) -> Trainer:
-    torch.manual_seed(cfg.train.seed)
-    device = resolve_device(cfg.hardware)
-    configure_backends(cfg.hardware, device)
-    model = build_model(cfg.model, data, cfg.policy.grad).to(device)
-    policy = build_policy(cfg.policy, cfg.model.n_layer, cfg.train.seed)
+    """A trainer built from the same parts a run builds (``run.build_parts``), on data shared by every variant."""
+    parts = build_parts(cfg, out_dir, data)
     out_dir.mkdir(parents=True)
-    sinks = RunSinks(out_dir, ConsoleSink("lines", cfg.train.max_steps))
-    sinks.console.console.quiet = True
-    trainer = Trainer(cfg, model, model.stack, data, policy, device, sinks)
-    trainer.apply_decision(policy.start(cfg.model.n_layer))
+    sinks = RunSinks(out_dir, ConsoleSink("lines", cfg.train.max_steps, quiet=True))
+    trainer = Trainer(cfg, parts.model, parts.model.stack, parts.data, parts.policy, parts.device, sinks)
+    trainer.apply_decision(parts.policy.start(cfg.model.n_layer))
     return trainer
 
 
@@ -151,6 +152,104 @@ def mfu(trainer: Trainer, tokens_per_s: float) -> float | None:
     return per_token * tokens_per_s / peak
 
 
+def remeasure(trainer: Trainer) -> None:
+    """Make the trainer measure its next step's peak again, as a run does at its start and at each new map."""
+    trainer.measured_maps.clear()
+    trainer.peak_tensors = dict.fromkeys(PEAK_TENSOR_KEYS, 0)
+
+
+def peak_tensors(none: Trainer, quarter: Trainer) -> dict:
+    """The quarter map's peak tensor bytes over policy=none's, beside two references.
+
+    ``ratio_from_state_savings_alone``: none's peak less the train state (weights, gradients, optimizer state)
+    tying saves. ``floor``: the quarter map's activations and temporaries at its peak alone, which no saving of
+    state removes, since every slot, tied or not, computes. Under frozen_copy the ratio falls below the first: a
+    tied slot computes no weight gradient, so autograd keeps none of the inputs only a weight gradient needs.
+    """
+    none_peak = none.peak_tensors["peak_tensor_bytes"]
+    saved = train_state_bytes(none.model, none.optimizer) - train_state_bytes(quarter.model, quarter.optimizer)
+    return {
+        "none": none.peak_tensors, "quarter_frozen_copy": quarter.peak_tensors,
+        "ratio": quarter.peak_tensors["peak_tensor_bytes"] / none_peak,
+        "ratio_from_state_savings_alone": 1 - saved / none_peak,
+        "floor": quarter.peak_tensors["peak_other_bytes"] / none_peak,
+    }
+
+
+def cuda_cross_check(trainer: Trainer) -> Optional[dict]:
+    """peak_tensor_bytes of one measured step beside torch.cuda.max_memory_allocated over the same step, less
+    what the allocator held before it that is not this trainer's state (other models, workspaces)."""
+    if trainer.device.type != "cuda":
+        return None
+    synchronize(trainer.device)
+    with TensorMemoryTracker(lambda: training_state(trainer.model, trainer.optimizer), trainer.device) as at_entry:
+        not_state = torch.cuda.memory_allocated(trainer.device) - at_entry.live_bytes
+    remeasure(trainer)
+    torch.cuda.reset_peak_memory_stats(trainer.device)
+    trainer.run_step()
+    synchronize(trainer.device)
+    allocated = torch.cuda.max_memory_allocated(trainer.device) - not_state
+    measured = trainer.peak_tensors["peak_tensor_bytes"]
+    return {"peak_tensor_bytes": measured, "max_memory_allocated": allocated, "ratio": measured / allocated}
+
+
+def timed(fn: Callable[[], None], device: torch.device) -> float:
+    synchronize(device)
+    started = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - started
+
+
+def in_turn(names: Sequence[str], round_index: int) -> Sequence[str]:
+    """The variants in the order of this round: each round reverses the last, so neither always runs first."""
+    return names if round_index % 2 == 0 else names[::-1]
+
+
+def measured_step_time(trainer: Trainer, rounds: int) -> Dict[str, float]:
+    """Median time of a step that measures its peak and of one that does not."""
+    def measured_step() -> None:
+        remeasure(trainer)
+        trainer.run_step()
+
+    steps = {"measured": measured_step, "unmeasured": trainer.run_step}
+    times = {name: [] for name in steps}
+    for round_index in range(rounds):
+        for name in in_turn(list(steps), round_index):
+            times[name].append(timed(steps[name], trainer.device))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def run_time(cfg: Config, data, out_dir: Path, steps: int, measured: bool) -> float:
+    """Wall time of a fresh run's first ``steps`` steps, measured at its start as every run is, or never."""
+    trainer = build_trainer(cfg, data, out_dir)
+    if not measured:
+        trainer.measured_maps.add(trainer.current_tying())
+
+    def run() -> None:
+        for _ in range(steps):
+            trainer.run_step()
+
+    return timed(run, trainer.device)
+
+
+def measurement_overhead(args, data, tmp: Path, trainer: Trainer) -> dict:
+    """A measured step over an unmeasured one, and a fresh run measured at its start over one never measured."""
+    step_s = measured_step_time(trainer, args.rounds)
+    cfg = bench_config(args, PolicyConfig(name="none"))
+    runs = {"measured": [], "unmeasured": []}
+    for round_index in range(args.rounds):
+        for name in in_turn(list(runs), round_index):
+            out_dir = tmp / f"run_{name}_{round_index}"
+            runs[name].append(run_time(cfg, data, out_dir, args.run_steps, measured=name == "measured"))
+    run_s = {name: statistics.median(values) for name, values in runs.items()}
+    return {
+        "step_s": step_s, "step_ratio": step_s["measured"] / step_s["unmeasured"],
+        "run_steps": args.run_steps, "run_s": run_s, "run_ratio": run_s["measured"] / run_s["unmeasured"],
+        "run_extra_s": run_s["measured"] - run_s["unmeasured"],
+    }
+
+
 def run_benchmarks(args) -> dict:
     none_policy = PolicyConfig(name="none")
     quarter = PolicyConfig(name="sequential", n_sets=args.n_layer // 4, grad="frozen_copy")
@@ -172,6 +271,10 @@ def run_benchmarks(args) -> dict:
         quarter_trainer = trainers["quarter_frozen_copy"]
         state_bytes = train_state_bytes(quarter_trainer.model, quarter_trainer.optimizer)
         limit = physical_limit_bytes(quarter_trainer)
+        # Every trainer measured its first steps' peak during the warm-up of the timing above.
+        peaks = peak_tensors(trainers["none"], quarter_trainer)
+        peaks["cuda_cross_check"] = cuda_cross_check(trainers["none"])
+        overhead = measurement_overhead(args, data, Path(tmp), trainers["none"])
         dynamic_trainer = build_trainer(bench_config(args, dynamic), data, Path(tmp) / "dynamic_q")
         cost = decision_cost(dynamic_trainer, args.decisions)
     tokens_per_step = args.batch_size * args.block_size
@@ -190,6 +293,8 @@ def run_benchmarks(args) -> dict:
         "quarter_map": quarter_trainer.model.stack.src,
         "step_s": step_s,
         "train_state_bytes": {"measured": state_bytes, "physical_limit": limit},
+        "peak_tensor_bytes": peaks,
+        "memory_measurement_overhead": overhead,
         "figures": {name: {"value": value, "target": TARGETS[name], "met": value <= TARGETS[name]}
                     for name, value in figures.items()},
         "tokens_per_s": throughput,
@@ -207,7 +312,23 @@ def print_table(results: dict) -> None:
         mfu_value = results["mfu"][name]
         extra = f", MFU {mfu_value:.1%}" if mfu_value is not None else ""
         table.add_row(f"tokens/s {name}", f"{rate:,.0f}{extra}", "", "")
+    print_memory_rows(table, results)
     Console().print(table)
+
+
+def print_memory_rows(table: Table, results: dict) -> None:
+    peaks, overhead = results["peak_tensor_bytes"], results["memory_measurement_overhead"]
+    mib = {name: peaks[name]["peak_tensor_bytes"] / 2**20 for name in ("none", "quarter_frozen_copy")}
+    table.add_row("peak tensors quarter / none", f"{peaks['ratio']:.3f}",
+                  f"state savings alone: {peaks['ratio_from_state_savings_alone']:.3f}", "")
+    table.add_row("  floor: quarter's activations / none", f"{peaks['floor']:.3f}", "", "")
+    table.add_row("peak tensors none, quarter", f"{mib['none']:,.1f}, {mib['quarter_frozen_copy']:,.1f} MiB", "", "")
+    check = peaks["cuda_cross_check"]
+    if check is not None:
+        table.add_row("peak tensors / CUDA max allocated", f"{check['ratio']:.3f}", "1", "")
+    table.add_row("measured step / unmeasured", f"{overhead['step_ratio']:.2f}", "", "")
+    table.add_row(f"run of {overhead['run_steps']} steps measured / not", f"{overhead['run_ratio']:.3f}",
+                  f"{overhead['run_extra_s']:+.2f} s per run", "")
 
 
 def main() -> None:
@@ -221,6 +342,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=4, help="steps per variant per round")
     parser.add_argument("--decisions", type=int, default=14)
+    parser.add_argument("--run-steps", type=int, default=10,
+                        help="steps of the runs that show what measuring peak memory at a run's start costs")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results.json")
     args = parser.parse_args()
     results = run_benchmarks(args)

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -36,6 +38,52 @@ def _offline(monkeypatch, data_cache):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setenv("TYINGRUN_CACHE", str(data_cache))
+
+
+TYINGRUN = ("-m", "tyingrun.cli")
+
+
+class CLI:
+    """The `tyingrun` command as a user runs it: a fresh interpreter, offline, wandb off, the session's data cache.
+
+    ``cli(*overrides)`` runs ``python -m tyingrun.cli *overrides`` and returns the CompletedProcess (text output
+    captured). ``entry`` replaces ``-m tyingrun.cli`` (``("-m", "tyingrun.data_cli")``, a launcher in front, or
+    ``("-c", code)``); ``env`` is added to that environment (a value of None removes the variable); ``expect``
+    asserts the exit status.
+    """
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def command(self, *args, entry=TYINGRUN):
+        return [sys.executable, *entry, *args]
+
+    def env(self, extra=None):
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
+               "TYINGRUN_CACHE": str(self.cache)}
+        for key, value in (extra or {}).items():
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = value
+        return env
+
+    def __call__(self, *args, entry=TYINGRUN, cwd=None, env=None, expect=None, timeout=300):
+        result = subprocess.run(self.command(*args, entry=entry), cwd=cwd, env=self.env(env), capture_output=True,
+                                text=True, timeout=timeout)
+        if expect is not None:
+            assert result.returncode == expect, result.stderr[-3000:]
+        return result
+
+    def popen(self, *args, entry=TYINGRUN, env=None, **kwargs):
+        """Start the command without waiting; ``kwargs`` go to subprocess.Popen (text mode)."""
+        return subprocess.Popen(self.command(*args, entry=entry), env=self.env(env), text=True, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def cli(data_cache):
+    """Runs the `tyingrun` command in a subprocess (see CLI); session-scoped, so module fixtures can use it too."""
+    return CLI(data_cache)
 
 
 def tiny_gpt2(n_layer=4, grad_mode="shared", vocab=64, d_model=32, seed=0, dropout=0.0, tie=True):
@@ -88,8 +136,8 @@ def small_lm_config(policy="cyclic", max_steps=6, model_keys=None, train_keys=No
         dataset=DatasetConfig(block_size=64),
         policy=PolicyConfig(name=policy, **{"n_sets": 2, **(policy_keys or {})}),
         hardware=HardwareConfig(name="cpu", device="cpu", precision="fp32"),
-        train=TrainConfig(max_steps=max_steps, batch_size=8, warmup_steps=2, eval_interval=max_steps,
-                          eval_batches=2, log_interval=max_steps, **(train_keys or {})),
+        train=TrainConfig(**{"max_steps": max_steps, "batch_size": 8, "warmup_steps": 2, "eval_interval": max_steps,
+                             "eval_batches": 2, "log_interval": max_steps, **(train_keys or {})}),
         log=LogConfig(progress="lines"),
     )
 

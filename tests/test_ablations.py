@@ -15,14 +15,21 @@ def compose_config(overrides, **kwargs):
         return compose("config", overrides=overrides, **kwargs)
 
 
-def test_stage_2_copies_what_dynamic_q_kept(tmp_path):
+def test_stage_2_matches_dynamic_q_budget_and_gradient_mode(tmp_path):
     arms = stage_2(n_layer=8, kept=3, learned_map=tmp_path / "run 0" / "summary.json")
-    assert arms["none_as_many_layers"] == ["policy=none", "model.n_layer=3"]
-    assert arms["cyclic"] == ["policy=cyclic", "policy.n_sets=3"]
-    assert arms["sequential"] == ["policy=sequential", "policy.n_sets=2"]  # the largest divisor of 8 up to 3
-    assert arms["cycle_rev"] == ["policy=cycle_rev", "policy.n_sets=3"]
-    assert arms["from_file_learned_map"] == ["policy=from_file", f"policy.path='{tmp_path}/run 0/summary.json'"]
-    assert stage_2(n_layer=8, kept=6, learned_map=tmp_path)["cycle_rev"] == ["policy=cycle_rev", "policy.n_sets=4"]
+    overrides = {arm: specific for arm, (specific, _) in arms.items()}
+    assert overrides["none_as_many_layers"] == ["policy=none", "model.n_layer=3"]
+    assert overrides["cyclic"] == ["policy=cyclic", "policy.n_sets=3", "policy.grad=frozen_copy"]
+    # 2 and 4 divide 8 and are equally near 3: the smaller, so the pattern never trains more than dynamic_q kept.
+    assert overrides["sequential"] == ["policy=sequential", "policy.n_sets=2", "policy.grad=frozen_copy"]
+    assert "nearest to the 3 dynamic_q kept" in arms["sequential"][1]
+    assert overrides["cycle_rev"] == ["policy=cycle_rev", "policy.n_sets=3", "policy.grad=frozen_copy"]
+    assert arms["cycle_rev"][1] == "3 independent layers, as many as dynamic_q kept"
+    assert overrides["from_file_learned_map"] == [
+        "policy=from_file", f"policy.path='{tmp_path}/run 0/summary.json'", "policy.grad=frozen_copy"]
+    six = {arm: specific for arm, (specific, _) in stage_2(n_layer=8, kept=6, learned_map=tmp_path).items()}
+    assert six["cycle_rev"][:2] == ["policy=cycle_rev", "policy.n_sets=4"]
+    assert six["sequential"][:2] == ["policy=sequential", "policy.n_sets=4"]  # 4 and 8 are both 2 away from 6
 
 
 def test_hydra_string_quotes_only_what_needs_it():

@@ -8,16 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from tyingrun.config import Config, DatasetConfig, HardwareConfig, LogConfig, ModelConfig, PolicyConfig, TrainConfig
+from tyingrun.contracts import IGNORE_INDEX
 from tyingrun.data.lm import BlockSampler, MaskedLM, eval_batches
 from tyingrun.data.sampling import TransformedSampler
 from tyingrun.data.tokenizer import EOS, MASK, SEP, train_bpe
 from tyingrun.errors import BadInput
 from tyingrun.models.bert import BERT
-from tyingrun.models.outputs import IGNORE_INDEX
 from tyingrun.run import build_data
 
 from .conftest import lm_batch, mlm_batch, tiny_bert
-from .test_cli import SUMMARY_KEYS, tyingrun
+from .test_cli import SUMMARY_KEYS
 
 VOCAB = 1000
 SPECIAL = torch.tensor([0, 1, 2, 3, 4])
@@ -113,13 +113,14 @@ def test_bert_trains_on_wordpiece_documents_separated_by_sep(bert_data):
     assert bert_data.masking is not None and "masked-LM" in bert_data.describe()
 
 
+@pytest.mark.slow
 def test_causal_bert_keeps_wordpiece_without_masking():
     data = build_data(bert_config(causal=True))
     assert data.masking is None and data.tokenizer.token_to_id(MASK) is not None
 
 
 def test_validation_masks_are_the_same_at_every_evaluation(bert_data):
-    first, second = list(bert_data.val_batches(4, 3)), list(bert_data.val_batches(4, 3))
+    first, second = list(bert_data.eval_batches("val", 4, 3)), list(bert_data.eval_batches("val", 4, 3))
     assert [b["labels"].tolist() for b in first] == [b["labels"].tolist() for b in second]
     unmasked = list(eval_batches(bert_data.val, 4, 3))
     assert all((b["labels"] == IGNORE_INDEX).any() for b in first)
@@ -131,11 +132,12 @@ def test_masked_lm_needs_a_mask_token():
         MaskedLM.for_tokenizer(train_bpe(["some text to learn from"] * 4, 300))
 
 
-def test_bert_cyclic_run_writes_a_full_summary(tmp_path):
-    result = tyingrun(
-        tmp_path, "model=bert", "dataset=pydoc", "policy=cyclic", "policy.n_sets=2", "model.d_model=64",
+@pytest.mark.slow
+def test_bert_cyclic_run_writes_a_full_summary(tmp_path, cli):
+    result = cli(
+        "model=bert", "dataset=pydoc", "policy=cyclic", "policy.n_sets=2", "model.d_model=64",
         "dataset.block_size=32", "dataset.vocab_size=512", "dataset.max_documents=40", "train.batch_size=8",
-        "train.max_steps=4", "train.eval_interval=2", "train.eval_batches=2",
+        "train.max_steps=4", "train.eval_interval=2", "train.eval_batches=2", f"hydra.run.dir={tmp_path}",
     )
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())

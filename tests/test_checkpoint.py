@@ -97,11 +97,12 @@ def test_init_source_names_what_it_cannot_start_from(tmp_path):
         init_source(str(tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_a_run_started_from_a_finished_run_continues_from_its_weights(tmp_path, cyclic_gpt2_run):
     # Untied head and no layer tying: every copy starts from the finished run's values, so the first
-    # evaluation repeats the finished run's last one.
+    # evaluation (of the whole val split, as the final one is) repeats the finished run's last one.
     cfg = small_lm_config("none", max_steps=2, model_keys={"tie_embeddings": False, "freeze": ["head"]},
-                          train_keys={"init_from": str(cyclic_gpt2_run)})
+                          train_keys={"init_from": str(cyclic_gpt2_run), "eval_batches": "all"})
     run_folder(cfg, tmp_path)
     first_eval = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     finished = json.loads((cyclic_gpt2_run / "summary.json").read_text())

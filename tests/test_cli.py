@@ -17,29 +17,25 @@ SUMMARY_KEYS = {
 SMALL = ["model.d_model=64", "dataset.block_size=64", "train.batch_size=8", "train.eval_batches=4"]
 
 
-def tyingrun(run_dir, *overrides):
-    command = [sys.executable, "-m", "tyingrun.cli", *overrides, f"hydra.run.dir={run_dir}"]
-    return subprocess.run(command, capture_output=True, text=True, env=os.environ.copy(), timeout=300)
-
-
 def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
-def cyclic_and_none(tmp_path_factory):
+def cyclic_and_none(tmp_path_factory, cli):
     runs = {}
     for policy in ("cyclic", "none"):
         run_dir = tmp_path_factory.mktemp(policy)
-        result = tyingrun(
-            run_dir, "model=gpt2", "dataset=pydoc", f"policy={policy}", "policy.n_sets=2", "model.n_layer=4",
-            "train.max_steps=12", "train.eval_interval=6", "train.log_interval=3", *SMALL,
+        result = cli(
+            "model=gpt2", "dataset=pydoc", f"policy={policy}", "policy.n_sets=2", "model.n_layer=4",
+            "train.max_steps=12", "train.eval_interval=6", "train.log_interval=3", *SMALL, f"hydra.run.dir={run_dir}",
         )
         assert result.returncode == 0, result.stderr
         runs[policy] = run_dir
     return runs
 
 
+@pytest.mark.slow
 def test_cyclic_run_leaves_every_file_and_summary_key(cyclic_and_none):
     run_dir = cyclic_and_none["cyclic"]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -58,6 +54,7 @@ def test_cyclic_run_leaves_every_file_and_summary_key(cyclic_and_none):
     assert maps_rows == [{**maps_rows[0], "step": 0, "map": [0, 1, 0, 1], "trainable": [True, True, False, False]}]
 
 
+@pytest.mark.slow
 def test_cyclic_trains_two_blocks_fewer_than_none(cyclic_and_none):
     cyclic = json.loads((cyclic_and_none["cyclic"] / "summary.json").read_text())
     none = json.loads((cyclic_and_none["none"] / "summary.json").read_text())
@@ -76,8 +73,15 @@ BAD_INPUTS = {
         ["dataset=nonexistent"], "unknown option dataset=nonexistent; choose one of: 1b, cifar10, digits, pydoc"
     ),
     "n_sets not dividing": (
-        ["policy=sequential", "policy.n_sets=3", "model.n_layer=4"], "does not divide model.n_layer=4"
+        ["policy=sequential", "policy.n_sets=3", "model.n_layer=4"], "policy.n_sets=3 does not fit model.n_layer=4"
     ),
+    "key the policy does not use": (["policy=none", "policy.n_sets=3"], "policy=none does not use policy.n_sets"),
+    # The missing file would fail the data; the policy key is refused first: checks run before any data is loaded.
+    "checked before data": (
+        ["policy=cyclic", "policy.path=x.json", "dataset=text_files", "dataset.files=[/no/such.txt]"],
+        "policy=cyclic does not use policy.path; it uses only policy.n_sets, policy.grad",
+    ),
+    "eval batches": (["train.eval_batches=0"], "train.eval_batches=0 must be a number of batches"),
     "wiki2 offline": (["dataset=wiki2"], "dataset=wiki2"),
     "n_head not dividing": (["model.n_head=3"], "model.n_head=3 does not divide model.d_model=128"),
     "block too long": (["dataset.block_size=512"], "exceeds the model's 256 positions"),
@@ -90,10 +94,11 @@ BAD_INPUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BAD_INPUTS)
-def test_bad_input_exits_2_with_one_line(tmp_path, name):
+def test_bad_input_exits_2_with_one_line(tmp_path, cli, name):
     overrides, expected = BAD_INPUTS[name]
-    result = tyingrun(tmp_path / "run", *overrides)
+    result = cli(*overrides, f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tyingrun: error: "), result.stderr
@@ -102,23 +107,27 @@ def test_bad_input_exits_2_with_one_line(tmp_path, name):
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
-def test_from_file_rejects_a_map_of_the_wrong_length(tmp_path):
+@pytest.mark.slow
+def test_from_file_rejects_a_map_of_the_wrong_length(tmp_path, cli):
     saved = tmp_path / "summary.json"
     saved.write_text(json.dumps({"final_map": [0, 0, 2]}))
-    result = tyingrun(tmp_path / "run", "policy=from_file", f"policy.path={saved}")
+    result = cli("policy=from_file", f"policy.path={saved}", f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 2
     assert "has 3 entries but the model has 4 layers" in result.stderr
 
 
-def test_from_file_retrains_a_saved_map(tmp_path, cyclic_and_none):
+@pytest.mark.slow
+def test_from_file_retrains_a_saved_map(tmp_path, cli, cyclic_and_none):
     saved = cyclic_and_none["cyclic"] / "maps.jsonl"
-    result = tyingrun(
-        tmp_path, "policy=from_file", f"policy.path={saved}", "model.n_layer=4", "train.max_steps=2", *SMALL
+    result = cli(
+        "policy=from_file", f"policy.path={saved}", "model.n_layer=4", "train.max_steps=2", *SMALL,
+        f"hydra.run.dir={tmp_path}",
     )
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "summary.json").read_text())["final_map"] == [0, 1, 0, 1]
 
 
+@pytest.mark.slow
 def test_wheel_ships_the_config_tree(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), "."],
@@ -150,10 +159,11 @@ FILE_INPUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FILE_INPUTS)
-def test_bad_files_exit_2_with_one_line(tmp_path, name):
+def test_bad_files_exit_2_with_one_line(tmp_path, cli, name):
     make_overrides, expected = FILE_INPUTS[name]
-    result = tyingrun(tmp_path / "run", *make_overrides(tmp_path))
+    result = cli(*make_overrides(tmp_path), f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], result.stderr

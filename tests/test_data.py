@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tyingrun.config import DatasetConfig
+from tyingrun.config import Config, DatasetConfig, HardwareConfig, ModelConfig, PolicyConfig
 from tyingrun.data import tokenizer as tokenizer_module
 from tyingrun.data.lm import BlockSampler, build_lm_data, encode_documents, eval_batches
+from tyingrun.data.splits import hash_fraction
 from tyingrun.data.text import load_corpus, wiki_articles
 from tyingrun.data.tokenizer import EOS, load_tokenizer
 from tyingrun.errors import BadInput
+from tyingrun.preflight import check_model_and_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,8 +52,8 @@ def paragraphs(count: int, words: int = 30) -> str:
 def test_pydoc_split_is_deterministic_disjoint_and_nonempty(pydoc_cache):
     built = load_corpus(pydoc_config(pydoc_cache, max_documents=None))
     cached = load_corpus(pydoc_config(pydoc_cache, max_documents=None))
-    assert (built.train, built.val) == (cached.train, cached.val)
-    assert built.train and built.val
+    assert (built.train, built.val, built.test) == (cached.train, cached.val, cached.test)
+    assert built.train and built.val and built.test
     assert not set(built.train) & set(built.val)
     assert 0.01 < len(built.val) / (len(built.train) + len(built.val)) < 0.15
     assert sum(map(len, built.train + built.val)) > 1_000_000
@@ -59,20 +61,22 @@ def test_pydoc_split_is_deterministic_disjoint_and_nonempty(pydoc_cache):
 
 def test_max_documents_caps_each_split(pydoc_cache):
     corpus = load_corpus(pydoc_config(pydoc_cache, max_documents=5))
-    assert len(corpus.train) == len(corpus.val) == 5
+    assert len(corpus.train) == len(corpus.val) == len(corpus.test) == 5
 
 
 def test_unknown_corpus_lists_the_options(tmp_path):
+    cfg = Config(model=ModelConfig(), dataset=DatasetConfig(name="wikitext", cache_dir=str(tmp_path)),
+                 policy=PolicyConfig(), hardware=HardwareConfig())
     with pytest.raises(BadInput, match="pydoc, wiki2, 1b, text_files"):
-        load_corpus(DatasetConfig(name="wikitext", cache_dir=str(tmp_path)))
+        check_model_and_dataset(cfg)
 
 
 def test_text_files_single_file_is_split_by_paragraphs(tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text(paragraphs(40))
     corpus = load_corpus(DatasetConfig(name="text_files", files=[str(notes)], cache_dir=str(tmp_path)))
-    assert corpus.train and corpus.val
-    assert len(corpus.train) + len(corpus.val) == 40
+    assert corpus.train and corpus.val and corpus.test
+    assert len(corpus.train) + len(corpus.val) + len(corpus.test) == 40
 
 
 def test_text_files_folder_is_read_recursively_one_document_per_file(tmp_path):
@@ -82,8 +86,8 @@ def test_text_files_folder_is_read_recursively_one_document_per_file(tmp_path):
         (folder / ("sub" if index % 2 else "") / f"part{index}.txt").write_text(f"file {index}\n\n{paragraphs(2)}")
     (folder / "ignored.md").write_text("not a .txt file")
     corpus = load_corpus(DatasetConfig(name="text_files", files=[str(folder)], cache_dir=str(tmp_path)))
-    assert len(corpus.train) + len(corpus.val) == 6
-    assert corpus.train and corpus.val
+    assert len(corpus.train) + len(corpus.val) + len(corpus.test) == 6
+    assert corpus.train and corpus.val and corpus.test
 
 
 def test_text_files_missing_file_is_named(tmp_path):
@@ -126,10 +130,10 @@ def test_wiki2_from_a_folder_of_raw_files(tmp_path):
         cache_dir=str(tmp_path / "cache"),
     )
     corpus = load_corpus(cfg)
-    assert (len(corpus.train), len(corpus.val)) == (8, 2)
+    assert (len(corpus.train), len(corpus.val), len(corpus.test)) == (8, 2, 1)
     data = build_lm_data(cfg)
-    assert data.train.shape[1] == data.val.shape[1] == 17
-    assert len(data.train) > len(data.val) > 0
+    assert data.train.shape[1] == data.val.shape[1] == data.test.shape[1] == 17
+    assert len(data.train) > len(data.val) > 0 and len(data.test) > 0
 
 
 def test_1b_from_a_save_to_disk_folder_one_sentence_per_document(tmp_path):
@@ -140,9 +144,13 @@ def test_1b_from_a_save_to_disk_folder_one_sentence_per_document(tmp_path):
     datasets.DatasetDict(
         {name: datasets.Dataset.from_dict({"text": rows}) for name, rows in splits.items()}
     ).save_to_disk(str(tmp_path / "lm1b"))
-    corpus = load_corpus(DatasetConfig(name="1b", path=str(tmp_path / "lm1b"), max_documents=40))
-    assert corpus.train == sentences[:40]
-    assert corpus.val == sentences[50:]
+    cfg = DatasetConfig(name="1b", path=str(tmp_path / "lm1b"), max_documents=40, val_fraction=0.2)
+    corpus = load_corpus(cfg)
+    carved = [sentence for sentence in sentences[:50] if hash_fraction(sentence) < 0.2]
+    assert 0 < len(carved) < 20
+    assert corpus.train == [sentence for sentence in sentences[:50] if sentence not in carved][:40]
+    assert corpus.val == carved
+    assert corpus.test == sentences[50:]
 
 
 HUB_LOAD_IN_FRESH_PYTHON = textwrap.dedent(
@@ -162,7 +170,7 @@ HUB_LOAD_IN_FRESH_PYTHON = textwrap.dedent(
         if target == "wiki2":
             load_corpus(DatasetConfig(name="wiki2"))
         else:
-            load_tokenizer(DatasetConfig(tokenizer="gpt2"), Corpus("tiny", ["a"], ["b"]))
+            load_tokenizer(DatasetConfig(tokenizer="gpt2"), Corpus("tiny", ["a"], ["b"], ["c"]))
     except BadInput as error:
         print(error)
         sys.exit(2)
@@ -170,6 +178,7 @@ HUB_LOAD_IN_FRESH_PYTHON = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target, fix", [("wiki2", "dataset.path="), ("gpt2", "dataset.tokenizer_path=")])
 @pytest.mark.parametrize("network", ["offline-env", "no-network"])
 def test_hub_download_not_cached_fails_fast_with_one_clean_line(tmp_path, network, target, fix):
@@ -244,6 +253,7 @@ def test_second_build_reads_the_cache(pydoc_data, pydoc_cache, monkeypatch):
     monkeypatch.setattr("tyingrun.data.lm.encode_documents", lambda *args: pytest.fail("tokenized again"))
     again = build_lm_data(pydoc_config(pydoc_cache))
     assert torch.equal(again.train, pydoc_data.train) and torch.equal(again.val, pydoc_data.val)
+    assert torch.equal(again.test, pydoc_data.test)
 
 
 def test_split_shorter_than_one_block_is_bad_input(tmp_path):
@@ -304,4 +314,6 @@ def test_sampler_resumes_with_the_same_batches():
 def test_eval_batches_are_in_order_and_limited():
     blocks = numbered_blocks(10)
     assert [block_ids(batch) for batch in eval_batches(blocks, 4, None)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    assert [block_ids(batch) for batch in eval_batches(blocks, 4, 2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    # A limit takes evenly spaced blocks from the first to the last, not the first batches.
+    assert [block_ids(batch) for batch in eval_batches(blocks, 4, 2)] == [[0, 1, 2, 3], [5, 6, 7, 9]]
+    assert [block_ids(batch) for batch in eval_batches(blocks, 4, 3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]

@@ -1,9 +1,6 @@
 """Data parallelism on CPU: two gloo ranks under torchrun, against one process with the same global batch."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -13,13 +10,10 @@ TINY = [
 ]
 
 
-def run(run_dir, *overrides, ranks=1):
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
-    prefix = [sys.executable, *launcher] if ranks > 1 else [sys.executable]
+def run(cli, run_dir, *overrides, ranks=1):
+    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)) if ranks > 1 else ()
     hardware = "hardware=ddp" if ranks > 1 else "hardware=cpu"
-    command = [*prefix, "-m", "tyingrun.cli", *TINY, hardware, *overrides, f"hydra.run.dir={run_dir}"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=os.environ.copy())
-    assert result.returncode == 0, result.stderr[-3000:]
+    cli(*TINY, hardware, *overrides, f"hydra.run.dir={run_dir}", entry=(*launcher, "-m", "tyingrun.cli"), expect=0)
     return run_dir
 
 
@@ -28,18 +22,18 @@ def rows(path):
 
 
 @pytest.mark.slow
-def test_every_rank_holds_rank_zeros_map_after_every_decision(tmp_path):
-    run_dir = run(tmp_path / "ddp", "policy=dynamic_q", "policy.steps_per_decision=1", ranks=2)
+def test_every_rank_holds_rank_zeros_map_after_every_decision(tmp_path, cli):
+    run_dir = run(cli, tmp_path / "ddp", "policy=dynamic_q", "policy.steps_per_decision=1", ranks=2)
     rank0 = [(row["step"], row["map"], row["trainable"]) for row in rows(run_dir / "maps.jsonl")]
     rank1 = [(row["step"], row["map"], row["trainable"]) for row in rows(run_dir / "ranks" / "rank1_maps.jsonl")]
-    assert len(rank0) == 13 and rank1 == rank0
+    assert len(rank0) == 12 and rank1 == rank0  # the start, then a decision after each step but the last
     assert json.loads((run_dir / "summary.json").read_text())["final_map"] == rank0[-1][1]
 
 
 @pytest.mark.slow
-def test_data_parallel_losses_match_one_process_with_the_same_global_batch(tmp_path):
-    single = rows(run(tmp_path / "single") / "metrics.jsonl")
-    parallel = rows(run(tmp_path / "ddp", ranks=2) / "metrics.jsonl")
+def test_data_parallel_losses_match_one_process_with_the_same_global_batch(tmp_path, cli):
+    single = rows(run(cli, tmp_path / "single") / "metrics.jsonl")
+    parallel = rows(run(cli, tmp_path / "ddp", ranks=2) / "metrics.jsonl")
     assert [row["step"] for row in parallel] == [row["step"] for row in single]
     for key in ("train_loss", "val_loss"):
         ours = [row[key] for row in parallel if key in row]
@@ -48,11 +42,22 @@ def test_data_parallel_losses_match_one_process_with_the_same_global_batch(tmp_p
         assert ours == pytest.approx(theirs, abs=1e-5)
 
 
-def test_ddp_without_torchrun_is_one_clear_line(tmp_path):
-    command = [sys.executable, "-m", "tyingrun.cli", "hardware=ddp", f"hydra.run.dir={tmp_path}"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+@pytest.mark.slow
+def test_ddp_without_torchrun_is_one_clear_line(tmp_path, cli):
+    result = cli("hardware=ddp", f"hydra.run.dir={tmp_path}", timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "tyingrun: error: hardware=ddp needs several processes: torchrun --nproc_per_node=N -m tyingrun.cli "
         "hardware=ddp ... (or use hardware=auto for one process)"
     )
+
+
+@pytest.mark.slow
+def test_batch_that_does_not_split_over_the_ranks_is_refused_before_any_data(tmp_path, cli):
+    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tyingrun.cli")
+    result = cli("hardware=ddp", "train.batch_size=7", "dataset=text_files", "dataset.files=[/no/such.txt]",
+                 f"hydra.run.dir={tmp_path}", entry=launcher)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("tyingrun: error: ")]
+    assert lines and all(line == lines[0] for line in lines)
+    assert "train.batch_size=7 does not split evenly over 2 data-parallel ranks" in lines[0]

@@ -254,6 +254,7 @@ def assert_optimizer_holds_exactly_the_trainable_tensors(model, optimizer):
                 assert param not in optimizer.state and param.grad is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["dynamic_q", "random"])
 def test_real_optimizer_follows_every_decision(name):
     n_layer = 4

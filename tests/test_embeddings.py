@@ -122,6 +122,7 @@ def test_freeze_lists_that_cannot_work_are_refused(keys, message):
         check_freeze(ModelConfig(n_layer=4, **keys))
 
 
+@pytest.mark.slow
 def test_layers_frozen_by_config_stay_frozen_whatever_the_policy_decides(tmp_path):
     # policy=none makes every layer trainable; layer 2 and the embeddings must still never train.
     cfg = small_lm_config("none", model_keys={"freeze": [2, "embeddings"]})

@@ -103,6 +103,7 @@ def test_an_unsupported_hugging_face_config_is_refused_in_one_line(tmp_path):
         from_hf(tmp_path)
 
 
+@pytest.mark.slow
 def test_export_writes_a_finished_run_as_a_hugging_face_folder(tmp_path, cyclic_gpt2_run):
     export.main([str(cyclic_gpt2_run), str(tmp_path / "hf")])
     model = export.load_run_model(cyclic_gpt2_run)

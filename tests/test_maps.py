@@ -1,6 +1,8 @@
 import pytest
 
+from tyingrun.config import Config, DatasetConfig, HardwareConfig, ModelConfig, PolicyConfig
 from tyingrun.errors import BadInput
+from tyingrun.preflight import check_policy
 from tyingrun.tying import maps
 
 
@@ -33,15 +35,19 @@ def test_patterns_are_legal_and_resolved():
 
 
 def test_sequential_needs_a_divisor():
-    with pytest.raises(BadInput, match=r"n_sets=3 does not divide model.n_layer=4; use one of \[1, 2, 4\]"):
+    with pytest.raises(ValueError, match=r"3 sets do not divide 4 layers; use one of \[1, 2, 4\]"):
         maps.sequential(4, 3)
+    with pytest.raises(BadInput, match=r"policy.n_sets=3 does not fit model.n_layer=4: .* use one of \[1, 2, 4\]"):
+        check_policy(pattern_config("sequential", n_layer=4, n_sets=3))
 
 
 def test_n_sets_out_of_range():
-    with pytest.raises(BadInput, match="between 1 and model.n_layer=4"):
+    with pytest.raises(ValueError, match="between 1 and the 4 layers"):
         maps.cyclic(4, 5)
-    with pytest.raises(BadInput, match="needs at least 6 layers"):
+    with pytest.raises(ValueError, match="need at least 6 layers"):
         maps.cycle_rev(4, 3)
+    with pytest.raises(BadInput, match="policy=cyclic: policy.n_sets=5 does not fit model.n_layer=4"):
+        check_policy(pattern_config("cyclic", n_layer=4, n_sets=5))
 
 
 def test_resolve_follows_chains_to_roots():
@@ -67,3 +73,8 @@ def test_assign_moves_dependents_with_their_root():
     assert maps.assign(src, 3, 3) == src
     assert maps.assign(src, 2, 2) == [0, 1, 2, 3]
     assert maps.assign([0, 0, 2, 2], 3, 1) == [0, 0, 2, 0]
+
+
+def pattern_config(name, n_layer, n_sets):
+    return Config(model=ModelConfig(n_layer=n_layer), dataset=DatasetConfig(), hardware=HardwareConfig(),
+                  policy=PolicyConfig(name=name, n_sets=n_sets))

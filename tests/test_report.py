@@ -1,4 +1,4 @@
-"""tyingrun.report on hand-made run folders: grouping by config minus seed, labels, means and stds."""
+"""tyingrun.report on hand-made run folders: grouping by config minus seed, labels, means, stds and intervals."""
 
 import csv
 import json
@@ -80,7 +80,8 @@ def test_report_writes_means_and_stds_and_lists_unfinished_runs(runs_dir, tmp_pa
     assert float(paper["trainable_params_mean"]) == pytest.approx(1501.5)
     assert float(rows["policy.reward=neg_loss"]["val_ppl"]) == 90.0
     report = (out / "report.md").read_text()
-    assert "110.00 ± 10.00" in report
+    # mean ± half-width of the 95% t-interval: t(0.975, 2) * 10 / sqrt(3) = 24.84 (the CSV keeps the std, 10).
+    assert "110.00 ± 24.84" in report
     assert f"`{runs_dir / 'broken' / '0'}`: bad thing" in report
     assert f"`{runs_dir / 'killed' / '0'}`: no summary.json" in report
     assert len(list(out.glob("map_*.png"))) == 3

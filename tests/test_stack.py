@@ -150,12 +150,25 @@ def test_untying_copies_values_then_both_evolve_independently():
 
 def test_re_tying_a_root_moves_its_dependents():
     model = tiny_gpt2()
+    blocks = model.stack.blocks
+    x = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(0))
     model.stack.apply_map([0, 1, 1, 3])
     model.stack.apply_map(maps.assign(model.stack.src, 1, 0))
-    assert model.stack.src == [0, 0, 0, 3]
     for slot in (1, 2):
         for name, param in block_params(model, slot).items():
             assert param.data_ptr() == block_params(model, 0)[name].data_ptr()
+            assert param.untyped_storage().data_ptr() == block_params(model, 0)[name].untyped_storage().data_ptr()
+    with torch.no_grad():
+        before = [block(x) for block in blocks]
+        for param in blocks[0].parameters():
+            param.add_(0.1)
+        after = [block(x) for block in blocks]
+    # Slot 1 gave up its own weights and slot 2 followed it: both now compute what slot 0 computes, before and
+    # after slot 0 is written; slot 3 stays independent and does not change.
+    for slot in (1, 2):
+        assert torch.equal(before[slot], before[0]) and torch.equal(after[slot], after[0])
+    assert not torch.allclose(after[0], before[0])
+    assert torch.equal(after[3], before[3]) and not torch.allclose(before[3], before[0])
 
 
 def test_frozen_layer_keeps_its_weights_and_holds_no_grad_or_state():

@@ -2,9 +2,6 @@
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,33 +11,31 @@ TINY = [
     "train.log_interval=2", "log.progress=lines",
 ]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def python(*args, env=None):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env or os.environ.copy(),
-                          timeout=300)
+REPORT = ("-c", "from tyingrun.cli import report_main; report_main()")
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
+def sweep(tmp_path_factory, cli):
     """policy=cycle_rev needs 2 * n_sets layers, so of these four jobs only n_layer=2, n_sets=2 fails (bad input)."""
     sweep_dir = tmp_path_factory.mktemp("sweep")
-    result = python("-m", "tyingrun.cli", "-m", "policy=cycle_rev", "model.n_layer=2,4", "policy.n_sets=1,2", *TINY,
-                    f"hydra.sweep.dir={sweep_dir}")
+    result = cli("-m", "policy=cycle_rev", "model.n_layer=2,4", "policy.n_sets=1,2", *TINY,
+                 f"hydra.sweep.dir={sweep_dir}")
     return sweep_dir, result
 
 
+@pytest.mark.slow
 def test_a_failed_job_does_not_stop_the_sweep(sweep):
     sweep_dir, result = sweep
     finished = sorted(path.parent.name for path in sweep_dir.glob("*/summary.json"))
     assert finished == ["0", "2", "3"], result.stdout + result.stderr
     status = json.loads((sweep_dir / "1" / "status.json").read_text())
     assert status["status"] == "failed" and status["exit_code"] == 2
-    assert "policy.n_sets=2 needs at least 4 layers" in status["error"]
+    assert "policy.n_sets=2 does not fit model.n_layer=2: 2 sets need at least 4 layers" in status["error"]
     assert not (sweep_dir / "1" / "summary.json").exists()
     assert json.loads((sweep_dir / "0" / "status.json").read_text()) == {"status": "completed"}
 
 
+@pytest.mark.slow
 def test_the_sweep_exits_non_zero_with_one_line_per_failed_job(sweep):
     sweep_dir, result = sweep
     error = json.loads((sweep_dir / "1" / "status.json").read_text())["error"]
@@ -48,9 +43,10 @@ def test_the_sweep_exits_non_zero_with_one_line_per_failed_job(sweep):
     assert result.stderr.splitlines() == [f"tyingrun: failed job {sweep_dir / '1'}: {error}"]
 
 
-def test_report_numbers_equal_the_summaries(sweep, tmp_path):
+@pytest.mark.slow
+def test_report_numbers_equal_the_summaries(sweep, tmp_path, cli):
     sweep_dir, _ = sweep
-    result = python("-c", "from tyingrun.cli import report_main; report_main()", str(sweep_dir), "--out", str(tmp_path))
+    result = cli(str(sweep_dir), "--out", str(tmp_path), entry=REPORT)
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader((tmp_path / "report.csv").open()))
     assert len(rows) == 3
@@ -72,7 +68,9 @@ def test_report_numbers_equal_the_summaries(sweep, tmp_path):
         assert path.read_bytes()[:8] == PNG_SIGNATURE and path.stat().st_size > 5000
 
 
-def test_report_of_nothing_is_one_line(tmp_path):
-    result = python("-c", "from tyingrun.cli import report_main; report_main()", str(tmp_path))
+@pytest.mark.slow
+def test_report_of_nothing_is_one_line(tmp_path, cli):
+    result = cli(str(tmp_path), entry=REPORT)
     assert result.returncode == 2
-    assert result.stderr.splitlines() == [f"tyingrun: error: no run folders (with .hydra/config.yaml) under {tmp_path}"]
+    assert result.stderr.splitlines() == [
+        f"tyingrun-report: error: no run folders (with .hydra/config.yaml) under {tmp_path}"]

@@ -36,6 +36,7 @@ def test_short_run_lowers_validation_loss(tmp_path, policy):
     assert train[-1] < train[0]
 
 
+@pytest.mark.slow
 def test_same_seed_same_losses(tmp_path):
     first = run(small_config(max_steps=6), tmp_path / "a")
     second = run(small_config(max_steps=6), tmp_path / "b")

@@ -8,7 +8,7 @@ from tyingrun.config import Config, DatasetConfig, ModelConfig
 from tyingrun.data.sampling import ShuffledSampler, TransformedSampler
 from tyingrun.data.vision import CROP_PADDING, build_vision_data, crop_and_flip
 from tyingrun.errors import BadInput
-from tyingrun.run import build_data
+from tyingrun.preflight import check_model_and_dataset
 
 
 @pytest.fixture(scope="module")
@@ -17,14 +17,17 @@ def digits():
 
 
 def test_digits_split_is_stratified_deterministic_and_whole(digits):
-    train_labels, val_labels = digits.train[1], digits.val[1]
-    assert (len(train_labels), len(val_labels)) == (1437, 360)
+    train_labels, val_labels, test_labels = digits.train[1], digits.val[1], digits.test[1]
+    assert (len(train_labels), len(val_labels), len(test_labels)) == (1347, 360, 90)
     assert (digits.n_classes, digits.channels, digits.image_size) == (10, 1, 8)
-    share = torch.bincount(val_labels, minlength=10) / torch.bincount(torch.cat([train_labels, val_labels]))
+    every_label = torch.bincount(torch.cat([train_labels, val_labels, test_labels]))
+    share = torch.bincount(val_labels, minlength=10) / every_label
     assert torch.allclose(share, torch.full((10,), 0.2), atol=0.02)
     again = build_vision_data(DatasetConfig(name="digits", val_fraction=0.2))
     assert torch.equal(again.val[0], digits.val[0]) and torch.equal(again.train[1], digits.train[1])
-    assert digits.unit == "samples" and "1437 train / 360 val images of 1x8x8, 10 classes" in digits.describe()
+    assert torch.equal(again.test[0], digits.test[0])
+    assert digits.unit == "samples"
+    assert "1347 train / 360 val / 90 test images of 1x8x8, 10 classes" in digits.describe()
 
 
 def test_training_images_are_normalised_per_channel(digits):
@@ -35,10 +38,13 @@ def test_training_images_are_normalised_per_channel(digits):
 
 def test_digits_are_not_augmented_and_val_batches_cover_the_split_in_order(digits):
     assert isinstance(digits.train_sampler(16, seed=0), ShuffledSampler)
-    batches = list(digits.val_batches(100, None))
+    batches = list(digits.eval_batches("val", 100, None))
     assert [len(b["labels"]) for b in batches] == [100, 100, 100, 60]
     assert torch.equal(torch.cat([b["labels"] for b in batches]), digits.val[1])
-    assert len(list(digits.val_batches(100, 2))) == 2
+    assert len(list(digits.eval_batches("val", 100, 2))) == 2
+    test_batches = list(digits.eval_batches("test", 64, None))
+    assert torch.equal(torch.cat([b["labels"] for b in test_batches]), digits.test[1])
+    assert (digits.eval_items("val"), digits.eval_items("test")) == (360, 90)
 
 
 def test_each_augmented_image_is_a_crop_of_the_padded_image_maybe_flipped():
@@ -88,9 +94,10 @@ def cifar_copy(tmp_path_factory):
 
 
 def test_cifar10_from_a_local_copy(cifar_copy):
-    data = build_vision_data(DatasetConfig(name="cifar10", path=str(cifar_copy), augment=True))
-    assert data.train[0].shape == (40, 3, 32, 32) and data.train[0].dtype == torch.uint8
-    assert len(data.val[1]) == 20 and data.n_classes == 10
+    data = build_vision_data(DatasetConfig(name="cifar10", path=str(cifar_copy), augment=True, val_fraction=0.25))
+    # val is carved from the published train split (40 images); test is the published test split.
+    assert data.train[0].shape == (30, 3, 32, 32) and data.train[0].dtype == torch.uint8
+    assert len(data.val[1]) == 10 and len(data.test[1]) == 20 and data.n_classes == 10
     batch = data.train_sampler(8, seed=0).next_batch()
     assert batch["images"].shape == (8, 3, 32, 32) and batch["images"].dtype == torch.float32
 
@@ -110,4 +117,4 @@ def test_a_folder_that_is_not_a_saved_dataset_is_bad_input(tmp_path):
 )
 def test_model_and_dataset_must_match(model, dataset, expected):
     with pytest.raises(BadInput, match=expected):
-        build_data(Config(model=ModelConfig(name=model), dataset=DatasetConfig(name=dataset)))
+        check_model_and_dataset(Config(model=ModelConfig(name=model), dataset=DatasetConfig(name=dataset)))

@@ -8,10 +8,11 @@ import torch
 from tyingrun.config import Config, DatasetConfig, HardwareConfig, LogConfig, ModelConfig, PolicyConfig, TrainConfig
 from tyingrun.errors import BadInput
 from tyingrun.policies.dynamic_q import REWARDS, Outcome
+from tyingrun.preflight import check_model_and_dataset
 from tyingrun.run import build_data, build_model, run
 
 from .conftest import image_batch, tiny_vit
-from .test_cli import SUMMARY_KEYS, tyingrun
+from .test_cli import SUMMARY_KEYS
 
 VISION_SUMMARY_KEYS = (SUMMARY_KEYS - {"val_ppl", "tokens_per_s"}) | {"val_acc", "samples_per_s"}
 
@@ -38,6 +39,7 @@ def test_forward_gives_class_logits_and_counts_correct_predictions():
     assert result.n_items == 6 and int(result.n_correct) == int((predicted == batch["labels"]).sum())
 
 
+@pytest.mark.slow
 def test_tiny_vit_learns_digits(tmp_path):
     summary = run(digits_config(), tmp_path)
     assert summary["val_acc"] >= 0.85
@@ -47,7 +49,7 @@ def test_tiny_vit_learns_digits(tmp_path):
 def test_patch_size_must_divide_the_image_size():
     cfg = digits_config(patch_size=3)
     with pytest.raises(BadInput, match="model.patch_size=3 does not divide the dataset's 8-pixel images"):
-        build_model(cfg.model, build_data(cfg), "shared")
+        check_model_and_dataset(cfg)
 
 
 def score(model, batch):
@@ -58,10 +60,11 @@ def score(model, batch):
     return result.loss.item(), int(result.n_correct) / result.n_items
 
 
+@pytest.mark.slow
 def test_every_reward_rises_with_accuracy():
     cfg = digits_config(n_layer=2)
     data = build_data(cfg)
-    batch = next(data.val_batches(128, 1))
+    batch = next(data.eval_batches("val", 128, 1))
     model = build_model(cfg.model, data, "shared")
     untrained_loss, untrained_acc = score(model, batch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -79,14 +82,16 @@ def test_every_reward_rises_with_accuracy():
         assert after > before, name
 
 
-def test_vit_dynamic_q_on_digits_writes_a_full_summary(tmp_path):
-    result = tyingrun(
-        tmp_path, "model=vit", "dataset=digits", "policy=dynamic_q", "model.d_model=32", "train.max_steps=16",
-        "train.eval_interval=8", "train.eval_batches=4",
+@pytest.mark.slow
+def test_vit_dynamic_q_on_digits_writes_a_full_summary(tmp_path, cli):
+    result = cli(
+        "model=vit", "dataset=digits", "policy=dynamic_q", "model.d_model=32", "train.max_steps=16",
+        "train.eval_interval=8", "train.eval_batches=4", f"hydra.run.dir={tmp_path}",
     )
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert VISION_SUMMARY_KEYS <= summary.keys()
     assert summary["model"] == "vit" and summary["policy"] == "dynamic_q" and len(summary["final_map"]) == 4
-    assert 0.0 <= summary["val_acc"] <= 1.0
+    # Chance is 0.1; these 16 steps reach 0.24 (0.18 to 0.27 over train.seed=0..4).
+    assert summary["val_acc"] > 0.15
     assert len((tmp_path / "maps.jsonl").read_text().splitlines()) > 1

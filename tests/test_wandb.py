@@ -1,8 +1,8 @@
 """wandb stays out of runs that do not ask for it, works offline, and refuses online mode without a login."""
 
 import os
-import subprocess
-import sys
+
+import pytest
 
 TINY = [
     "policy=dynamic_q", "model.n_layer=2", "model.d_model=32", "dataset.block_size=32", "train.batch_size=4",
@@ -10,11 +10,8 @@ TINY = [
 ]
 
 
-def run_cli(code, env):
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-
-
-def test_a_run_without_wandb_never_imports_it(tmp_path):
+@pytest.mark.slow
+def test_a_run_without_wandb_never_imports_it(tmp_path, cli):
     code = (
         "import sys\n"
         f"sys.argv = ['tyingrun', *{TINY!r}, 'hydra.run.dir={tmp_path}']\n"
@@ -22,18 +19,16 @@ def test_a_run_without_wandb_never_imports_it(tmp_path):
         "main()\n"
         "assert 'wandb' not in sys.modules, 'wandb was imported'\n"
     )
-    result = run_cli(code, os.environ.copy())
+    result = cli(entry=("-c", code))
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "summary.json").is_file()
 
 
-def test_offline_wandb_records_the_run(tmp_path):
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb-dir")}
+@pytest.mark.slow
+def test_offline_wandb_records_the_run(tmp_path, cli):
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb-dir")}
     (tmp_path / "wandb-dir").mkdir()
-    result = subprocess.run(
-        [sys.executable, "-m", "tyingrun.cli", *TINY, "log.wandb=true", f"hydra.run.dir={tmp_path / 'run'}"],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
+    result = cli(*TINY, "log.wandb=true", f"hydra.run.dir={tmp_path / 'run'}", env=env)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "run" / "summary.json").is_file()
     (offline_run,) = (tmp_path / "wandb-dir" / "wandb").glob("offline-run-*")
@@ -41,15 +36,13 @@ def test_offline_wandb_records_the_run(tmp_path):
     assert list(offline_run.glob("files/media/table/tying/maps_*.table.json"))
 
 
-def test_online_without_a_login_stops_at_once_with_one_line(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+@pytest.mark.slow
+def test_online_without_a_login_stops_at_once_with_one_line(tmp_path, cli):
+    env = {k: None for k in os.environ if k.startswith("WANDB_")}
     # No credentials anywhere wandb looks: environment, ~/.netrc, wandb's settings files.
     env.update(WANDB_MODE="online", HOME=str(tmp_path), NETRC=str(tmp_path / "netrc"),
                WANDB_CONFIG_DIR=str(tmp_path / "config"), WANDB_DIR=str(tmp_path))
-    result = subprocess.run(
-        [sys.executable, "-m", "tyingrun.cli", "log.wandb=true", f"hydra.run.dir={tmp_path / 'run'}"],
-        capture_output=True, text=True, env=env, timeout=120,
-    )
+    result = cli("log.wandb=true", f"hydra.run.dir={tmp_path / 'run'}", env=env, timeout=120)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tyingrun: error: log.wandb=true"), result.stderr

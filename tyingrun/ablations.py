@@ -1,27 +1,42 @@
-"""``make ablations``: the paper's ablations (METHOD.md §6) as Hydra sweeps over seeds, then the report.
+"""``make ablations``: the paper's ablations (docs/method.md, "Ablations") as Hydra sweeps over seeds, then
+the report.
 
 Stage 1 sweeps every arm that needs nothing from another run. Stage 2 sweeps the arms built from what
 dynamic_q learned in stage 1: (i) a conventional model with as many layers as dynamic_q kept independent,
-(ii) dynamic_q's learned map retrained from scratch, and (vii) Takase's patterns with that many unique
-layers. Each arm is one ``tyingrun -m ... train.seed=...`` into ``<out>/<NN>_<arm>``; the report covers ``<out>``.
+(ii) dynamic_q's learned map (the seed with the best validation loss) retrained from scratch, and (vii)
+Takase's patterns with that many unique layers. Every arm compared with dynamic_q trains with its gradient
+mode (frozen_copy) unless the arm is about the gradient mode, and every arm is reported on the test split.
+Each arm is one ``tyingrun -m ... train.seed=...`` into ``<out>/<NN>_<arm>``; ``<out>/ablation_arms.json``
+records each arm's exact overrides, and the report covers ``<out>``.
 
-    python -m tyingrun.ablations [--scale cpu|paper] [--seeds 0,1,2] [--out DIR] [override ...]
+``--scale learn`` is another study on the same machinery (docs/method.md#the-learning-study): whether a learned
+tying policy learns at all within a single-machine budget. Stage 1: none, dynamic_q as published, dynamic_q with
+the learning options, a per-layer bandit and the random control; stage 2: the fixed maps (the learned map from
+file, cyclic, sequential) at as many independent layers as the learning-option dynamic_q kept.
+
+    python -m tyingrun.ablations [--scale cpu|paper|learn] [--seeds 0,1,2] [--out DIR] [override ...]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import re
 import shlex
 import statistics
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
+from tyingrun.files import ARMS_FILE, SUMMARY_FILE, read_json, write_json_atomic
 from tyingrun.report import write_report
+
+# dynamic_q's gradient mode: the fixed maps it is compared with train with it too (the paper's ablation code
+# used frozen copies), so an arm differs from dynamic_q only in who chose the map.
+MATCHED_GRAD = "policy.grad=frozen_copy"
 
 STAGE_1: Dict[str, List[str]] = {
     "none": ["policy=none"],
@@ -29,21 +44,91 @@ STAGE_1: Dict[str, List[str]] = {
     "dynamic_q_no_freeze": ["policy=dynamic_q", "policy.freeze_at_init=false"],  # (vi)
     "dynamic_q_neg_loss": ["policy=dynamic_q", "policy.reward=neg_loss"],
     "dynamic_q_k10": ["policy=dynamic_q", "policy.steps_per_decision=10"],
-    "dynamic_q_shared_grad": ["policy=dynamic_q", "policy.grad=shared"],
+    "dynamic_q_shared_grad": ["policy=dynamic_q", "policy.grad=shared"],  # the arm about the gradient mode
     "random": ["policy=random"],
 }
 
+Arms = Dict[str, Tuple[List[str], str]]  # arm -> (its own overrides, a note for the report)
 
-def stage_2(n_layer: int, kept: int, learned_map: Path) -> Dict[str, List[str]]:
-    """The arms that copy dynamic_q's outcome: ``kept`` independent layers out of ``n_layer``, its best map."""
-    sequential_sets = max(n for n in range(1, kept + 1) if n_layer % n == 0)
+# The learning study (--scale learn, +experiment=dlt_learning). Its learned arms decide every 2 steps (the preset
+# cannot set the key: fixed policies refuse it); the learning-option arm is the published agent plus every option of
+# docs/method.md#learning-options, chosen on a one-seed pilot by validation loss and the learning diagnostics.
+LEARN_K = "policy.steps_per_decision=2"
+LEARNED_REWARD = ["policy.reward=paired_improvement", "policy.reward_normalization=true"]
+LEARNING_OPTIONS = [
+    *LEARNED_REWARD, "policy.epsilon_schedule=decision", "policy.epsilon_decay_per_decision=0.985",
+    "policy.td_target=next_decision", "policy.replay=256", "policy.target_update=20",
+]
+LEARN_STAGE_1: Arms = {
+    "none": (["policy=none"], "conventional training: the reference"),
+    "dynamic_q": (["policy=dynamic_q", LEARN_K], "dynamic_q as published (paper reward, epsilon per episode, one "
+                                                 "same-layer TD update per decision)"),
+    "dynamic_q_learning": (["policy=dynamic_q", LEARN_K, *LEARNING_OPTIONS],
+                           "dynamic_q with every learning option: paired reward, normalised, epsilon per decision, "
+                           "next-decision TD target, replay and a target network"),
+    "bandit": (["policy=bandit", LEARN_K, *LEARNED_REWARD],
+               "one UCB1 bandit per layer on the same rewards: no bootstrapping, no state"),
+    "random": (["policy=random", LEARN_K], "the same schedule with uniformly random actions: the no-learning control"),
+}
+
+
+def nearest(legal: List[int], wanted: int) -> int:
+    """The legal count closest to ``wanted``; on a tie the smaller, so the pattern never gets the larger budget."""
+    return min(legal, key=lambda n: (abs(n - wanted), n))
+
+
+def independent_layer_note(pattern: str, used: int, kept: int, source: str = "dynamic_q") -> str:
+    if used == kept:
+        return f"{used} independent layers, as many as {source} kept"
+    return f"{used} independent layers: the legal count nearest to the {kept} {source} kept ({pattern})"
+
+
+def stage_2(n_layer: int, kept: int, learned_map: Path, source: str = "dynamic_q") -> Arms:
+    """The arms that copy ``source``'s outcome: ``kept`` independent layers out of ``n_layer``, its best map."""
+    sequential_sets = nearest([n for n in range(1, n_layer + 1) if n_layer % n == 0], kept)
+    cycle_rev_sets = nearest(list(range(1, n_layer // 2 + 1)), kept)
     return {
-        "none_as_many_layers": ["policy=none", f"model.n_layer={kept}"],  # (i)
-        "from_file_learned_map": ["policy=from_file", f"policy.path={hydra_string(str(learned_map))}"],  # (ii)
-        "cyclic": ["policy=cyclic", f"policy.n_sets={kept}"],  # (vii)
-        "sequential": ["policy=sequential", f"policy.n_sets={sequential_sets}"],
-        "cycle_rev": ["policy=cycle_rev", f"policy.n_sets={max(1, min(kept, n_layer // 2))}"],
+        "none_as_many_layers": (["policy=none", f"model.n_layer={kept}"],  # (i)
+                                f"a conventional model with the {kept} layers {source} kept independent"),
+        "from_file_learned_map": (  # (ii)
+            ["policy=from_file", f"policy.path={hydra_string(str(learned_map))}", MATCHED_GRAD],
+            f"{source}'s final map from the seed with the lowest validation loss ({learned_map}), retrained"),
+        "cyclic": (["policy=cyclic", f"policy.n_sets={kept}", MATCHED_GRAD],  # (vii)
+                   independent_layer_note("any count up to n_layer", kept, kept, source)),
+        "sequential": (["policy=sequential", f"policy.n_sets={sequential_sets}", MATCHED_GRAD],
+                       independent_layer_note(f"n_sets must divide n_layer={n_layer}", sequential_sets, kept, source)),
+        "cycle_rev": (["policy=cycle_rev", f"policy.n_sets={cycle_rev_sets}", MATCHED_GRAD],
+                      independent_layer_note(f"n_sets can be at most n_layer/2={n_layer // 2}", cycle_rev_sets, kept,
+                                             source)),
     }
+
+
+def learn_stage_2(n_layer: int, kept: int, learned_map: Path) -> Arms:
+    """The learning study's fixed maps at the learning-option dynamic_q's count: its best map, cyclic, sequential."""
+    arms = stage_2(n_layer, kept, learned_map, source="dynamic_q_learning")
+    return {arm: arms[arm] for arm in ("from_file_learned_map", "cyclic", "sequential")}
+
+
+@dataclass(frozen=True)
+class Study:
+    """What ``--scale`` runs: the experiment preset, the stage-1 arms, the stage-1 arm whose outcome stage 2 copies,
+    the stage-2 arms built from it, and environment variables for the runs (unless already set)."""
+
+    experiment: str
+    stage_1: Arms
+    source: str
+    stage_2: Callable[[int, int, Path], Arms]
+    env: Dict[str, str] = field(default_factory=dict)
+
+
+PAPER_STAGE_1: Arms = {arm: (overrides, "") for arm, overrides in STAGE_1.items()}
+STUDIES = {
+    "cpu": Study("ablation_cpu", PAPER_STAGE_1, "dynamic_q", stage_2),
+    "paper": Study("ablation_paper", PAPER_STAGE_1, "dynamic_q", stage_2),
+    # One thread per run: at this size threads mostly wait on each other, and on cores shared with other work a
+    # second thread made a step several times slower.
+    "learn": Study("dlt_learning", LEARN_STAGE_1, "dynamic_q_learning", learn_stage_2, {"OMP_NUM_THREADS": "1"}),
+}
 
 
 def hydra_string(text: str) -> str:
@@ -54,8 +139,8 @@ def hydra_string(text: str) -> str:
 
 
 def dynamic_q_outcome(arm_dir: Path) -> Optional[Tuple[int, int, Path]]:
-    """(layers, independent layers at the end rounded over seeds, the best seed's summary) of the dynamic_q arm."""
-    summaries = {path: json.loads(path.read_text()) for path in sorted(arm_dir.glob("*/summary.json"))}
+    """(layers, independent layers at the end rounded over seeds, the best seed's summary) of a learned arm."""
+    summaries = {path: read_json(path) for path in sorted(arm_dir.glob(f"*/{SUMMARY_FILE}"))}
     if not summaries:
         return None
     kept = round(statistics.fmean(s["independent_layers"] for s in summaries.values()))
@@ -63,34 +148,50 @@ def dynamic_q_outcome(arm_dir: Path) -> Optional[Tuple[int, int, Path]]:
     return summaries[best]["n_layer"], kept, best
 
 
-def sweep(arm_dir: Path, arm: str, overrides: List[str]) -> int:
+def sweep(arm_dir: Path, arm: str, overrides: List[str], env: Optional[Dict[str, str]] = None) -> int:
     command = [sys.executable, "-m", "tyingrun.cli", "-m", *overrides, f"hydra.sweep.dir={hydra_string(str(arm_dir))}"]
     print(f"\n== {arm}: tyingrun {shlex.join(command[3:])}", flush=True)
-    return subprocess.run(command).returncode
+    return subprocess.run(command, env={**(env or {}), **os.environ} if env else None).returncode
 
 
-def run_stage(out_dir: Path, arms: Dict[str, List[str]], first_index: int, common: List[str], seeds: str) -> List[str]:
+def record_arm(out_dir: Path, arm: str, folder: str, overrides: List[str], note: str) -> None:
+    """Add the arm's exact overrides to ``<out>/ablation_arms.json``, which the report prints."""
+    path = out_dir / ARMS_FILE
+    recorded = read_json(path) if path.is_file() else {"arms": []}
+    recorded["arms"].append({"arm": arm, "folder": folder, "overrides": overrides, "note": note})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, recorded)
+
+
+def run_stage(out_dir: Path, arms: Arms, first_index: int, common: List[str], seeds: str,
+              env: Optional[Dict[str, str]] = None) -> List[str]:
     """Sweep each arm over ``seeds`` into a numbered folder (the report keeps the study's order); the failed arms."""
     failed = []
-    for index, (arm, specific) in enumerate(arms.items(), first_index):
+    for index, (arm, (specific, note)) in enumerate(arms.items(), first_index):
         # The arm's own keys come after the common ones, so they win (stage 2's layer count above all).
-        if sweep(out_dir / f"{index:02d}_{arm}", arm, [*common, *specific, f"train.seed={seeds}"]):
+        overrides = [*common, *specific, f"train.seed={seeds}"]
+        folder = f"{index:02d}_{arm}"
+        record_arm(out_dir, arm, folder, overrides, note)
+        if sweep(out_dir / folder, arm, overrides, env):
             failed.append(arm)
     return failed
 
 
 def run_ablations(scale: str, seeds: str, out_dir: Path, extra: List[str]) -> int:
     """Both stages and the report; returns 0 when every job finished, 1 otherwise."""
-    common = [f"+experiment=ablation_{scale}", *extra]
-    failed = run_stage(out_dir, STAGE_1, 1, common, seeds)
-    outcome = dynamic_q_outcome(out_dir / f"{list(STAGE_1).index('dynamic_q') + 1:02d}_dynamic_q")
+    study = STUDIES[scale]
+    common = [f"+experiment={study.experiment}", *extra]
+    failed = run_stage(out_dir, study.stage_1, 1, common, seeds, study.env)
+    source = study.source
+    outcome = dynamic_q_outcome(out_dir / f"{list(study.stage_1).index(source) + 1:02d}_{source}")
     if outcome is None:
-        print("no dynamic_q run finished: skipping the arms built from its outcome (i, ii, vii)", file=sys.stderr)
+        print(f"no {source} run finished: skipping the arms built from its outcome", file=sys.stderr)
         failed.append("stage 2")
     else:
         n_layer, kept, learned_map = outcome
-        print(f"\ndynamic_q kept {kept} of {n_layer} layers independent; best map: {learned_map}", flush=True)
-        failed += run_stage(out_dir, stage_2(n_layer, kept, learned_map), len(STAGE_1) + 1, common, seeds)
+        print(f"\n{source} kept {kept} of {n_layer} layers independent; best map: {learned_map}", flush=True)
+        failed += run_stage(out_dir, study.stage_2(n_layer, kept, learned_map), len(study.stage_1) + 1, common, seeds,
+                            study.env)
     write_report([out_dir])
     if failed:
         print(f"ablations: jobs failed in {', '.join(failed)} (see above and {out_dir / 'report.md'})",
@@ -100,8 +201,9 @@ def run_ablations(scale: str, seeds: str, out_dir: Path, extra: List[str]) -> in
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tyingrun.ablations", description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", choices=("cpu", "paper"), default="cpu",
-                        help="cpu: 8x128 GPT-2 on pydoc (~30 min on 2 cores); paper: 48x1600 on WikiText-2 (GPUs)")
+    parser.add_argument("--scale", choices=tuple(STUDIES), default="cpu",
+                        help="cpu: 8x128 GPT-2 on pydoc (~30 min on 2 cores); paper: 48x1600 on WikiText-2 (GPUs); "
+                             "learn: the learning study, 6x64 GPT-2 on pydoc (~30 min on 2 cores)")
     parser.add_argument("--seeds", default="0,1,2", help="train.seed values, comma-separated (default 0,1,2)")
     parser.add_argument("--out", type=Path, help="default: outputs/ablations/<scale>-<date>_<time>")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. train.max_steps=20")

@@ -7,6 +7,7 @@ key or a wrong type is rejected before anything runs.
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, List, Optional
 
@@ -46,8 +47,14 @@ class DatasetConfig:
     block_size: int = 128
     # Vocabulary of the tokenizer trained on the corpus (pydoc, text_files).
     vocab_size: int = 4096
-    # Share of documents (or images) held out for validation (data without a published split: pydoc, digits).
+    # Share of documents (or images) held out for validation where the data publishes no validation split
+    # (pydoc, text_files, digits; 1b and cifar10 carve it from their training split).
     val_fraction: float = 0.05
+    # Share held out for the final test where the data publishes no test split (pydoc, text_files, digits).
+    test_fraction: float = 0.05
+    # wiki2: "raw" (wikitext-2-raw-v1) or "v1" (wikitext-2-v1, tokenised with <unk>, as the paper's code used).
+    # An explicit dataset.hf_config wins; other datasets ignore it.
+    variant: str = "raw"
     # Local copy of a hub dataset: a datasets.save_to_disk folder or (text) a folder of raw text files.
     path: Optional[str] = None
     # text_files: .txt files or folders of them.
@@ -72,26 +79,55 @@ class DatasetConfig:
 class PolicyConfig:
     name: str = "none"
     # Unique layer sets for sequential, cyclic and cycle_rev.
-    n_sets: int = 1
+    n_sets: int = 2
     # from_file: an earlier run's summary.json or maps.jsonl.
     path: Optional[str] = None
+    # from_file: a map given inline, one entry per slot ([0,0,2,2]); instead of path.
+    map: Optional[List[Any]] = None
+    # from_file: groups of slots that share the first (lowest) slot's weights ([[0,1,2],[3,5]]); unlisted slots
+    # are independent. Instead of path or map.
+    groups: Optional[List[Any]] = None
+    # What a tie shares (every policy but none): "block" (the whole block), "attention" (the attention
+    # projections; the MLP stays the slot's own) or "mlp" (the reverse).
+    share: str = "block"
+    # share=attention|mlp: share the shared sublayer's layer norm too (otherwise norms stay per slot).
+    share_norms: bool = False
     # "shared" (gradients of every position summed) or "frozen_copy" (a tied slot passes no weight gradient).
     grad: str = "shared"
     # dynamic_q, random: K optimizer steps follow each decision before it is rewarded.
     steps_per_decision: int = 4
     # dynamic_q, random: layers 1..L-1 stay frozen at their initial weights until first visited.
     freeze_at_init: bool = True
-    # dynamic_q, random: "paper" (-batch PPL, clipped at -10), "neg_loss", "improvement" or "param_penalty".
+    # dynamic_q, random, bandit: "paper" (-batch PPL, clipped at -10), "neg_loss", "improvement", "param_penalty"
+    # or "paired_improvement" (CE before the decision - CE after its K steps, both on the same reward batch).
     reward: str = "paper"
     # param_penalty reward: -CE - param_penalty_weight * (trainable layer slots / all layer slots).
     param_penalty_weight: float = 1.0
-    # dynamic_q, random: seed of the policy's own RNG and Q-network init; null takes train.seed.
+    # dynamic_q, random, bandit: seed of the policy's own RNG and Q-network init; null takes train.seed.
     seed: Optional[int] = None
+    # The learning options (docs/method.md#learning-options); each is off by default, which is the published agent.
+    # dynamic_q: "episode" (epsilon *= 0.95 after each episode) or "decision" (epsilon *= epsilon_decay_per_decision
+    # after each rewarded decision); floor 0.01 either way.
+    epsilon_schedule: str = "episode"
+    epsilon_decay_per_decision: float = 0.99
+    # dynamic_q, bandit: learn from (r - running mean) / running std of the rewards so far (Welford).
+    reward_normalization: bool = False
+    # dynamic_q: bootstrap from "same_layer" (the decided layer's slice at the next map, as the authors' code) or
+    # "next_decision" (the slice of the layer decided next, at the state it is decided in).
+    td_target: str = "same_layer"
+    # dynamic_q: keep the last `replay` transitions and learn from a uniform sample of up to 32 of them (0: off).
+    replay: int = 0
+    # dynamic_q: bootstrap from a target network, copied from the Q-network every `target_update` updates (0: off).
+    target_update: int = 0
+    # bandit: "ucb1" (upper confidence bound) or "thompson" (Gaussian Thompson sampling), one bandit per layer.
+    bandit_algorithm: str = "ucb1"
 
 
 @dataclass
 class HardwareConfig:
     name: str = "auto"
+    # Train one run data-parallel over the processes torchrun starts (hardware=ddp).
+    data_parallel: bool = False
     # "auto" (cuda when present), "cpu" or "cuda".
     device: str = "auto"
     # Autocast dtype on CUDA: "bf16" or "fp32" (no autocast). The CPU always trains in fp32.
@@ -119,14 +155,19 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     eval_interval: int = 50
-    # Validation batches per evaluation (null: the whole validation split).
-    eval_batches: Optional[int] = 20
+    # Validation batches per periodic evaluation: a fixed sample spread over the whole val split, the same at
+    # every evaluation; "all" (or null) scores the whole split every time. The final evaluation always scores
+    # the whole val split and the whole test split.
+    eval_batches: Any = 20
     log_interval: int = 10
     # Save a checkpoint every this many steps (0: only at the end); keep the newest keep_checkpoints.
     checkpoint_interval: int = 200
     keep_checkpoints: int = 2
-    # A run folder to continue exactly where it stopped (its config is reused; overrides may extend it).
+    # A run folder to continue exactly where it stopped (its config is reused; only the keys of
+    # RESUMABLE_KEYS may be overridden, e.g. train.max_steps to extend it).
     resume: Optional[str] = None
+    # Start a new run in a folder that holds another run's files: clear the folder first (else refused).
+    overwrite: bool = False
     # Start from earlier weights: a run folder (its newest checkpoint), a checkpoint folder, or a local
     # Hugging Face GPT-2 folder (config.json + model.safetensors). Ignored when resuming.
     init_from: Optional[str] = None
@@ -159,14 +200,27 @@ SECTION_SCHEMAS = {
 
 CHOICES = {
     "policy.grad": ("shared", "frozen_copy"),
+    "policy.share": ("block", "attention", "mlp"),
     # The names of tyingrun.policies.dynamic_q.REWARDS (a test keeps the two equal).
-    "policy.reward": ("paper", "neg_loss", "improvement", "param_penalty"),
+    "policy.reward": ("paper", "neg_loss", "improvement", "param_penalty", "paired_improvement"),
+    "policy.epsilon_schedule": ("episode", "decision"),
+    "policy.td_target": ("same_layer", "next_decision"),
+    "policy.bandit_algorithm": ("ucb1", "thompson"),
     "hardware.device": ("auto", "cpu", "cuda"),
     "hardware.precision": ("bf16", "fp32"),
     "train.schedule": ("cosine", "constant"),
     "log.progress": ("auto", "bar", "lines"),
     "dataset.tokenizer": ("bpe", "gpt2", "wordpiece"),
+    "dataset.variant": ("raw", "v1"),
 }
+
+
+# What a resumed run may change: how long it goes on, how often it logs, evaluates and checkpoints, and how it
+# is shown. Everything else is what the run is (model, data, policy, seed, optimizer, ...) and stays.
+RESUMABLE_KEYS = (
+    "train.max_steps", "train.eval_interval", "train.log_interval", "train.checkpoint_interval",
+    "train.keep_checkpoints", "train.resume", "log.progress", "log.wandb", "log.wandb_project",
+)
 
 
 def register_configs() -> None:
@@ -211,6 +265,8 @@ def check(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise BadInput(f"{key}={value} must be at least 1")
+    check_numbers(cfg)
+    check_eval_batches(t.eval_batches)
     if m.d_model % m.n_head:
         raise BadInput(f"model.n_head={m.n_head} does not divide model.d_model={m.d_model}; pick a divisor of it")
     if d.block_size > m.max_positions:
@@ -220,9 +276,60 @@ def check(cfg: Config) -> None:
         )
     if not 0.0 <= m.dropout < 1.0:
         raise BadInput(f"model.dropout={m.dropout} must be in [0, 1)")
-    if not 0.0 < d.val_fraction < 1.0:
-        raise BadInput(f"dataset.val_fraction={d.val_fraction} must be between 0 and 1")
     check_freeze(m)
+
+
+def _in_range(key: str, value: Any, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
+    """BadInput naming ``key``, its value and its legal range unless ``value`` is a finite number in it."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        high_text = "inf)" if math.isinf(high) else f"{high:g}{right}"
+        raise BadInput(f"{key}={value} is out of range; it must be a finite number in {left}{low:g}, {high_text}")
+
+
+def check_numbers(cfg: Config) -> None:
+    """Every number of the schema in its legal range, NaN and inf refused."""
+    m, d, t, p = cfg.model, cfg.dataset, cfg.train, cfg.policy
+    inf = math.inf
+    _in_range("train.lr", t.lr, 0, inf, low_open=True, high_open=True)
+    _in_range("train.min_lr_ratio", t.min_lr_ratio, 0, 1)
+    _in_range("train.weight_decay", t.weight_decay, 0, inf, high_open=True)
+    _in_range("train.beta1", t.beta1, 0, 1, high_open=True)
+    _in_range("train.beta2", t.beta2, 0, 1, high_open=True)
+    _in_range("train.grad_clip", t.grad_clip, 0, inf, high_open=True)
+    _in_range("train.warmup_steps", t.warmup_steps, 0, inf, high_open=True)
+    _in_range("train.checkpoint_interval", t.checkpoint_interval, 0, inf, high_open=True)
+    _in_range("train.keep_checkpoints", t.keep_checkpoints, 1, inf, high_open=True)
+    _in_range("train.seed", t.seed, 0, 2**63, high_open=True)
+    _in_range("model.dropout", m.dropout, 0, 1, high_open=True)
+    _in_range("dataset.val_fraction", d.val_fraction, 0, 1, low_open=True, high_open=True)
+    _in_range("dataset.test_fraction", d.test_fraction, 0, 1, high_open=True)
+    if d.val_fraction + d.test_fraction >= 1:
+        raise BadInput(f"dataset.val_fraction={d.val_fraction} plus dataset.test_fraction={d.test_fraction} must be "
+                       f"below 1 (something must be left to train on)")
+    _in_range("dataset.vocab_size", d.vocab_size, 1, inf, high_open=True)
+    if d.max_documents is not None:
+        _in_range("dataset.max_documents", d.max_documents, 1, inf, high_open=True)
+    if m.vocab_size is not None:
+        _in_range("model.vocab_size", m.vocab_size, 1, inf, high_open=True)
+    _in_range("model.max_positions", m.max_positions, 1, inf, high_open=True)
+    _in_range("policy.n_sets", p.n_sets, 1, inf, high_open=True)
+    _in_range("policy.steps_per_decision", p.steps_per_decision, 1, inf, high_open=True)
+    _in_range("policy.param_penalty_weight", p.param_penalty_weight, -inf, inf, low_open=True, high_open=True)
+    _in_range("policy.epsilon_decay_per_decision", p.epsilon_decay_per_decision, 0, 1, low_open=True)
+    _in_range("policy.replay", p.replay, 0, inf, high_open=True)
+    _in_range("policy.target_update", p.target_update, 0, inf, high_open=True)
+    if p.seed is not None:
+        _in_range("policy.seed", p.seed, 0, 2**63, high_open=True)
+
+
+def check_eval_batches(value: Any) -> None:
+    if value is None or value == "all":
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadInput(f"train.eval_batches={value!r} must be a number of batches (at least 1) or all")
 
 
 FREEZE_PARTS = ("embeddings", "head")

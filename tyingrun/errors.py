@@ -1,5 +1,19 @@
-"""The one exception type for bad input: the CLI prints its message as one line and exits 2."""
+"""The one exception type for bad input, and the one-line error every entry point ends with (exit 2 or 1)."""
+
+from __future__ import annotations
+
+import sys
+from typing import NoReturn
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
 
 
 class BadInput(Exception):
     """A user-fixable problem (config, data, checkpoint). The message says what is wrong and how to fix it."""
+
+
+def fail(message: str, exit_code: int = EXIT_BAD_INPUT, program: str = "tyingrun") -> NoReturn:
+    """Print ``<program>: error: <message>`` as one line on stderr and exit with ``exit_code``."""
+    sys.stderr.write(f"{program}: error: {message}\n")
+    sys.exit(exit_code)

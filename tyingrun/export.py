@@ -7,42 +7,29 @@ from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-from tyingrun.cli import fail
-from tyingrun.config import Config
-from tyingrun.errors import BadInput
+from tyingrun.errors import BadInput, fail
+from tyingrun.files import WEIGHTS_FILE, read_tensors
 from tyingrun.models.gpt2 import GPT2
 from tyingrun.models.hf_gpt2 import to_hf
-from tyingrun.run import build_model
-from tyingrun.train.checkpoint import latest_checkpoint, read_tensors
+from tyingrun.run import build_model, load_run_config
+from tyingrun.train.checkpoint import latest_checkpoint
 from tyingrun.train.init_from import init_from
-
-
-def run_config(run_dir: Path) -> Config:
-    path = run_dir / ".hydra" / "config.yaml"
-    if not path.is_file():
-        raise BadInput(f"{run_dir} is not a tyingrun run folder (no .hydra/config.yaml)")
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path)))
-    except OmegaConfBaseException as err:
-        raise BadInput(f"{path} does not fit this tyingrun's config ({' '.join(str(err).split())})") from None
 
 
 def load_run_model(run_dir: Path) -> GPT2:
     """The run's GPT-2, rebuilt from its config, with the weights and tying map of its newest checkpoint."""
-    cfg = run_config(run_dir)
+    cfg = load_run_config(run_dir)
     if cfg.model.name != "gpt2":
         raise BadInput(f"{run_dir} trained model={cfg.model.name}; only GPT-2 runs export to Hugging Face GPT-2")
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         raise BadInput(f"{run_dir} has no checkpoint to export; let the run finish (or resume it) first")
     # The vocabulary came from the run's tokenizer; the checkpoint knows its size without rebuilding the data.
-    token_embedding = read_tensors(checkpoint / "model.safetensors").get("tokens.wte.weight")
+    token_embedding = read_tensors(checkpoint / WEIGHTS_FILE).get("tokens.wte.weight")
     if token_embedding is None:
         raise BadInput(f"checkpoint {checkpoint} holds no token embedding; it is not of a GPT-2")
-    model = build_model(replace(cfg.model, vocab_size=len(token_embedding)), None, cfg.policy.grad)
+    model = build_model(replace(cfg.model, vocab_size=len(token_embedding)), None, cfg.policy.grad,
+                        cfg.policy.share, cfg.policy.share_norms)
     init_from(model, checkpoint)
     return model
 
@@ -61,7 +48,13 @@ def main(argv: Optional[List[str]] = None) -> None:
         model = load_run_model(args.run_dir.expanduser())
         to_hf(model, args.out_dir.expanduser())
     except BadInput as err:
-        fail(str(err))
+        fail(str(err), program="tyingrun-export")
+    except OSError as err:
+        where = err.filename or args.out_dir
+        fail(f"cannot write {where}: {err.strerror or err}; give a new or writable OUT_DIR", program="tyingrun-export")
+    except (KeyError, TypeError, ValueError) as err:
+        fail(f"{args.run_dir}: its checkpoint does not read back ({type(err).__name__}: {err}); it is damaged",
+             program="tyingrun-export")
     print(f"wrote {args.out_dir} (GPT-2, {len(model.stack)} layers, tie_word_embeddings={model.tokens.tied})")
 
 

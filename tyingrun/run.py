@@ -3,27 +3,31 @@
 from __future__ import annotations
 
 import random
+import re
+import shlex
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
-from torch import nn
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from tyingrun import config as config_module
 from tyingrun.config import Config, HardwareConfig, ModelConfig
-from tyingrun.data.lm import build_lm_data
-from tyingrun.data.vision import build_vision_data
+from tyingrun.contracts import Sink, TiedModel, TrainingData
+from tyingrun.data.build import build_dataset
 from tyingrun.errors import BadInput
+from tyingrun.files import CONFIG_FILE, MAPS_FILE, METRICS_FILE, SUMMARY_FILE, WEIGHTS_FILE, read_tensors
 from tyingrun.metrics.meters import peak_memory, reset_peak_memory
-from tyingrun.metrics.sinks import ConsoleSink, RankSinks, RunSinks, WandbSink
-from tyingrun.models.bert import BERT
-from tyingrun.models.gpt2 import GPT2
-from tyingrun.models.vit import ViT
+from tyingrun.metrics.sinks import ConsoleSink, RankSinks, RunSinks, WandbSink, check_jsonl
+from tyingrun.models import MODELS
 from tyingrun.policies import build_policy
-from tyingrun.train.checkpoint import checkpoint_step, latest_checkpoint
+from tyingrun.policies.base import Policy
+from tyingrun.preflight import preflight
+from tyingrun.seeding import derive_seed
+from tyingrun.train.checkpoint import checkpoint_step, latest_checkpoint, read_state, scan_checkpoints
 from tyingrun.train.distributed import SINGLE, Mesh, mesh_for
 from tyingrun.train.init_from import init_from, init_source
 from tyingrun.train.signals import RunInterrupted
@@ -31,30 +35,12 @@ from tyingrun.train.trainer import Trainer
 from tyingrun.tying.counts import total_params
 
 
-def _vit(cfg: ModelConfig, data, grad_mode: str) -> ViT:
-    if data.image_size % cfg.patch_size:
-        raise BadInput(
-            f"model.patch_size={cfg.patch_size} does not divide the dataset's {data.image_size}-pixel images; "
-            f"pick a divisor of {data.image_size}"
-        )
-    return ViT(cfg, data.image_size, data.channels, data.n_classes, grad_mode)
-
-
-# Each model is built from its config section, the data it will train on, and the gradient mode.
-MODELS = {
-    "gpt2": lambda cfg, data, grad_mode: GPT2(cfg, cfg.vocab_size or data.vocab_size, grad_mode),
-    "bert": lambda cfg, data, grad_mode: BERT(cfg, cfg.vocab_size or data.vocab_size, grad_mode),
-    "vit": _vit,
-}
-# The kind of data each model trains on ("lm": token blocks, "vision": labelled images), and the datasets of each.
-MODEL_TASKS = {"gpt2": GPT2.task, "bert": BERT.task, "vit": ViT.task}
-DATASETS = {"lm": ("pydoc", "wiki2", "1b", "text_files"), "vision": ("cifar10", "digits")}
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def seed_stream(seed: int, name: str, *keys: int) -> None:
+    """Seed the global RNGs (python, numpy, torch) from one named stream of the run's seed."""
+    derived = derive_seed(seed, name, *keys)
+    random.seed(derived)
+    np.random.seed(derived % 2**32)
+    torch.manual_seed(derived)
 
 
 def resolve_device(hardware: HardwareConfig, mesh: Mesh = SINGLE) -> torch.device:
@@ -71,54 +57,84 @@ def configure_backends(hardware: HardwareConfig, device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = hardware.tf32
 
 
-def check_model_name(model_cfg: ModelConfig) -> None:
-    if model_cfg.name not in MODELS:
-        raise BadInput(f"model.name={model_cfg.name!r} is not a model; choose one of: {', '.join(MODELS)}")
+def load_run_config(run_dir: Path) -> Config:
+    """The typed config a finished (or stopped) run folder was trained with."""
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise BadInput(f"{run_dir} is not a tyingrun run folder (no {CONFIG_FILE})")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path)))
+    except OmegaConfBaseException as err:
+        raise BadInput(f"{path} does not fit this tyingrun's config ({' '.join(str(err).split())})") from None
 
 
-def build_data(cfg: Config):
-    """The data the model trains on; a dataset of the wrong kind is refused before anything is loaded."""
-    check_model_name(cfg.model)
-    task = MODEL_TASKS[cfg.model.name]
-    if cfg.dataset.name not in DATASETS[task]:
-        known = [name for names in DATASETS.values() for name in names]
-        problem = "is not a dataset" if cfg.dataset.name not in known else f"does not suit model={cfg.model.name}"
-        suitable = ", ".join(DATASETS[task])
-        raise BadInput(f"dataset={cfg.dataset.name} {problem}; model={cfg.model.name} trains on one of: {suitable}")
-    if task == "vision":
-        return build_vision_data(cfg.dataset)
-    bert = cfg.model.name == "bert"
-    dataset = cfg.dataset
-    if bert and dataset.tokenizer == "bpe":
-        # BERT's own WordPiece replaces the default; a tokenizer the user names (gpt2, tokenizer_path) is kept.
-        dataset = replace(dataset, tokenizer="wordpiece")
-    return build_lm_data(dataset, masked_lm=bert and not cfg.model.causal)
+def build_data(cfg: Config) -> TrainingData:
+    """The data the model trains on (the preflight has checked that the two suit each other)."""
+    return build_dataset(cfg.dataset, cfg.model)
 
 
-def build_model(model_cfg: ModelConfig, data, grad_mode: str) -> nn.Module:
-    check_model_name(model_cfg)
+def build_model(model_cfg: ModelConfig, data: Optional[TrainingData], grad_mode: str, share: str = "block",
+                share_norms: bool = False) -> TiedModel:
+    """The model, its TiedStack set to ``grad_mode`` and to what a tie shares (policy.share, policy.share_norms)."""
     vocab_size = getattr(data, "vocab_size", None)
     if model_cfg.vocab_size is not None and vocab_size is not None and model_cfg.vocab_size < vocab_size:
         raise BadInput(
             f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {vocab_size} tokens; "
             f"remove the override or raise it"
         )
-    return MODELS[model_cfg.name](model_cfg, data, grad_mode)
+    model = MODELS[model_cfg.name].build(model_cfg, data, grad_mode)
+    model.stack.set_sharing(share, share_norms)
+    return model
 
 
-def resume_point(run_dir: str) -> Path:
-    """The newest checkpoint of an earlier run folder."""
+def check_config(cfg: Config) -> None:
+    """Every check of ``cfg`` that needs no data and no device (the preflight)."""
+    preflight(cfg)
+
+
+UNQUOTED = re.compile(r"[A-Za-z0-9_./+:@%~-]+")
+
+
+def hydra_value(text: str) -> str:
+    """``text`` as a Hydra override value: as it is where Hydra reads it so, else single-quoted."""
+    if UNQUOTED.fullmatch(text):
+        return text
+    # Hydra reads a backslash as an escape only before a quote or at the end of the value.
+    escaped = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), text)
+    return f"'{escaped}'"
+
+
+def resume_argument(out_dir: Path) -> str:
+    """The ``train.resume=...`` argument that continues the run in ``out_dir``, quoted for a POSIX shell."""
+    return shlex.quote(f"train.resume={hydra_value(str(out_dir))}")
+
+
+def resume_point(run_dir: str, out_dir: Path) -> Path:
+    """The newest checkpoint of the run folder that ``train.resume`` names, which must be this run's folder."""
     folder = Path(run_dir).expanduser()
-    if not (folder / ".hydra" / "config.yaml").is_file():
-        raise BadInput(f"train.resume={run_dir} is not a tyingrun run folder (no .hydra/config.yaml); "
+    if not (folder / CONFIG_FILE).is_file():
+        raise BadInput(f"train.resume={run_dir} is not a tyingrun run folder (no {CONFIG_FILE}); "
                        f"give the folder a run printed as 'run folder ...'")
+    if folder.resolve() != out_dir.resolve():
+        raise BadInput(f"train.resume={run_dir} continues that run in its own folder, not in {out_dir}; "
+                       f"drop hydra.run.dir")
+    good, other = scan_checkpoints(folder)
+    damaged = [(path, why) for path, why in other if path.name.startswith("step_") and "state.json" in why]
+    if damaged:
+        # A checkpoint that does not read back may be the newest: refuse rather than continue an older one.
+        raise BadInput(damaged[-1][1])
     checkpoint = latest_checkpoint(folder)
     if checkpoint is None:
         raise BadInput(f"train.resume={run_dir} has no checkpoint to resume from; start the run afresh")
+    # Everything the resume reads is read once here, before anything in the folder is touched.
+    read_state(checkpoint)
+    read_tensors(checkpoint / WEIGHTS_FILE)
+    for name in (METRICS_FILE, MAPS_FILE):
+        check_jsonl(folder / name)
     return checkpoint
 
 
-def build_sinks(cfg: Config, out_dir: Path, mesh: Mesh, resume_step: Optional[int]):
+def build_sinks(cfg: Config, out_dir: Path, mesh: Mesh, resume_step: Optional[int]) -> Sink:
     """Rank 0 records the run (and wandb when asked); other ranks record only the maps they applied."""
     if not mesh.is_main:
         return RankSinks(out_dir, mesh.rank, resume_step)
@@ -127,43 +143,66 @@ def build_sinks(cfg: Config, out_dir: Path, mesh: Mesh, resume_step: Optional[in
     return RunSinks(out_dir, console, wandb, resume_step)
 
 
-def run(cfg: Config, out_dir: Path) -> Dict[str, Any]:
-    """Train one model under one policy; write metrics.jsonl, maps.jsonl and, when it completes, summary.json."""
-    config_module.check(cfg)
+@dataclass
+class RunParts:
+    """Everything a run is built from, before anything is written to its folder."""
+
+    cfg: Config
+    out_dir: Path
+    mesh: Mesh
+    device: torch.device
+    data: TrainingData
+    model: TiedModel
+    policy: Policy
+    checkpoint: Optional[Path]  # the checkpoint a resumed run continues from
+
+
+def build_parts(cfg: Config, out_dir: Path, data: Optional[TrainingData] = None) -> RunParts:
+    """Check everything, then build data (unless given, already built from ``cfg``), model and policy; nothing
+    is written yet."""
+    mesh = mesh_for(cfg.hardware.data_parallel, cfg.hardware.device)
+    preflight(cfg, mesh.world_size)
     if cfg.log.wandb:
         WandbSink.require_login()
-    checkpoint = resume_point(cfg.train.resume) if cfg.train.resume else None
+    checkpoint = resume_point(cfg.train.resume, out_dir) if cfg.train.resume else None
     # A resumed run's own checkpoint holds its weights; init_from only starts a new run.
     start = init_source(cfg.train.init_from) if cfg.train.init_from and checkpoint is None else None
-    if checkpoint is not None:
-        out_dir = checkpoint.parent.parent
-        (out_dir / "summary.json").unlink(missing_ok=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
     policy = build_policy(cfg.policy, cfg.model.n_layer, cfg.train.seed)
-    mesh = mesh_for(cfg.hardware.name, cfg.hardware.device)
-    seed_everything(cfg.train.seed)
     device = resolve_device(cfg.hardware, mesh)
     configure_backends(cfg.hardware, device)
-    data = build_data(cfg)
-    model = build_model(cfg.model, data, cfg.policy.grad).to(device)
+    data = build_data(cfg) if data is None else data
+    seed_stream(cfg.train.seed, "init")
+    model = build_model(cfg.model, data, cfg.policy.grad, cfg.policy.share, cfg.policy.share_norms).to(device)
     if start is not None:
         init_from(model, start)
-    sinks = build_sinks(cfg, out_dir, mesh, checkpoint_step(checkpoint) if checkpoint else None)
+    # What the global RNGs draw from now on is dropout: a stream of its own on every rank.
+    seed_stream(cfg.train.seed, "dropout", mesh.rank)
+    return RunParts(cfg, out_dir, mesh, device, data, model, policy, checkpoint)
+
+
+def execute(parts: RunParts) -> Dict[str, Any]:
+    """Train the built parts; write metrics.jsonl, maps.jsonl and, when the run completes, summary.json."""
+    cfg, out_dir, mesh, device, model = parts.cfg, parts.out_dir, parts.mesh, parts.device, parts.model
+    if parts.checkpoint is not None:
+        (out_dir / SUMMARY_FILE).unlink(missing_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sinks = build_sinks(cfg, out_dir, mesh, checkpoint_step(parts.checkpoint) if parts.checkpoint else None)
     console = sinks.console
     try:
         console.line(
             f"{cfg.model.name} {cfg.model.n_layer}x{cfg.model.d_model}, {total_params(model):,} parameters untied; "
-            f"dataset {cfg.dataset.name}: {data.describe()}; policy {cfg.policy.name}; device {device}"
+            f"dataset {cfg.dataset.name}: {parts.data.describe()}; policy {cfg.policy.name}; device {device}"
         )
         console.line(f"run folder {out_dir}" + (f"; {mesh.world_size} data-parallel ranks" if mesh.distributed else ""))
         reset_peak_memory(device)
-        trainer = Trainer(cfg, model, model.stack, data, policy, device, sinks, mesh)
+        trainer = Trainer(cfg, model, model.stack, parts.data, parts.policy, device, sinks, mesh)
         try:
-            measured = trainer.fit(resume_from=checkpoint)
+            measured = trainer.fit(resume_from=parts.checkpoint)
         except RunInterrupted as stop:
             console.close()
             if mesh.is_main:
-                sys.stderr.write(f"tyingrun: {stop}; checkpoint saved, resume with: tyingrun train.resume={out_dir}\n")
+                resume = resume_argument(out_dir)
+                sys.stderr.write(f"tyingrun: {stop}; checkpoint saved, resume with: tyingrun {resume}\n")
             raise SystemExit(stop.exit_code) from None
         memory_bytes, memory_kind = peak_memory(device)
         summary = {
@@ -183,7 +222,12 @@ def run(cfg: Config, out_dir: Path) -> Dict[str, Any]:
         sinks.summary(summary)
         console.close()
         console.table("summary", summary)
-        console.line(f"summary written to {out_dir / 'summary.json'}")
+        console.line(f"summary written to {out_dir / SUMMARY_FILE}")
     finally:
         sinks.close()
     return summary
+
+
+def run(cfg: Config, out_dir: Path) -> Dict[str, Any]:
+    """Train one model under one policy into ``out_dir``: check, build, then execute."""
+    return execute(build_parts(cfg, out_dir))

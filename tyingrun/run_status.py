@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from tyingrun.metrics.sinks import write_json_atomic
-
-STATUS_FILE = "status.json"
+from tyingrun.files import STATUS_FILE, read_json, write_json_atomic
 
 
 def write_status(run_dir: Path, status: str, **details: Any) -> None:
@@ -18,4 +15,4 @@ def write_status(run_dir: Path, status: str, **details: Any) -> None:
 
 def read_status(run_dir: Path) -> Optional[Dict[str, Any]]:
     path = run_dir / STATUS_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path) if path.is_file() else None

@@ -15,7 +15,8 @@ from typing import Any, List
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from tyingrun.run_status import STATUS_FILE, read_status
+from tyingrun.files import STATUS_FILE
+from tyingrun.run_status import read_status
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """Language-model data: token streams chunked into fixed-length blocks, a resumable shuffling sampler, eval batches.
 
+Each corpus has three splits (train, val, test); each is tokenized, cached and chunked the same way.
+
 Each split's documents are tokenized, each followed by the tokenizer's document separator (``<|endoftext|>``,
 or ``[SEP]`` for WordPiece), and concatenated into one stream. Blocks hold ``block_size + 1`` tokens with stride
 ``block_size``: consecutive blocks share one token, so every token of the stream (but the first) is a prediction
@@ -21,11 +23,13 @@ import tokenizers
 import torch
 
 from tyingrun.config import DatasetConfig
-from tyingrun.data.sampling import Batch, ShuffledSampler, TransformedSampler
-from tyingrun.data.text import atomic_output, cache_root, documents_hash, load_corpus, short_hash
+from tyingrun.contracts import IGNORE_INDEX, Batch
+from tyingrun.data.sampling import ShuffledSampler, TransformedSampler
+from tyingrun.data.splits import spread_sample
+from tyingrun.data.text import Corpus, atomic_output, cache_root, documents_hash, load_corpus, short_hash
 from tyingrun.data.tokenizer import MASK, document_separator, load_tokenizer
 from tyingrun.errors import BadInput
-from tyingrun.models.outputs import IGNORE_INDEX
+from tyingrun.seeding import derive_seed
 
 log = logging.getLogger("tyingrun")
 
@@ -37,8 +41,10 @@ ENCODE_CHUNK = 4096
 MASK_PROB = 0.15
 MASK_TOKEN_SHARE = 0.8
 RANDOM_TOKEN_SHARE = 0.1
-# Validation batches are masked from this seed at every evaluation, so val_ppl is comparable across runs.
+# Validation and test batches are masked from this seed at every evaluation, so their perplexities are comparable
+# across evaluations and runs.
 EVAL_MASK_SEED = 0
+SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -75,49 +81,70 @@ class MaskedLM:
 class LMData:
     train: torch.Tensor  # int64 [n_train_blocks, block_size + 1]
     val: torch.Tensor  # int64 [n_val_blocks, block_size + 1]
+    test: torch.Tensor  # int64 [n_test_blocks, block_size + 1]
     vocab_size: int
     tokenizer: tokenizers.Tokenizer
     masking: Optional[MaskedLM] = None  # masked-LM batches (BERT) instead of causal ones
     unit = "tokens"
 
-    def train_sampler(self, batch_size: int, seed: int) -> BlockSampler | TransformedSampler:
-        blocks = BlockSampler(self.train, batch_size, seed)
-        return blocks if self.masking is None else TransformedSampler(blocks, self.masking, seed)
+    @property
+    def block_size(self) -> int:
+        return self.train.shape[1] - 1
 
-    def val_batches(self, batch_size: int, limit: Optional[int]) -> Iterator[Batch]:
-        batches = eval_batches(self.val, batch_size, limit)
+    def train_sampler(self, batch_size: int, seed: int) -> BlockSampler | TransformedSampler:
+        """Shuffled training batches; the order and the masks draw from independent streams of ``seed``."""
+        blocks = BlockSampler(self.train, batch_size, derive_seed(seed, "data_order"))
+        if self.masking is None:
+            return blocks
+        return TransformedSampler(blocks, self.masking, derive_seed(seed, "masking"))
+
+    def eval_batches(self, split: str, batch_size: int, limit: Optional[int]) -> Iterator[Batch]:
+        """The batches of ``split`` (val or test): all of them in order when ``limit`` is None, else the fixed
+        sample of ``limit`` batches that ``eval_batches`` (the function) draws. Masked-LM batches are masked
+        from EVAL_MASK_SEED, the same masks at every call."""
+        batches = eval_batches(self.blocks(split), batch_size, limit)
         if self.masking is None:
             return batches
         generator = torch.Generator().manual_seed(EVAL_MASK_SEED)
         return (self.masking(batch, generator) for batch in batches)
+
+    def eval_items(self, split: str) -> int:
+        """Tokens predicted over the whole split: every block's ``block_size`` positions (for masked-LM, the
+        positions it could mask)."""
+        return len(self.blocks(split)) * self.block_size
+
+    def blocks(self, split: str) -> torch.Tensor:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; the splits are {', '.join(SPLITS)}")
+        return getattr(self, split)
 
     def items_in(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["input_ids"].numel()
 
     def describe(self) -> str:
         objective = "" if self.masking is None else ", masked-LM"
-        return f"{len(self.train)} train / {len(self.val)} val blocks of {self.train.shape[1] - 1} tokens{objective}"
+        counts = f"{len(self.train)} train / {len(self.val)} val / {len(self.test)} test blocks"
+        return f"{counts} of {self.block_size} tokens{objective}"
 
 
-def build_lm_data(cfg: DatasetConfig, masked_lm: bool = False) -> LMData:
-    corpus = load_corpus(cfg)
+def build_lm_data(cfg: DatasetConfig, masked_lm: bool = False, corpus: Optional[Corpus] = None) -> LMData:
+    """Tokenized blocks of every split of dataset ``cfg.name``; ``corpus``, when given, is that corpus already
+    loaded (by ``load_corpus(cfg)``), to build from without loading it again."""
+    corpus = corpus if corpus is not None else load_corpus(cfg)
     tokenizer = load_tokenizer(cfg, corpus)
     masking = MaskedLM.for_tokenizer(tokenizer) if masked_lm else None
     separator = document_separator(tokenizer)
     tokenizer_key = short_hash(tokenizer.to_str())
     blocks = {}
-    for split, documents in (("train", corpus.train), ("val", corpus.val)):
-        ids = _cached_token_ids(cfg, split, documents, tokenizer, tokenizer_key, separator)
+    for split in SPLITS:
+        ids = _cached_token_ids(cfg, split, getattr(corpus, split), tokenizer, tokenizer_key, separator)
         if len(ids) < cfg.block_size + 1:
             raise BadInput(
                 f"dataset={cfg.name}: the {split} split has {len(ids)} tokens, fewer than one block of "
                 f"{cfg.block_size + 1}; lower dataset.block_size or give more text"
             )
         blocks[split] = chunk_blocks(torch.from_numpy(ids.astype(np.int64)), cfg.block_size)
-    return LMData(
-        train=blocks["train"], val=blocks["val"], vocab_size=tokenizer.get_vocab_size(), tokenizer=tokenizer,
-        masking=masking,
-    )
+    return LMData(**blocks, vocab_size=tokenizer.get_vocab_size(), tokenizer=tokenizer, masking=masking)
 
 
 def chunk_blocks(ids: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -163,6 +190,8 @@ class BlockSampler(ShuffledSampler):
 
 
 def eval_batches(blocks: torch.Tensor, batch_size: int, limit: Optional[int]) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches in block order (the last one may be smaller); the first ``limit`` of them, or all when None."""
-    for start in itertools.islice(range(0, len(blocks), batch_size), limit):
-        yield _as_batch(blocks[start : start + batch_size])
+    """Batches of ``blocks`` in order (the last one may be smaller): all of them when ``limit`` is None, else
+    ``limit`` full batches of evenly spaced blocks (see ``spread_sample``), the same at every call."""
+    chosen = blocks if limit is None else blocks[spread_sample(len(blocks), limit * batch_size)]
+    for start in range(0, len(chosen), batch_size):
+        yield _as_batch(chosen[start : start + batch_size])

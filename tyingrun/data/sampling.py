@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable
 
 import torch
 
-Batch = Dict[str, torch.Tensor]
+from tyingrun.contracts import Batch
+from tyingrun.seeding import derive_seed
 
 
 class ShuffledSampler:
     """Shuffled training batches, one permutation of the items per epoch, resumable at any batch.
 
-    Epoch ``e`` uses the permutation drawn from ``seed + e``; batch ``k`` of the epoch is its ``k``-th slice of
-    ``batch_size`` (an incomplete last slice is dropped). With fewer items than ``batch_size`` the permutation
-    wraps around, so a batch is always full and each batch is one epoch. ``take`` turns item indices into a batch.
+    Epoch ``e`` uses the permutation drawn from ``derive_seed(seed, "epoch", e)``, so no epoch of one seed is an
+    epoch of another (``seed + e`` would make seed 1's order seed 0's next epoch). Batch ``k`` of the epoch is
+    its ``k``-th slice of ``batch_size`` (an incomplete last slice is dropped). With fewer items than
+    ``batch_size`` the permutation wraps around, so a batch is always full and each batch is one epoch. ``take``
+    turns item indices into a batch.
     """
 
     def __init__(self, n_items: int, batch_size: int, seed: int, take: Callable[[torch.Tensor], Batch]):
@@ -40,7 +43,7 @@ class ShuffledSampler:
 
     def _start(self, seed: int, epoch: int, position: int) -> None:
         self.seed, self.epoch, self.position = seed, epoch, position
-        generator = torch.Generator().manual_seed(seed + epoch)
+        generator = torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch))
         self._order = torch.randperm(self.n_items, generator=generator)
 
 

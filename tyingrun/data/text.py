@@ -1,8 +1,10 @@
-"""Text corpora as lists of documents with a train and a validation split.
+"""Text corpora as lists of documents in three disjoint splits: train, val and test.
 
-Corpora: ``pydoc`` (built offline from the running Python's own documentation), ``wiki2`` (WikiText-2 raw),
-``1b`` (One Billion Word) and ``text_files`` (the user's files). Also the helpers the data package shares:
-where caches live, atomic cache writes, content hashes and the Hugging Face hub reachability probe.
+Corpora: ``pydoc`` (built offline from the running Python's own documentation), ``wiki2`` (WikiText-2),
+``1b`` (One Billion Word) and ``text_files`` (the user's files). Where a corpus publishes splits they are used
+(wiki2: train / validation / test; 1b: train / test, with val carved from train); otherwise documents are
+assigned by a stable hash of their names (see ``tyingrun.data.splits``). Also the helpers the data package
+shares: where caches live, atomic cache writes, content hashes and the Hugging Face hub reachability probe.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import re
 import socket
 import sys
 import sysconfig
-import tempfile
 import threading
 import warnings
 from contextlib import contextmanager
@@ -26,24 +27,34 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 from urllib.parse import urlparse
 
 from tyingrun.config import DatasetConfig
+from tyingrun.data.splits import (
+    NamedDocuments,
+    Splits,
+    carve_by_hash,
+    held_out_fractions,
+    paragraphs,
+    split_by_name,
+    without_leaks,
+)
 from tyingrun.errors import BadInput
+from tyingrun.files import atomic_path
 
 log = logging.getLogger("tyingrun")
 
 PYDOC_FORMAT = 1
 SKIPPED_STDLIB_FOLDERS = frozenset({"site-packages", "test", "tests", "idlelib"})
 DOCSTRING_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-VAL_SPLITS = ("validation", "valid", "test")
-# Words that mark a raw file as training or held-out text, in order of preference for the held-out split.
-TRAIN_FILE_WORD = "train"
-VAL_FILE_WORDS = ("valid", "test", "heldout")
-HUB_DEFAULTS = {"wiki2": ("wikitext", "wikitext-2-raw-v1"), "1b": ("lm1b", None)}
+# The names a hub dataset (or a save_to_disk copy) may give each split, in order of preference.
+HUB_SPLIT_NAMES = {"train": ("train",), "val": ("validation", "valid"), "test": ("test",)}
+# The splits each hub corpus publishes; 1b has no validation split, so val is carved from train.
+PUBLISHED_SPLITS = {"wiki2": ("train", "val", "test"), "1b": ("train", "test")}
+# Words that mark a raw file's split, checked in this order ("heldout" is the One Billion Word test set).
+RAW_FILE_WORDS = (("test", "test"), ("heldout", "test"), ("valid", "val"), ("train", "train"))
+HUB_DEFAULTS = {"wiki2": ("wikitext", None), "1b": ("lm1b", None)}
+WIKI2_VARIANTS = {"raw": "wikitext-2-raw-v1", "v1": "wikitext-2-v1"}
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 HUB_PROBE_TIMEOUT_S = 3.0
 WIKI_ARTICLE_TITLE = re.compile(r"^ = [^=].* = $")
-PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
-
-NamedDocuments = list[tuple[str, str]]
 
 
 @dataclass
@@ -51,20 +62,14 @@ class Corpus:
     name: str
     train: list[str]
     val: list[str]
+    test: list[str]
 
 
 def load_corpus(cfg: DatasetConfig) -> Corpus:
-    loaders: dict[str, Callable[[DatasetConfig], tuple[list[str], list[str]]]] = {
-        "pydoc": _pydoc_splits,
-        "wiki2": _hub_corpus_splits,
-        "1b": _hub_corpus_splits,
-        "text_files": _text_file_splits,
-    }
-    if cfg.name not in loaders:
-        raise BadInput(f"dataset={cfg.name!r} is not a text corpus; choose one of: {', '.join(loaders)}")
-    train, val = loaders[cfg.name](cfg)
+    """The splits of the text corpus ``dataset.name`` (one of CORPUS_LOADERS, checked by the preflight)."""
+    splits = CORPUS_LOADERS[cfg.name](cfg)
     limit = cfg.max_documents
-    return Corpus(name=cfg.name, train=train[:limit], val=val[:limit])
+    return Corpus(name=cfg.name, train=splits.train[:limit], val=splits.val[:limit], test=splits.test[:limit])
 
 
 # ---- shared helpers: cache folder, atomic writes, hashes, hub probe ----
@@ -78,25 +83,20 @@ def cache_root(cfg: DatasetConfig) -> Path:
 
 @contextmanager
 def atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it into place once written.
-
-    Readers (and concurrent runs sharing the cache) see either no file or a complete one.
-    """
+    """files.atomic_path into the cache (its folders made as needed): readers, and concurrent runs sharing the
+    cache, see either no file or a complete one. A cache folder that cannot be written is bad input."""
+    entered = False
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with atomic_path(path, make_parents=True) as tmp:
+            entered = True
+            yield tmp
     except OSError as error:
+        if entered:  # raised while writing, not because the folder refused the file
+            raise
         raise BadInput(
             f"cannot write to the cache folder {path.parent} ({error.strerror}); "
             f"set dataset.cache_dir or $TYINGRUN_CACHE to a writable folder"
         ) from error
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def short_hash(*parts: object) -> str:
@@ -157,27 +157,13 @@ def _hub_reachable() -> bool:
     return reached.is_set()
 
 
-def split_by_name(documents: NamedDocuments, val_fraction: float) -> tuple[list[str], list[str]]:
-    """A document goes to validation when a stable hash of its name falls below ``val_fraction``.
-
-    With two or more documents both splits get at least one, so small corpora still have a validation split.
-    """
-    buckets = [int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) % 10000 for name, _ in documents]
-    is_val = [bucket < val_fraction * 10000 for bucket in buckets]
-    if len(documents) >= 2 and not any(is_val):
-        is_val[buckets.index(min(buckets))] = True
-    if len(documents) >= 2 and all(is_val):
-        is_val[buckets.index(max(buckets))] = False
-    train = [text for (_, text), val in zip(documents, is_val, strict=True) if not val]
-    val = [text for (_, text), val in zip(documents, is_val, strict=True) if val]
-    return train, val
-
-
 # ---- pydoc: the running Python's documentation ----
 
 
-def _pydoc_splits(cfg: DatasetConfig) -> tuple[list[str], list[str]]:
-    return split_by_name(pydoc_documents(cache_root(cfg)), cfg.val_fraction)
+def _pydoc_splits(cfg: DatasetConfig) -> Splits:
+    """Split by document name, then clean: Python's help topics and docstrings repeat whole paragraphs, so
+    validation and test lose those that training (or, for test, validation) already holds."""
+    return without_leaks(split_by_name(pydoc_documents(cache_root(cfg)), *held_out_fractions(cfg)))
 
 
 def pydoc_documents(cache: Path) -> NamedDocuments:
@@ -185,7 +171,10 @@ def pydoc_documents(cache: Path) -> NamedDocuments:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     path = cache / "corpora" / f"pydoc-{short_hash(PYDOC_FORMAT, sys.version, stdlib)}.json"
     if path.exists():
-        return [(name, text) for name, text in json.loads(path.read_text(encoding="utf-8"))]
+        try:
+            return [(str(name), str(text)) for name, text in json.loads(path.read_text(encoding="utf-8"))]
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError):
+            sys.stderr.write(f"tyingrun: warning: the cached pydoc corpus {path} is damaged; building it again\n")
     log.info("building the pydoc corpus from %s (once; cached in %s)", stdlib, path.parent)
     documents = _help_topics() + _stdlib_docstrings(stdlib)
     with atomic_output(path) as tmp:
@@ -235,13 +224,33 @@ def _docstrings_in_order(node: ast.AST) -> Iterator[str]:
 # ---- wiki2 and 1b: Hugging Face datasets or a local copy ----
 
 
-def _hub_corpus_splits(cfg: DatasetConfig) -> tuple[list[str], list[str]]:
-    if cfg.path:
-        train_lines, val_lines = _local_copy_lines(cfg)
-    else:
-        train_lines, val_lines = _hub_lines(cfg)
+def _hub_corpus_splits(cfg: DatasetConfig) -> Splits:
+    """The corpus's published splits. One Billion Word publishes only train and test: its validation split
+    is carved from train, each sentence by a stable hash of its text (``dataset.val_fraction``), so repeated
+    sentences stay on one side and every run validates on the same sentences."""
+    published = PUBLISHED_SPLITS[cfg.name]
+    lines = _local_copy_lines(cfg, published) if cfg.path else _hub_lines(cfg, published)
     to_documents = wiki_articles if cfg.name == "wiki2" else one_per_line
-    return to_documents(train_lines), to_documents(val_lines)
+    documents = {split: to_documents(split_lines) for split, split_lines in lines.items()}
+    if "val" not in documents:
+        documents["train"], documents["val"] = carve_by_hash(documents["train"], cfg.val_fraction)
+    return Splits(**documents)
+
+
+def hub_dataset_id(cfg: DatasetConfig) -> tuple[str, Optional[str]]:
+    """The Hugging Face dataset id and configuration of wiki2 or 1b: dataset.hf_name and dataset.hf_config
+    when given, else the default (for wiki2, the configuration of dataset.variant)."""
+    default_name, default_config = HUB_DEFAULTS[cfg.name]
+    if cfg.name == "wiki2":
+        if cfg.variant not in WIKI2_VARIANTS:
+            choices = ", ".join(WIKI2_VARIANTS)
+            raise BadInput(f"dataset.variant={cfg.variant!r} is not an option; choose one of: {choices}")
+        default_config = WIKI2_VARIANTS[cfg.variant]
+    return chosen_hub_id(cfg, default_name, default_config)
+
+
+def chosen_hub_id(cfg: DatasetConfig, default_name: str, default_config: Optional[str]) -> tuple[str, Optional[str]]:
+    return cfg.hf_name or default_name, cfg.hf_config or default_config
 
 
 def wiki_articles(lines: list[str]) -> list[str]:
@@ -264,54 +273,62 @@ def one_per_line(lines: list[str]) -> list[str]:
     return [line.strip() for line in lines if line.strip()]
 
 
-def _local_copy_lines(cfg: DatasetConfig) -> tuple[list[str], list[str]]:
+def _local_copy_lines(cfg: DatasetConfig, published: tuple[str, ...]) -> dict[str, list[str]]:
     folder = Path(cfg.path).expanduser()
     if not folder.is_dir():
         raise BadInput(
             f"dataset.path={cfg.path!r} is not a folder; give a datasets.save_to_disk folder "
-            f"or a folder of raw text files (names containing 'train' and 'valid' or 'test')"
+            f"or a folder of raw text files (names containing {_raw_file_hint(published)})"
         )
     if (folder / "dataset_dict.json").exists() or (folder / "state.json").exists():
         import datasets
 
-        return _text_splits(datasets.load_from_disk(str(folder)), f"dataset.path={cfg.path!r}")
-    return _raw_file_lines(folder, cfg.path)
+        return _text_splits(datasets.load_from_disk(str(folder)), f"dataset.path={cfg.path!r}", published)
+    return _raw_file_lines(folder, cfg.path, published)
 
 
-def _raw_file_lines(folder: Path, given: str) -> tuple[list[str], list[str]]:
+def _raw_file_lines(folder: Path, given: str, published: tuple[str, ...]) -> dict[str, list[str]]:
     files = sorted(path for path in folder.rglob("*") if path.is_file() and not path.name.startswith("."))
-
-    def named(word: str) -> list[Path]:
-        return [path for path in files if word in path.relative_to(folder).as_posix().lower()]
-
-    train_files = named(TRAIN_FILE_WORD)
-    val_files = next((found for found in map(named, VAL_FILE_WORDS) if found), [])
-    if not train_files or not val_files:
+    by_split: dict[str, list[Path]] = {split: [] for split in published}
+    for path in files:
+        split = raw_file_split(path.relative_to(folder).as_posix())
+        if split in by_split:
+            by_split[split].append(path)
+    missing = [split for split, found in by_split.items() if not found]
+    if missing:
         raise BadInput(
-            f"dataset.path={given!r} holds no {'training' if not train_files else 'validation'} text; "
-            f"name the files like wiki.train.raw and wiki.valid.raw (or *test*), or give a save_to_disk folder"
+            f"dataset.path={given!r} holds no {missing[0]} text; name the files with "
+            f"{_raw_file_hint(published)} (like wiki.train.raw), or give a save_to_disk folder"
         )
-    return _read_lines(train_files), _read_lines(val_files)
+    return {split: _read_lines(found) for split, found in by_split.items()}
+
+
+def raw_file_split(relative_path: str) -> Optional[str]:
+    """The split a raw text file belongs to by its path ('wiki.valid.raw' -> 'val'), or None."""
+    lowered = relative_path.lower()
+    return next((split for word, split in RAW_FILE_WORDS if word in lowered), None)
+
+
+def _raw_file_hint(published: tuple[str, ...]) -> str:
+    words = [" or ".join(repr(word) for word, split in RAW_FILE_WORDS if split == wanted) for wanted in published]
+    return ", ".join(words)
 
 
 def _read_lines(files: list[Path]) -> list[str]:
     return [line for path in files for line in _read_text(path, "dataset.path").splitlines(keepends=True)]
 
 
-def _hub_lines(cfg: DatasetConfig) -> tuple[list[str], list[str]]:
-    dataset_dict, label = load_hub_dataset(cfg, *HUB_DEFAULTS[cfg.name], "a save_to_disk folder or raw text files")
-    return _text_splits(dataset_dict, f"Hugging Face dataset {label!r}")
+def _hub_lines(cfg: DatasetConfig, published: tuple[str, ...]) -> dict[str, list[str]]:
+    dataset_dict, label = load_hub_dataset(cfg, *hub_dataset_id(cfg), "a save_to_disk folder or raw text files")
+    return _text_splits(dataset_dict, f"Hugging Face dataset {label!r}", published)
 
 
-def load_hub_dataset(
-    cfg: DatasetConfig, default_name: str, default_config: Optional[str], local_copy: str
-) -> tuple[Any, str]:
-    """``datasets.load_dataset`` of dataset.hf_name/hf_config (or the defaults), and its label.
+def load_hub_dataset(cfg: DatasetConfig, hf_name: str, hf_config: Optional[str], local_copy: str) -> tuple[Any, str]:
+    """``datasets.load_dataset(hf_name, hf_config)`` and its label.
 
     Offline and not cached, it fails at once with a BadInput that names ``local_copy``, the kind of
     dataset.path folder that replaces the hub.
     """
-    hf_name, hf_config = cfg.hf_name or default_name, cfg.hf_config or default_config
     label = hf_name if hf_config is None else f"{hf_name}/{hf_config}"
     go_offline_unless_hub_reachable()
     import datasets
@@ -344,22 +361,32 @@ def first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
-def _text_splits(dataset_dict: object, source: str) -> tuple[list[str], list[str]]:
-    """The ``text`` column of the train split and of the first of validation/valid/test."""
-    splits = list(dataset_dict.keys()) if hasattr(dataset_dict, "keys") else []
-    val_split = next((split for split in VAL_SPLITS if split in splits), None)
-    if "train" not in splits or val_split is None:
-        raise BadInput(f"{source} has splits {splits}; it needs 'train' and one of {', '.join(VAL_SPLITS)}")
-    columns = dataset_dict["train"].column_names
-    if "text" not in columns:
-        raise BadInput(f"{source} has columns {columns}; it needs a 'text' column")
-    return list(dataset_dict["train"]["text"]), list(dataset_dict[val_split]["text"])
+def _text_splits(dataset_dict: object, source: str, published: tuple[str, ...]) -> dict[str, list[str]]:
+    """The ``text`` column of each split in ``published``, found under its names in HUB_SPLIT_NAMES."""
+    return {split: _text_column(dataset_dict[find_split(dataset_dict, split, source)], source) for split in published}
+
+
+def find_split(dataset_dict: object, split: str, source: str) -> str:
+    """The name ``dataset_dict`` gives ``split`` (train, val or test), or BadInput naming the splits it has."""
+    names = list(dataset_dict.keys()) if hasattr(dataset_dict, "keys") else []
+    found = next((name for name in HUB_SPLIT_NAMES[split] if name in names), None)
+    if found is None:
+        wanted = " or ".join(map(repr, HUB_SPLIT_NAMES[split]))
+        raise BadInput(f"{source} has splits {names}; it needs a {wanted} split")
+    return found
+
+
+def _text_column(split: Any, source: str) -> list[str]:
+    if "text" not in split.column_names:
+        raise BadInput(f"{source} has columns {split.column_names}; it needs a 'text' column")
+    return list(split["text"])
 
 
 # ---- text_files: the user's own files ----
 
 
-def _text_file_splits(cfg: DatasetConfig) -> tuple[list[str], list[str]]:
+def _text_file_splits(cfg: DatasetConfig) -> Splits:
+    """One document per file with three files or more, else one per paragraph, split by name."""
     if not cfg.files:
         raise BadInput("dataset=text_files needs dataset.files: .txt files or folders, e.g. dataset.files=[notes.txt]")
     texts = [(str(path), _read_text(path, "dataset.files")) for path in _expand_files(cfg.files)]
@@ -367,9 +394,9 @@ def _text_file_splits(cfg: DatasetConfig) -> tuple[list[str], list[str]]:
     if not documents:
         names = ", ".join(name for name, _ in texts)
         raise BadInput(f"dataset.files: every file is empty ({names}); give files with text")
-    if len(documents) == 1:
-        documents = _paragraphs(*documents[0])
-    return split_by_name(documents, cfg.val_fraction)
+    if len(documents) < 3:
+        documents = [paragraph for name, text in documents for paragraph in _named_paragraphs(name, text)]
+    return split_by_name(documents, *held_out_fractions(cfg))
 
 
 def _expand_files(entries: list[str]) -> list[Path]:
@@ -377,12 +404,21 @@ def _expand_files(entries: list[str]) -> list[Path]:
     for entry in entries:
         path = Path(entry).expanduser()
         if path.is_dir():
-            found = sorted(path.rglob("*.txt"))
+            found = []
+            for candidate in sorted(path.rglob("*.txt")):
+                if candidate.is_file():  # a regular file (or a link to one): a FIFO or device would never end
+                    found.append(candidate)
+                elif not candidate.is_dir():
+                    sys.stderr.write(f"tyingrun: warning: dataset.files: skipping '{candidate}': not a regular "
+                                     f"file\n")
             if not found:
                 raise BadInput(f"dataset.files: the folder '{entry}' holds no .txt files")
             files.extend(found)
         elif path.is_file():
             files.append(path)
+        elif path.exists():
+            raise BadInput(f"dataset.files: '{entry}' is not a regular file or folder (a pipe or device would never "
+                           f"end); give .txt files or folders")
         else:
             raise BadInput(
                 f"dataset.files: no such file '{entry}'; give existing .txt files or folders "
@@ -391,10 +427,9 @@ def _expand_files(entries: list[str]) -> list[Path]:
     return files
 
 
-def _paragraphs(name: str, text: str) -> NamedDocuments:
-    """Split one file at blank lines so that a single file still yields a validation split."""
-    paragraphs = [paragraph.strip() for paragraph in PARAGRAPH_BREAK.split(text) if paragraph.strip()]
-    return [(f"{name}#{index}", paragraph) for index, paragraph in enumerate(paragraphs)]
+def _named_paragraphs(name: str, text: str) -> NamedDocuments:
+    """A file's paragraphs as documents named ``file#index``, so that one or two files still fill three splits."""
+    return [(f"{name}#{index}", paragraph.strip()) for index, paragraph in enumerate(paragraphs(text))]
 
 
 def _read_text(path: Path, key: str) -> str:
@@ -402,3 +437,12 @@ def _read_text(path: Path, key: str) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise BadInput(f"{key}: '{path}' is not UTF-8 text; convert it to UTF-8") from error
+
+
+# The text corpora by name: the one list of them (the data registry, tyingrun.data.build, reads it).
+CORPUS_LOADERS: dict[str, Callable[[DatasetConfig], Splits]] = {
+    "pydoc": _pydoc_splits,
+    "wiki2": _hub_corpus_splits,
+    "1b": _hub_corpus_splits,
+    "text_files": _text_file_splits,
+}

@@ -1,8 +1,7 @@
-"""Measurements of a run: perplexity, parameter counts, peak memory, throughput."""
+"""Measurements of a run: parameter counts, peak memory, throughput (perplexity is in tyingrun.contracts)."""
 
 from __future__ import annotations
 
-import math
 import resource
 import sys
 import time
@@ -13,10 +12,6 @@ from torch import nn
 
 from tyingrun.tying import counts
 from tyingrun.tying.stack import TiedStack
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 700.0))
 
 
 def model_counts(model: nn.Module, stack: TiedStack) -> Dict[str, int]:

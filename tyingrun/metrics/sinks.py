@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -15,18 +14,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tyingrun.errors import BadInput
+from tyingrun.files import MAPS_FILE, METRICS_FILE, RANKS_DIR, SUMMARY_FILE, strict_json, write_json_atomic
 
 log = logging.getLogger("tyingrun")
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide results from other users of a shared machine
-    with os.fdopen(fd, "w") as handle:
-        json.dump(obj, handle, indent=2)
-        handle.write("\n")
-    os.replace(tmp, path)
 
 
 def _fmt(value: Any) -> str:
@@ -37,16 +27,33 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _step_of(path: Path, line: str) -> int:
+    try:
+        step = json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        step = None
+    if not isinstance(step, int) or isinstance(step, bool):
+        raise BadInput(f"{path}: a row without a step ({line[:60]!r}); the file is damaged - repair or remove it")
+    return step
+
+
+def check_jsonl(path: Path) -> None:
+    """BadInput naming ``path`` unless each of its rows is a JSON object with a step (a missing file is fine)."""
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            _step_of(path, line)
+
+
 class JsonlFile:
     def __init__(self, path: Path, keep_through_step: Optional[int] = None):
         if keep_through_step is not None and path.exists():
             # A resumed run continues from its checkpoint: drop what the interrupted run logged after it.
-            rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= keep_through_step]
+            rows = [line for line in path.read_text().splitlines() if _step_of(path, line) <= keep_through_step]
             path.write_text("".join(f"{row}\n" for row in rows))
         self._handle = path.open("a")
 
     def write(self, row: Dict[str, Any]) -> None:
-        self._handle.write(json.dumps(row) + "\n")
+        self._handle.write(strict_json(row) + "\n")
         self._handle.flush()
 
     def close(self) -> None:
@@ -154,8 +161,8 @@ class RunSinks:
         self.out_dir = out_dir
         self.console = console
         self.wandb = wandb
-        self._metrics = JsonlFile(out_dir / "metrics.jsonl", resume_step)
-        self._maps = JsonlFile(out_dir / "maps.jsonl", resume_step)
+        self._metrics = JsonlFile(out_dir / METRICS_FILE, resume_step)
+        self._maps = JsonlFile(out_dir / MAPS_FILE, resume_step)
 
     def metrics(self, row: Dict[str, Any]) -> None:
         self._metrics.write(row)
@@ -168,7 +175,7 @@ class RunSinks:
             self.wandb.map_change(row)
 
     def summary(self, summary: Dict[str, Any]) -> None:
-        write_json_atomic(self.out_dir / "summary.json", summary)
+        write_json_atomic(self.out_dir / SUMMARY_FILE, summary)
         if self.wandb:
             self.wandb.summary(summary)
 
@@ -190,8 +197,8 @@ class RankSinks:
     def __init__(self, out_dir: Path, rank: int, resume_step: Optional[int] = None):
         self.out_dir = out_dir
         self.console = ConsoleSink("lines", 0, quiet=True)
-        (out_dir / "ranks").mkdir(parents=True, exist_ok=True)
-        self._maps = JsonlFile(out_dir / "ranks" / f"rank{rank}_maps.jsonl", resume_step)
+        (out_dir / RANKS_DIR).mkdir(parents=True, exist_ok=True)
+        self._maps = JsonlFile(out_dir / RANKS_DIR / f"rank{rank}_maps.jsonl", resume_step)
 
     def metrics(self, row: Dict[str, Any]) -> None:
         """Rank 0 records the metrics."""

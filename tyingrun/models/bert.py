@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tyingrun.config import ModelConfig
+from tyingrun.contracts import IGNORE_INDEX, LossResult
 from tyingrun.models.blocks import PostLNBlock, init_normal
 from tyingrun.models.embeddings import TokenEmbedding
-from tyingrun.models.outputs import IGNORE_INDEX, LossResult
 from tyingrun.tying.stack import TiedStack
 
 # Segment A and segment B; single-segment batches use type 0 throughout.

@@ -27,6 +27,11 @@ class SelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(batch, length, width)
         return self.resid_dropout(self.c_proj(y))
 
+    def attention_flops_per_token(self, seq_len: int) -> int:
+        """Forward FLOPs per token of the score and value products (q k^T and p v), counted over the whole
+        sequence as the kernels compute them (a causal mask is not subtracted): 2 * 2 * seq_len * width."""
+        return 4 * seq_len * self.c_proj.in_features
+
 
 class MLP(nn.Module):
     def __init__(self, d_model: int, dropout: float, bias: bool):
@@ -41,6 +46,9 @@ class MLP(nn.Module):
 
 class PreLNBlock(nn.Module):
     """x + attn(ln(x)), then x + mlp(ln(x)) (GPT-2, ViT)."""
+
+    # What policy.share=attention|mlp shares: (the sublayer's module, its layer norm) by parameter-name prefix.
+    sublayers = {"attention": ("attn", "ln_1"), "mlp": ("mlp", "ln_2")}
 
     def __init__(self, d_model: int, n_head: int, dropout: float, bias: bool, causal: bool):
         super().__init__()
@@ -59,6 +67,8 @@ class PreLNBlock(nn.Module):
 
 class PostLNBlock(nn.Module):
     """ln(x + attn(x)), then ln(x + mlp(x)) (BERT)."""
+
+    sublayers = {"attention": ("attn", "ln_1"), "mlp": ("mlp", "ln_2")}
 
     def __init__(self, d_model: int, n_head: int, dropout: float, bias: bool, causal: bool):
         super().__init__()

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tyingrun.config import ModelConfig
+from tyingrun.contracts import LossResult
 from tyingrun.models.blocks import PreLNBlock, init_normal
 from tyingrun.models.embeddings import TokenEmbedding
-from tyingrun.models.outputs import LossResult
 from tyingrun.tying.stack import TiedStack
 
 
@@ -21,7 +21,6 @@ class GPT2(nn.Module):
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, grad_mode: str = "shared"):
         super().__init__()
-        self.max_positions = cfg.max_positions
         self.tokens = TokenEmbedding(vocab_size, cfg.d_model, cfg.tie_embeddings)
         self.wpe = nn.Embedding(cfg.max_positions, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)

@@ -17,9 +17,9 @@ from torch import nn
 
 from tyingrun.config import ModelConfig
 from tyingrun.errors import BadInput
+from tyingrun.files import copy_weights, read_json, read_tensors
 from tyingrun.models.embeddings import LM_HEAD_WEIGHT
 from tyingrun.models.gpt2 import GPT2
-from tyingrun.train.checkpoint import copy_weights, read_tensors
 
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
@@ -53,7 +53,7 @@ def read_hf_config(folder: Path) -> Tuple[ModelConfig, float]:
     """The tyingrun model config of a Hugging Face GPT-2 folder, and its LayerNorm epsilon."""
     path = Path(folder) / HF_CONFIG
     try:
-        hf = json.loads(path.read_text())
+        hf = read_json(path)
     except FileNotFoundError:
         raise BadInput(f"{folder} is not a Hugging Face model folder (no {HF_CONFIG})") from None
     except (json.JSONDecodeError, UnicodeDecodeError):

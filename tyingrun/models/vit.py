@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tyingrun.config import ModelConfig
+from tyingrun.contracts import LossResult
 from tyingrun.models.blocks import PreLNBlock, init_normal
-from tyingrun.models.outputs import LossResult
 from tyingrun.tying.stack import TiedStack
 
 

@@ -1,24 +1,58 @@
-"""Who decides the tying map, and when."""
+"""Who decides the tying map, and when: the registry of policies and the config keys each one uses."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
 from tyingrun.config import PolicyConfig
-from tyingrun.errors import BadInput
+from tyingrun.policies.bandit import BanditPolicy
 from tyingrun.policies.base import Policy
 from tyingrun.policies.dynamic_q import DynamicQPolicy
-from tyingrun.policies.fixed import FIXED_PATTERNS, FixedPolicy, map_from_file
+from tyingrun.policies.fixed import FIXED_PATTERNS, FixedPolicy, given_map
 from tyingrun.policies.random import RandomPolicy
+from tyingrun.tying.maps import TyingMap
 
-EPISODIC = {"random": RandomPolicy, "dynamic_q": DynamicQPolicy}
-POLICIES = ("none", "sequential", "cyclic", "cycle_rev", "from_file", *EPISODIC)
+# What a tie shares: every policy that ties reads these (docs/method.md#what-a-tie-shares).
+SHARE_KEYS = ("share", "share_norms")
+EPISODIC_KEYS = (*SHARE_KEYS, "grad", "steps_per_decision", "freeze_at_init", "reward", "param_penalty_weight", "seed")
+# The learning options (docs/method.md#learning-options): each learned policy reads those that apply to it.
+DYNAMIC_Q_KEYS = (*EPISODIC_KEYS, "epsilon_schedule", "epsilon_decay_per_decision", "reward_normalization",
+                  "td_target", "replay", "target_update")
+BANDIT_KEYS = (*EPISODIC_KEYS, "reward_normalization", "bandit_algorithm")
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """How a policy is built from its config section and the run's layer count and seed, and the keys it reads."""
+
+    build: Callable[[PolicyConfig, int, int], Policy]
+    keys: Tuple[str, ...]
+    pattern: Optional[Callable[[int, int], TyingMap]] = None  # the map of a fixed pattern, from (n_layer, n_sets)
+
+
+def _pattern(name: str) -> PolicySpec:
+    pattern = FIXED_PATTERNS[name]
+    keys = () if name == "none" else ("n_sets", "grad", *SHARE_KEYS)
+    return PolicySpec(lambda cfg, n_layer, seed: FixedPolicy(name, pattern(n_layer, cfg.n_sets)), keys, pattern)
+
+
+def _episodic(policy_class, keys: Tuple[str, ...] = EPISODIC_KEYS) -> PolicySpec:
+    return PolicySpec(lambda cfg, n_layer, seed: policy_class(cfg, n_layer, seed), keys)
+
+
+POLICIES = {
+    **{name: _pattern(name) for name in FIXED_PATTERNS},
+    "from_file": PolicySpec(
+        lambda cfg, n_layer, seed: FixedPolicy("from_file", given_map(cfg.path, cfg.map, cfg.groups, n_layer)),
+        ("path", "map", "groups", "grad", *SHARE_KEYS)),
+    "random": _episodic(RandomPolicy),
+    "dynamic_q": _episodic(DynamicQPolicy, DYNAMIC_Q_KEYS),
+    "bandit": _episodic(BanditPolicy, BANDIT_KEYS),
+}
 
 
 def build_policy(cfg: PolicyConfig, n_layer: int, seed: int = 0) -> Policy:
-    """``seed`` (the run's train.seed) seeds the learned policies unless policy.seed is set."""
-    if cfg.name in FIXED_PATTERNS:
-        return FixedPolicy(cfg.name, FIXED_PATTERNS[cfg.name](n_layer, cfg.n_sets))
-    if cfg.name == "from_file":
-        return FixedPolicy(cfg.name, map_from_file(cfg.path, n_layer))
-    if cfg.name in EPISODIC:
-        return EPISODIC[cfg.name](cfg, n_layer, seed if cfg.seed is None else cfg.seed)
-    raise BadInput(f"policy.name={cfg.name!r} is not a policy; choose one of: {', '.join(POLICIES)}")
+    """``seed`` (the run's train.seed) seeds the learned policies unless policy.seed is set; the name is checked
+    by the preflight."""
+    return POLICIES[cfg.name].build(cfg, n_layer, seed if cfg.seed is None else cfg.seed)

@@ -20,8 +20,13 @@ class DecisionContext(Protocol):
 
     step: int
 
-    def score_batch(self) -> float:
-        """Cross-entropy of the current model on one random training batch (eval mode, no graph)."""
+    def score_batch(self, batch: Optional[Dict[str, Any]] = None) -> float:
+        """Cross-entropy of the current model (eval mode, no graph) on ``batch``, a batch that ``reward_batch``
+        returned earlier, or without one on the next batch of the trainer's reward stream."""
+
+    def reward_batch(self) -> Dict[str, Any]:
+        """The next batch of the trainer's reward stream (training split, never the training stream), to be scored
+        now and again later: a policy that keeps one keeps it in its state_dict, so it survives a resume."""
 
     def counts(self) -> Dict[str, int]:
         """trainable_params, stored_params, independent_layers, trainable_layers now."""
@@ -34,10 +39,15 @@ class Policy:
         raise NotImplementedError
 
     def after_step(self, context: DecisionContext) -> Optional[Decision]:
-        """Called after every optimizer step; a returned Decision is applied before the next step."""
+        """Called after every optimizer step but the run's last, once that step's evaluation is recorded; a
+        returned Decision is applied before the next step (so every evaluated map has trained)."""
         return None
 
     def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def diagnostics(self) -> Dict[str, Any]:
+        """Summary keys that tell whether a learned policy could have learned; fixed policies have none."""
         return {}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:

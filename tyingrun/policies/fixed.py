@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from tyingrun.errors import BadInput
+from tyingrun.files import MAPS_FILE, SUMMARY_FILE, read_json, read_jsonl
 from tyingrun.policies.base import Decision, Policy
 from tyingrun.tying import maps
 
@@ -15,6 +16,8 @@ FIXED_PATTERNS = {
     "sequential": maps.sequential,
     "cyclic": maps.cyclic,
     "cycle_rev": maps.cycle_rev,
+    "middle_cycle": maps.middle_cycle,
+    "middle_sequence": maps.middle_sequence,
 }
 
 
@@ -28,28 +31,60 @@ class FixedPolicy(Policy):
         return Decision(maps.resolve(self.src), [True] * n_layer)
 
 
+def given_map(path: Optional[str], src: Optional[list], groups: Optional[list], n_layer: int) -> List[int]:
+    """policy=from_file's map: from an earlier run's file (policy.path), inline (policy.map) or from groups of
+    slots (policy.groups); exactly one of the three. Raises BadInput in one line, naming the key."""
+    given = [key for key, value in (("path", path), ("map", src), ("groups", groups)) if value is not None]
+    if len(given) > 1:
+        raise BadInput(f"policy=from_file takes one of policy.path, policy.map or policy.groups, not "
+                       f"{' and '.join('policy.' + key for key in given)}")
+    if src is not None:
+        if not isinstance(src, (list, tuple)):
+            raise BadInput(f"policy.map={src!r} must be a list with one layer index per slot, e.g. [0,0,2,2]")
+        try:
+            maps.validate(list(src), n_layer)
+        except BadInput as err:
+            raise BadInput(f"policy.map: {err}") from None
+        return list(src)
+    if groups is not None:
+        try:
+            return maps.from_groups(groups, n_layer)
+        except ValueError as err:
+            raise BadInput(f"policy.groups={_plain(groups)}: {err}") from None
+    return map_from_file(path, n_layer)
+
+
+def _plain(value):
+    """A list as typed (OmegaConf ListConfig prints its repr otherwise)."""
+    try:
+        return json.dumps(list(value), separators=(",", ":"))
+    except (TypeError, ValueError):
+        return repr(value)
+
+
 def _read_map(path: Path) -> list:
     if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = read_jsonl(path)
         if not rows:
-            raise BadInput(f"policy.path={path}: maps.jsonl has no rows; point it at a finished run's maps.jsonl")
+            raise BadInput(f"policy.path={path}: {MAPS_FILE} has no rows; point it at a finished run's {MAPS_FILE}")
         return rows[-1]["map"]
-    return json.loads(path.read_text())["final_map"]
+    return read_json(path)["final_map"]
 
 
 def map_from_file(path: Optional[str], n_layer: int) -> List[int]:
     """The last map of an earlier run's maps.jsonl, or the final_map of its summary.json."""
     if not path:
-        raise BadInput("policy=from_file needs policy.path=<an earlier run's summary.json or maps.jsonl>")
+        raise BadInput(f"policy=from_file needs policy.path=<an earlier run's {SUMMARY_FILE} or {MAPS_FILE}>, "
+                       f"policy.map=[...] (one layer index per slot) or policy.groups=[[...],...]")
     file = Path(path).expanduser()
     if file.is_dir():
-        file = file / "summary.json"
+        file = file / SUMMARY_FILE
     if not file.is_file():
-        raise BadInput(f"policy.path={path}: no such file; give an earlier run's summary.json or maps.jsonl")
+        raise BadInput(f"policy.path={path}: no such file; give an earlier run's {SUMMARY_FILE} or {MAPS_FILE}")
     try:
         src = _read_map(file)
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
-        raise BadInput(f"policy.path={path}: not a tyingrun summary.json or maps.jsonl ({err})") from None
+        raise BadInput(f"policy.path={path}: not a tyingrun {SUMMARY_FILE} or {MAPS_FILE} ({err})") from None
     if not isinstance(src, list):
         raise BadInput(f"policy.path={path}: the saved map is not a list")
     try:

@@ -1,10 +1,11 @@
-"""Find run folders and group the finished ones that differ only in their seed."""
+"""Find run folders, group the finished ones that differ only in their seed, pick reference groups."""
 
 from __future__ import annotations
 
 import json
 import re
-from collections import Counter
+import statistics
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -12,12 +13,15 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 from omegaconf import OmegaConf
 
 from tyingrun.errors import BadInput
+from tyingrun.files import ARMS_FILE, CONFIG_FILE, MAPS_FILE, SUMMARY_FILE, read_json, read_jsonl
 from tyingrun.run_status import read_status
 
 # Keys that do not change what a run measures: runs differing only in these are seeds of one group.
 IGNORED_PREFIXES = ("train.seed", "log.", "hydra.")
 # Shown in their own table columns, so never repeated in a group's label.
 COLUMN_KEYS = ("model.name", "dataset.name", "policy.name")
+# Quality metric kinds, as the suffix of summary keys: language models report perplexity, ViT accuracy.
+QUALITY_KINDS = ("ppl", "acc")
 
 
 @dataclass
@@ -36,7 +40,11 @@ class Run:
         """Why a run that did not finish has no summary."""
         if self.status and self.status.get("status") == "failed":
             return self.status["error"]
-        return "no summary.json: still running, or stopped before it finished"
+        return f"no {SUMMARY_FILE}: still running, or stopped before it finished"
+
+    @property
+    def seed(self) -> Any:
+        return self.summary.get("seed", self.config.get("train.seed"))
 
 
 @dataclass
@@ -49,6 +57,46 @@ class Group:
     def name(self) -> str:
         policy = self.settings["policy.name"]
         return f"{policy} {self.label}" if self.label else policy
+
+    @property
+    def family(self) -> Tuple[str, str]:
+        """(model, dataset): the groups that can be compared with each other."""
+        return self.settings["model.name"], self.settings["dataset.name"]
+
+    def values_by_seed(self, key: str) -> Dict[Any, float]:
+        """``key`` of each seed's summary; runs repeating a seed are averaged so each seed counts once."""
+        values = defaultdict(list)
+        for run in self.runs:
+            if run.summary.get(key) is not None:
+                values[run.seed].append(run.summary[key])
+        return {seed: statistics.fmean(found) for seed, found in values.items()}
+
+
+def quality_kind(runs: Sequence[Run]) -> Optional[str]:
+    """The quality metric the runs' summaries report: "ppl" or "acc"; None if neither."""
+    for kind in QUALITY_KINDS:
+        if any(f"val_{kind}" in run.summary or f"test_{kind}" in run.summary for run in runs):
+            return kind
+    return None
+
+
+def headline_metric(runs: Sequence[Run], kind: str) -> str:
+    """``test_<kind>`` where every run has it, else ``val_<kind>`` (summaries written before the test split)."""
+    test = f"test_{kind}"
+    return test if all(run.summary.get(test) is not None for run in runs) else f"val_{kind}"
+
+
+def reference_groups(groups: Sequence[Group], policy: str) -> Dict[Tuple[str, str], Group]:
+    """Per (model, dataset), the group of ``policy`` that the others are compared with.
+
+    Among several: the one without a label (its settings are the most common), then the one with the most layers.
+    """
+    candidates: Dict[Tuple[str, str], List[Group]] = defaultdict(list)
+    for group in groups:
+        if group.settings["policy.name"] == policy:
+            candidates[group.family].append(group)
+    return {family: min(found, key=lambda g: (g.label != "", -g.settings["model.n_layer"]))
+            for family, found in candidates.items()}
 
 
 def _natural_key(path: Path) -> List[Any]:
@@ -66,13 +114,70 @@ def flatten(node: Any, prefix: str = "") -> Dict[str, Any]:
     return {prefix[:-1]: tuple(node) if isinstance(node, list) else node}
 
 
-def _read_json(path: Path) -> Optional[Dict[str, Any]]:
-    return json.loads(path.read_text()) if path.is_file() else None
+def read_arms(root: Path) -> Optional[List[Dict[str, Any]]]:
+    """The arms in ``root``'s ablation_arms.json (``arm``, ``folder``, ``overrides``, ``note``); None without it."""
+    path = root / ARMS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return read_json(path)["arms"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise BadInput(f"{path}: not an ablation arms file ({{\"arms\": [...]}}): {err}") from err
+
+
+# A summary number beyond this is not a measurement (and would overflow the statistics).
+LARGEST_NUMBER = 1e100
 
 
 def load_run(path: Path) -> Run:
-    config = OmegaConf.to_container(OmegaConf.load(path / ".hydra" / "config.yaml"), resolve=False)
-    return Run(path, flatten(config), _read_json(path / "summary.json"), read_status(path))
+    """The run in ``path``; a folder whose files do not read back is a run that did not finish, with the reason."""
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(path / CONFIG_FILE), resolve=False)
+        if not isinstance(config, dict):
+            raise ValueError(f"{CONFIG_FILE} is not a mapping")
+        config = flatten(config)
+    except Exception as err:  # noqa: BLE001 - a damaged folder is reported, not fatal
+        return damaged(path, {}, f"{CONFIG_FILE} does not read back ({_first_line(err)})")
+    try:
+        status = read_status(path)
+        if status is not None and not isinstance(status, dict):
+            raise ValueError("status.json is not a JSON object")
+        summary_path = path / SUMMARY_FILE
+        summary = read_json(summary_path) if summary_path.is_file() else None
+        if summary is not None:
+            check_summary(summary)
+            if (path / MAPS_FILE).is_file():
+                read_jsonl(path / MAPS_FILE)
+    except Exception as err:  # noqa: BLE001
+        return damaged(path, config, _first_line(err))
+    return Run(path, config, summary, status)
+
+
+def damaged(path: Path, config: Dict[str, Any], why: str) -> Run:
+    return Run(path, config, None, {"status": "failed", "error": f"damaged run folder: {why}"})
+
+
+def _first_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return f"{type(err).__name__}: {text}"[:200]
+
+
+def check_summary(summary: Any) -> None:
+    """ValueError unless ``summary`` is an object with a numeric val_loss and finite, bounded numbers."""
+    if not isinstance(summary, dict):
+        raise ValueError(f"{SUMMARY_FILE} is not a JSON object")
+    if not _is_number(summary.get("val_loss")):
+        raise ValueError(f"{SUMMARY_FILE} has no numeric val_loss")
+    for key, value in summary.items():
+        if isinstance(value, float) and not (abs(value) <= LARGEST_NUMBER):
+            raise ValueError(f"{SUMMARY_FILE}: {key}={value} is not a measurement")
+        if key.endswith(("_loss", "_ppl", "_acc", "_params", "_bytes", "_mean")) and value is not None \
+                and not _is_number(value):
+            raise ValueError(f"{SUMMARY_FILE}: {key}={value!r} is not a number")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= LARGEST_NUMBER
 
 
 def find_runs(paths: Sequence[Path]) -> List[Run]:
@@ -81,7 +186,7 @@ def find_runs(paths: Sequence[Path]) -> List[Run]:
     for root in paths:
         if not root.is_dir():
             raise BadInput(f"{root}: no such folder; give run folders or folders that contain them")
-        for config in sorted(root.rglob(".hydra/config.yaml"), key=_natural_key):
+        for config in sorted(root.rglob(CONFIG_FILE), key=_natural_key):
             folders[config.parent.parent.resolve()] = None
     return [load_run(folder) for folder in folders]
 

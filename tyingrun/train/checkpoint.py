@@ -15,21 +15,42 @@ into the model in place.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
+import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from tyingrun.errors import BadInput
-from tyingrun.tying.counts import storage_key
+from tyingrun.files import (
+    CHECKPOINTS_DIR,
+    STATE_FILE,
+    STATE_TENSORS_FILE,
+    WEIGHTS_FILE,
+    copy_weights,
+    read_json,
+    read_tensors,
+    save_weights,
+    unique_weights,
+)
 
 FORMAT_VERSION = 1
 TENSOR_REF = "__tensor__"
+FLOAT_REF = "__float__"  # a non-finite float in the state, kept exactly while state.json stays strict JSON
+CANONICAL = re.compile(r"step_(\d{8})")
+
+log = logging.getLogger("tyingrun")
+
+
+class NonFiniteWeights(RuntimeError):
+    """The weights hold NaN or inf: no checkpoint is written from them."""
 
 
 def split_tensors(obj: Any, tensors: Dict[str, torch.Tensor], path: str = "") -> Any:
@@ -37,6 +58,8 @@ def split_tensors(obj: Any, tensors: Dict[str, torch.Tensor], path: str = "") ->
     if torch.is_tensor(obj):
         tensors[path] = obj.detach().cpu().contiguous()
         return {TENSOR_REF: path}
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return {FLOAT_REF: repr(obj)}
     if isinstance(obj, dict):
         return {"__dict__": [[split_tensors(k, tensors, f"{path}/k{i}"), split_tensors(v, tensors, f"{path}/{i}")]
                              for i, (k, v) in enumerate(obj.items())]}
@@ -51,6 +74,8 @@ def join_tensors(obj: Any, tensors: Dict[str, torch.Tensor]) -> Any:
     if isinstance(obj, dict):
         if TENSOR_REF in obj:
             return tensors[obj[TENSOR_REF]]
+        if FLOAT_REF in obj:
+            return float(obj[FLOAT_REF])
         if "__tuple__" in obj:
             return tuple(join_tensors(v, tensors) for v in obj["__tuple__"])
         return {join_tensors(k, tensors): join_tensors(v, tensors) for k, v in obj["__dict__"]}
@@ -59,99 +84,107 @@ def join_tensors(obj: Any, tensors: Dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-def unique_weights(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Each weight storage once, under the first name that uses it (a root before its tied slots)."""
-    seen, weights = set(), {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        key = storage_key(tensor)
-        if key not in seen:
-            seen.add(key)
-            weights[name] = tensor.detach()
-    return weights
-
-
-def save_weights(model: nn.Module, path: Path) -> None:
-    save_file({name: t.cpu().contiguous() for name, t in unique_weights(model).items()}, str(path))
-
-
 def load_weights(model: nn.Module, path: Path) -> None:
     """Copy stored weights into ``model`` in place; its ties must already be in place (apply the map first)."""
     copy_weights(model, read_tensors(path), f"checkpoint {path}")
 
 
-def copy_weights(model: nn.Module, stored: Dict[str, torch.Tensor], source: str) -> None:
-    """Copy ``stored`` (one tensor per storage, named as unique_weights names them) into ``model`` in place."""
-    expected = unique_weights(model)
-    missing = sorted(set(expected) - set(stored))
-    if missing:
-        raise BadInput(f"{source} lacks {missing[0]} (and {len(missing) - 1} more); it is not of this model "
-                       f"(or was saved with other model.* settings, e.g. model.tie_embeddings)")
-    targets = model.state_dict(keep_vars=True)
-    for name, value in stored.items():
-        if name in targets and name not in expected:
-            partner = next(n for n, t in expected.items() if storage_key(t) == storage_key(targets[name]))
-            raise BadInput(
-                f"{source} stores {name} apart from {partner} but this model ties the two into one tensor; "
-                f"two trained matrices cannot be merged - untie them (model.tie_embeddings=false)"
-            )
-        if name not in targets or targets[name].shape != value.shape:
-            shape = tuple(targets[name].shape) if name in targets else "absent"
-            raise BadInput(
-                f"{source} holds {name} of shape {tuple(value.shape)} but the model's is {shape}; "
-                f"it was saved from a different model shape - use the same model.* settings"
-            )
-    with torch.no_grad():
-        for name, value in stored.items():
-            targets[name].copy_(value)
-
-
-def read_tensors(path: Path) -> Dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise BadInput(f"checkpoint file {path} is missing; pick another checkpoint or start afresh")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise BadInput(f"checkpoint file {path} is truncated or corrupt ({err}); pick another checkpoint") from None
-
-
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: Dict[str, Any], keep: int) -> Path:
-    """Write ``checkpoints/step_<step>`` atomically and keep only the newest ``keep`` checkpoints."""
-    root = run_dir / "checkpoints"
+    """Write ``checkpoints/step_<step>`` atomically and keep only the newest ``keep`` checkpoints (by the step
+    each records; folders that are not checkpoints of this format are left alone). Weights holding NaN or inf
+    raise NonFiniteWeights and write nothing: the last good checkpoint stays the newest."""
+    bad = [name for name, tensor in unique_weights(model).items() if not torch.isfinite(tensor).all()]
+    if bad:
+        raise NonFiniteWeights(f"weights became non-finite (nan or inf) at step {step} ({len(bad)} tensors, e.g. "
+                               f"{bad[0]}); no checkpoint written, the last good one is kept")
+    root = run_dir / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_weights(model, tmp / "model.safetensors")
+    save_weights(model, tmp / WEIGHTS_FILE)
     tensors: Dict[str, torch.Tensor] = {}
     document = {"format": FORMAT_VERSION, "step": step, "state": split_tensors(state, tensors)}
-    save_file(tensors, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(document))
+    save_file(tensors, str(tmp / STATE_TENSORS_FILE))
+    (tmp / STATE_FILE).write_text(json.dumps(document, allow_nan=False))
+    # The whole folder is renamed into place (files.atomic_path renames single files).
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+    for old in list_checkpoints(run_dir, warn=False)[:-max(keep, 1)]:
         shutil.rmtree(old)
     return final
 
 
-def list_checkpoints(run_dir: Path) -> List[Path]:
-    root = Path(run_dir) / "checkpoints"
-    return sorted(root.glob("step_*")) if root.is_dir() else []
+def recorded_step(checkpoint: Path) -> int:
+    """The step that ``checkpoint/state.json`` records; BadInput when it does not read back."""
+    try:
+        document = read_json(checkpoint / STATE_FILE)
+    except FileNotFoundError:
+        raise BadInput(f"checkpoint {checkpoint} has no state.json; it is incomplete - pick another one") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        raise BadInput(f"checkpoint {checkpoint}/state.json is corrupt; pick another checkpoint") from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT_VERSION:
+        found = document.get("format") if isinstance(document, dict) else None
+        raise BadInput(f"checkpoint {checkpoint} has format {found}, this tyingrun reads {FORMAT_VERSION}")
+    step = document.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or not isinstance(document.get("state"), dict):
+        raise BadInput(f"checkpoint {checkpoint}/state.json is corrupt (no step or state); pick another checkpoint")
+    return step
+
+
+def scan_checkpoints(run_dir: Path) -> Tuple[List[Tuple[int, Path]], List[Tuple[Path, str]]]:
+    """(step, folder) of every checkpoint that reads back, by step; and (path, why) of everything else there."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    good: List[Tuple[int, Path]] = []
+    other: List[Tuple[Path, str]] = []
+    if not root.is_dir():
+        return good, other
+    for path in sorted(root.iterdir()):
+        if path.name.startswith(".tmp_step_"):
+            continue  # a write in progress (or killed): save_checkpoint replaces it
+        match = CANONICAL.fullmatch(path.name)
+        if match is None or not path.is_dir():
+            other.append((path, "not a step_<8 digits> checkpoint folder"))
+            continue
+        try:
+            step = recorded_step(path)
+        except BadInput as err:
+            other.append((path, str(err)))
+            continue
+        if step != int(match.group(1)):
+            other.append((path, f"its state.json records step {step}, not the {int(match.group(1))} of its name"))
+            continue
+        good.append((step, path))
+    good.sort()
+    return good, other
+
+
+def list_checkpoints(run_dir: Path, warn: bool = True) -> List[Path]:
+    """The run's checkpoints, oldest first by the step each records; anything else is left alone (and named in
+    a warning unless ``warn`` is false)."""
+    good, other = scan_checkpoints(run_dir)
+    if warn:
+        for path, why in other:
+            if log.hasHandlers():  # inside the Hydra app: run.log too
+                log.warning("ignoring %s: %s", path, why)
+            sys.stderr.write(f"tyingrun: warning: ignoring {path}: {why}\n")
+    return [path for _, path in good]
 
 
 def checkpoint_step(checkpoint: Path) -> int:
-    return int(checkpoint.name.removeprefix("step_"))
+    return recorded_step(checkpoint)
 
 
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    found = list_checkpoints(run_dir)
+def latest_checkpoint(run_dir: Path, warn: bool = True) -> Optional[Path]:
+    found = list_checkpoints(run_dir, warn)
     return found[-1] if found else None
 
 
 def read_state(checkpoint: Path) -> Tuple[int, Dict[str, Any]]:
     """The step and the training state of a checkpoint folder (the weights are loaded by load_weights)."""
     try:
-        document = json.loads((checkpoint / "state.json").read_text())
+        document = read_json(checkpoint / STATE_FILE)
     except FileNotFoundError:
         raise BadInput(f"checkpoint {checkpoint} has no state.json; it is incomplete - pick another one") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -159,5 +192,5 @@ def read_state(checkpoint: Path) -> Tuple[int, Dict[str, Any]]:
     if document.get("format") != FORMAT_VERSION:
         raise BadInput(f"checkpoint {checkpoint} has format {document.get('format')}, this tyingrun reads "
                        f"{FORMAT_VERSION}")
-    tensors = read_tensors(checkpoint / "state.safetensors")
+    tensors = read_tensors(checkpoint / STATE_TENSORS_FILE)
     return document["step"], join_tensors(document["state"], tensors)

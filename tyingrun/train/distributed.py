@@ -39,12 +39,13 @@ class Mesh:
 SINGLE = Mesh()
 
 
-def mesh_for(hardware_name: str, device: str) -> Mesh:
-    """The mesh of this run: data parallel exactly when ``hardware=ddp`` and torchrun launched the processes."""
-    if hardware_name == "ddp" and not launched_by_torchrun():
+def mesh_for(data_parallel: bool, device: str) -> Mesh:
+    """The mesh of this run: data parallel exactly when ``hardware.data_parallel`` and torchrun launched the
+    processes."""
+    if data_parallel and not launched_by_torchrun():
         raise BadInput("hardware=ddp needs several processes: torchrun --nproc_per_node=N -m tyingrun.cli "
                        "hardware=ddp ... (or use hardware=auto for one process)")
-    if launched_by_torchrun() and hardware_name != "ddp":
+    if launched_by_torchrun() and not data_parallel:
         raise BadInput(f"torchrun started {os.environ['WORLD_SIZE']} processes; add hardware=ddp to train them "
                        f"as one data-parallel run")
     mesh = init_from_env()
@@ -72,13 +73,11 @@ def init_from_env() -> Mesh:
 
 
 def local_rows(batch: Dict[str, torch.Tensor], mesh: Mesh) -> Dict[str, torch.Tensor]:
-    """This rank's equal share of a global batch (every rank draws the same global batch)."""
+    """This rank's equal share of a global batch (every rank draws the same global batch; the preflight has
+    checked that it splits evenly)."""
     if not mesh.distributed:
         return batch
-    size = next(iter(batch.values())).shape[0]
-    if size % mesh.world_size:
-        raise BadInput(f"train.batch_size={size} must be divisible by the {mesh.world_size} ranks")
-    share = size // mesh.world_size
+    share = next(iter(batch.values())).shape[0] // mesh.world_size
     return {k: v[mesh.rank * share:(mesh.rank + 1) * share] for k, v in batch.items()}
 
 

@@ -16,10 +16,11 @@ from torch import nn
 
 from tyingrun.config import ModelConfig
 from tyingrun.errors import BadInput
+from tyingrun.files import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE, copy_weights, read_tensors
 from tyingrun.models.embeddings import LM_HEAD_WEIGHT
 from tyingrun.models.gpt2 import GPT2
 from tyingrun.models.hf_gpt2 import HF_CONFIG, architecture, read_hf_config, read_hf_weights
-from tyingrun.train.checkpoint import copy_weights, latest_checkpoint, read_state, read_tensors
+from tyingrun.train.checkpoint import latest_checkpoint, read_state
 
 # The architecture keys a Hugging Face GPT-2 fixes.
 HF_ARCHITECTURE = ("n_layer", "n_head", "d_model", "max_positions", "vocab_size", "bias")
@@ -28,9 +29,9 @@ HF_ARCHITECTURE = ("n_layer", "n_head", "d_model", "max_positions", "vocab_size"
 def init_source(path: str) -> Path:
     """The checkpoint folder or Hugging Face folder that ``train.init_from=path`` names."""
     folder = Path(path).expanduser()
-    if (folder / "state.json").is_file() or (folder / HF_CONFIG).is_file():
+    if (folder / STATE_FILE).is_file() or (folder / HF_CONFIG).is_file():
         return folder
-    if (folder / ".hydra" / "config.yaml").is_file():
+    if (folder / CONFIG_FILE).is_file():
         checkpoint = latest_checkpoint(folder)
         if checkpoint is None:
             raise BadInput(f"train.init_from={path} is a run folder without checkpoints; pick a finished run")
@@ -47,8 +48,13 @@ def init_from(model: nn.Module, source: Path) -> None:
         _copy_keeping_head_apart(model, read_hf_weights(source, hf_cfg.tie_embeddings), label)
         return
     _, state = read_state(source)
+    # The checkpoint's ties come back under what they shared when it was saved (older checkpoints: whole
+    # blocks); the model then returns to its own choice, each slot keeping what it computed with.
+    own = model.stack.sharing
+    model.stack.set_sharing(**state.get("sharing", {"share": "block", "share_norms": False}))
     model.stack.apply_map(state["map"], state["trainable"])
-    _copy_keeping_head_apart(model, read_tensors(source / "model.safetensors"), label)
+    _copy_keeping_head_apart(model, read_tensors(source / WEIGHTS_FILE), label)
+    model.stack.set_sharing(**own)
 
 
 def _matching_hf_config(model: nn.Module, source: Path) -> ModelConfig:

@@ -15,11 +15,18 @@ class RunInterrupted(Exception):
     def __init__(self, signum: int, step: int):
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}")
         self.signum = signum
-        self.step = step
 
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+class StopNow(KeyboardInterrupt):
+    """A stop signal that ends the process at once (a second one, or one outside the training loop)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 class StopSignals:
@@ -31,7 +38,7 @@ class StopSignals:
 
     def _handle(self, signum, frame):
         if self.received is not None:
-            raise KeyboardInterrupt
+            raise StopNow(signum)
         self.received = signum
 
     def __enter__(self) -> StopSignals:

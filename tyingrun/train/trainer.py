@@ -7,16 +7,19 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from tyingrun.config import Config
-from tyingrun.metrics.meters import RunningMean, Throughput, model_counts, perplexity
-from tyingrun.metrics.sinks import RunSinks
+from tyingrun.contracts import Batch, Sink, TiedModel, TrainingData, perplexity
+from tyingrun.files import WEIGHTS_FILE
+from tyingrun.metrics.meters import RunningMean, Throughput, model_counts
+from tyingrun.metrics.tensor_memory import TensorMemoryTracker, training_state
 from tyingrun.policies.base import Decision, Policy
+from tyingrun.seeding import derive_seed
 from tyingrun.train.checkpoint import load_weights, read_state, save_checkpoint
 from tyingrun.train.distributed import (
     SINGLE,
@@ -31,9 +34,11 @@ from tyingrun.train.freeze import freeze_tensors, frozen_layers
 from tyingrun.train.optim import build_optimizer, optimizer_parameters, sync_optimizer
 from tyingrun.train.signals import RunInterrupted, StopSignals
 from tyingrun.tying.counts import train_state_bytes
+from tyingrun.tying.flops import sequence_length, train_flops_per_token, unique_blocks
 from tyingrun.tying.stack import TiedStack
 
 MEANS = ("trainable_params", "independent_layers", "trainable_layers")
+PEAK_TENSOR_KEYS = ("peak_tensor_bytes", "peak_state_bytes", "peak_other_bytes")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -51,8 +56,15 @@ def learning_rate(step: int, cfg: Config) -> float:
     return floor + 0.5 * (t.lr - floor) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def eval_batch_limit(cfg: Config) -> Optional[int]:
+    """Batches per periodic evaluation: train.eval_batches, or None for the whole val split ("all")."""
+    limit = cfg.train.eval_batches
+    return None if limit in (None, "all") else int(limit)
+
+
 class TrainerContext:
-    """What a policy may ask at a decision point: score a training batch, read the counts."""
+    """What a policy may ask at a decision point: draw a batch of the reward stream, score one (drawn now or kept
+    from an earlier decision point), read the counts."""
 
     def __init__(self, trainer: Trainer):
         self._trainer = trainer
@@ -61,16 +73,19 @@ class TrainerContext:
     def step(self) -> int:
         return self._trainer.step
 
-    def score_batch(self) -> float:
-        return self._trainer.score_batch()
+    def score_batch(self, batch: Optional[Batch] = None) -> float:
+        return self._trainer.score_batch(batch)
+
+    def reward_batch(self) -> Batch:
+        return self._trainer.score_sampler.next_batch()
 
     def counts(self) -> Dict[str, int]:
         return dict(self._trainer.counts)
 
 
 class Trainer:
-    def __init__(self, cfg: Config, model: nn.Module, stack: TiedStack, data, policy: Policy,
-                 device: torch.device, sinks: RunSinks, mesh: Mesh = SINGLE):
+    def __init__(self, cfg: Config, model: TiedModel, stack: TiedStack, data: TrainingData, policy: Policy,
+                 device: torch.device, sinks: Sink, mesh: Mesh = SINGLE):
         self.cfg, self.model, self.stack, self.data, self.policy = cfg, model, stack, data, policy
         self.device, self.sinks, self.mesh = device, sinks, mesh
         freeze_tensors(model, cfg.model.freeze)
@@ -78,8 +93,8 @@ class Trainer:
         self.optimizer = build_optimizer(model, cfg.train, cfg.hardware, device)
         self.sampler = data.train_sampler(cfg.train.batch_size, cfg.train.seed)
         # Policies score the model on their own stream of training batches, so the training stream is the
-        # same whatever the policy.
-        self.score_sampler = data.train_sampler(cfg.train.batch_size, cfg.train.seed + 1)
+        # same whatever the policy; the stream is derived, so it is no other seed's training stream either.
+        self.score_sampler = data.train_sampler(cfg.train.batch_size, derive_seed(cfg.train.seed, "reward_batches"))
         # Dynamo guards on the map and on requires_grad, so each distinct map and trainable flags compile once
         # and revisits reuse the cached graph. Evaluation runs eager: in eval mode under no_grad every map
         # would compile a second graph.
@@ -89,16 +104,22 @@ class Trainer:
         self.means = {name: RunningMean() for name in MEANS}
         self.throughput = Throughput()
         self.context = TrainerContext(self)
-        self.last_eval: Dict[str, float] = {}
+        self.last_eval: Dict[str, Any] = {}
+        # A learned decision's maps.jsonl row waits here until the reward that judges it is known.
+        self.unrewarded_row: Optional[Dict[str, Any]] = None
         self.elapsed_before = 0.0
         self.losses_since_log: List[float] = []
+        # The highest peak of tensor bytes over measured steps, with its split. Steps under a (map, trainable
+        # flags) are measured until one is complete: a revisited map peaks the same, and measuring slows a step.
+        self.peak_tensors: Dict[str, int] = dict.fromkeys(PEAK_TENSOR_KEYS, 0)
+        self.measured_maps: Set[Tuple[Tuple[int, ...], Tuple[bool, ...]]] = set()
 
     def autocast(self):
         if self.device.type == "cuda" and self.cfg.hardware.precision == "bf16":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def _to_device(self, batch: Batch) -> Batch:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def apply_decision(self, decision: Decision) -> None:
@@ -108,12 +129,62 @@ class Trainer:
         self.stack.apply_map(decision.src, trainable)
         sync_optimizer(self.optimizer, self.model)
         self.counts = model_counts(self.model, self.stack)
-        self.sinks.map_change({
+        self._record_map({
             "step": self.step, "map": list(self.stack.src), "trainable": self.stack.effective_trainable,
             **self.counts, **decision.info,
         })
 
+    def _record_map(self, row: Dict[str, Any]) -> None:
+        """Write a map change to maps.jsonl with the reward of its own decision.
+
+        A learned decision's ``reward`` is measured K steps later and arrives with the next decision (as
+        ``Decision.info["reward"]``), so each such row is held until then; the run's last decision is
+        never rewarded and is written with ``reward: null`` when the run ends.
+        """
+        if "reward" not in row:
+            self.sinks.map_change(row)
+            return
+        reward_of_previous = row.pop("reward")
+        if self.unrewarded_row is not None:
+            self.sinks.map_change({**self.unrewarded_row, "reward": reward_of_previous, "reward_step": self.step})
+        self.unrewarded_row = row
+
+    def _flush_unrewarded_row(self) -> None:
+        if self.unrewarded_row is not None:
+            self.sinks.map_change({**self.unrewarded_row, "reward": None, "reward_step": None})
+
+    def current_tying(self) -> Tuple[Tuple[int, ...], Tuple[bool, ...]]:
+        """The (map, effective trainable flags) the next step trains under: what a memory measurement holds for."""
+        return tuple(self.stack.src), tuple(self.stack.effective_trainable)
+
     def _train_step(self) -> float:
+        tying = self.current_tying()
+        if tying in self.measured_maps:
+            return self._optimizer_step(self.train_loss)
+        states_before = len(self.optimizer.state)
+        with self._tensor_memory_tracker() as tracker:
+            # Eager: under a dispatch mode torch.compile runs eagerly anyway, and then never compiles that code again.
+            value = self._optimizer_step(self.model.loss)
+        if tracker.peak_bytes > self.peak_tensors["peak_tensor_bytes"]:
+            self.peak_tensors = tracker.summary()
+        # A step that creates optimizer state ran its forward and backward without that state, so it peaks
+        # below every later step under this map: the next step under it is measured too.
+        if len(self.optimizer.state) == states_before:
+            self.measured_maps.add(tying)
+        return value
+
+    @contextlib.contextmanager
+    def _tensor_memory_tracker(self):
+        tracker = TensorMemoryTracker(lambda: training_state(self.model, self.optimizer), self.device)
+        # zero_grad(set_to_none=True) frees the gradients before the region ends: mark them state while they live.
+        hook = self.optimizer.register_step_post_hook(lambda *_: tracker.reclassify())
+        try:
+            with tracker:
+                yield tracker
+        finally:
+            hook.remove()
+
+    def _optimizer_step(self, loss_of: Callable[[Batch], Any]) -> float:
         global_batch = self.sampler.next_batch()
         batch = self._to_device(local_rows(global_batch, self.mesh))
         self.model.train()
@@ -122,7 +193,7 @@ class Trainer:
             group["lr"] = lr
         self.throughput.start()
         with self.autocast():
-            loss = self.train_loss(batch).loss
+            loss = loss_of(batch).loss
         loss.backward()
         if self.mesh.distributed:
             average_gradients(optimizer_parameters(self.optimizer), self.mesh)
@@ -160,22 +231,35 @@ class Trainer:
             total, count, correct = sum_over_ranks([total, count, correct], self.device)
         return {"loss": total / count, "acc": correct / count} if has_accuracy else {"loss": total / count}
 
-    def score_batch(self) -> float:
-        return self._measure([self.score_sampler.next_batch()])["loss"]
+    def score_batch(self, batch: Optional[Batch] = None) -> float:
+        """The loss on ``batch`` (one the policy kept from the reward stream), or on the reward stream's next batch."""
+        return self._measure([self.score_sampler.next_batch() if batch is None else batch])["loss"]
 
-    def evaluate(self) -> Dict[str, float]:
-        batches = self.data.val_batches(self.cfg.train.batch_size, self.cfg.train.eval_batches)
+    def evaluate(self, split: str, limit: Optional[int]) -> Dict[str, float]:
+        """``{split}_loss`` and ``{split}_ppl`` (or ``{split}_acc``) over ``limit`` batches of the split (None: all)."""
+        batches = self.data.eval_batches(split, self.cfg.train.batch_size, limit)
         measured = self._measure(batches, shard=True)
-        if "acc" in measured:
-            return {"val_loss": measured["loss"], "val_acc": measured["acc"]}
-        return {"val_loss": measured["loss"], "val_ppl": perplexity(measured["loss"])}
+        quality = {f"{split}_acc": measured["acc"]} if "acc" in measured else {
+            f"{split}_ppl": perplexity(measured["loss"])}
+        return {f"{split}_loss": measured["loss"], **quality}
 
-    def _record_eval(self) -> Dict[str, float]:
-        result = self.evaluate()
-        self.sinks.metrics({"step": self.step, **result, **self.counts})
-        quality = f"val_acc {result['val_acc']:.4f}" if "val_acc" in result else f"val_ppl {result['val_ppl']:.2f}"
+    def _final_evaluation(self) -> Dict[str, Any]:
+        """The whole val split and the whole test split, with the number of items each holds."""
+        unit = self.data.unit
+        return {
+            **self.evaluate("val", None), f"val_{unit}": self.data.eval_items("val"),
+            **self.evaluate("test", None), f"test_{unit}": self.data.eval_items("test"),
+        }
+
+    def _record_eval(self, final: bool = False) -> Dict[str, Any]:
+        """Evaluate the model as it trained up to this step, under the map it trained with (recorded)."""
+        result = self._final_evaluation() if final else self.evaluate("val", eval_batch_limit(self.cfg))
+        self.sinks.metrics({"step": self.step, **result, "map": list(self.stack.src), **self.counts})
+        shown = [f"{key} {result[key]:.4f}" for key in
+                  ("val_loss", "val_acc", "test_loss", "test_acc") if key in result]
+        shown += [f"{key} {result[key]:.2f}" for key in ("val_ppl", "test_ppl") if key in result]
         self.sinks.console.line(
-            f"step {self.step:>6}  val_loss {result['val_loss']:.4f}  {quality}  "
+            f"step {self.step:>6}  {'  '.join(shown)}  "
             f"independent {self.counts['independent_layers']}/{len(self.stack)}  "
             f"trainable_params {self.counts['trainable_params']:,}"
         )
@@ -204,12 +288,15 @@ class Trainer:
         _, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
         _, python_state, python_gauss = random.getstate()
         return {
-            "map": list(self.stack.src), "trainable": list(self.stack.trainable),
+            "map": list(self.stack.src), "trainable": list(self.stack.trainable), "sharing": self.stack.sharing,
             "optimizer": self.optimizer.state_dict(), "policy": self.policy.state_dict(),
             "sampler": self.sampler.state_dict(), "score_sampler": self.score_sampler.state_dict(),
             "means": {name: mean.state_dict() for name, mean in self.means.items()},
             "throughput": {"items": self.throughput.items, "seconds": self.throughput.seconds},
             "last_eval": self.last_eval, "losses_since_log": self.losses_since_log,
+            "unrewarded_row": self.unrewarded_row,
+            "peak_tensors": self.peak_tensors,
+            "measured_maps": sorted([list(src), list(trainable)] for src, trainable in self.measured_maps),
             "rng": {
                 "python": [list(python_state), python_gauss], "torch": torch.get_rng_state(),
                 "numpy": [torch.from_numpy(numpy_keys.astype(np.int64)), numpy_pos, numpy_has_gauss, numpy_gauss],
@@ -221,7 +308,7 @@ class Trainer:
         """Continue exactly where ``checkpoint`` left off: weights, map, optimizer, policy, data and RNGs."""
         self.step, state = read_state(checkpoint)
         self.stack.apply_map(state["map"], state["trainable"])
-        load_weights(self.model, checkpoint / "model.safetensors")
+        load_weights(self.model, checkpoint / WEIGHTS_FILE)
         sync_optimizer(self.optimizer, self.model)
         self.optimizer.load_state_dict(state["optimizer"])
         self.policy.load_state_dict(state["policy"])
@@ -232,6 +319,9 @@ class Trainer:
         self.throughput.items, self.throughput.seconds = state["throughput"]["items"], state["throughput"]["seconds"]
         self.last_eval, self.elapsed_before = state["last_eval"], state["elapsed_s"]
         self.losses_since_log = state["losses_since_log"]
+        self.unrewarded_row = state["unrewarded_row"]
+        self.peak_tensors = state["peak_tensors"]
+        self.measured_maps = {(tuple(src), tuple(trainable)) for src, trainable in state["measured_maps"]}
         self.counts = model_counts(self.model, self.stack)
         rng = state["rng"]
         python_state, python_gauss = rng["python"]
@@ -243,28 +333,40 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
 
     def run_step(self, stop_signal: Optional[int] = None) -> Optional[int]:
-        """One optimizer step, then whatever falls due at this step: a decision, a log line, an evaluation.
+        """The decision due after the previous step, one optimizer step, then its log line and evaluation.
 
-        Returns the stop signal the run obeys: rank 0's, like the map, so every rank stops at the same step.
+        A decision is taken after an evaluation of the same step, never at the run's last step, and applied
+        before the next optimizer step: every evaluated map has trained, and the final evaluation scores the
+        map the run ends with. Returns the stop signal the run obeys: rank 0's, like the map, so every rank
+        stops at the same step.
         """
+        if self.step > 0:
+            self._decide()
         losses = self.losses_since_log
         losses.append(self._train_step())
         for name in MEANS:
             self.means[name].add(self.counts[name])
         self.step += 1
-        decision = self.policy.after_step(self.context) if self.mesh.is_main else None
         if self.mesh.distributed:
-            decision, stop_signal = broadcast_object((decision, stop_signal), self.device)
-        if decision is not None:
-            self.apply_decision(decision)
+            stop_signal = broadcast_object(stop_signal, self.device)
         self.sinks.console.progress(self.step, f"loss {losses[-1]:.3f}")
         train = self.cfg.train
-        if self.step % train.log_interval == 0 or self.step == train.max_steps:
+        last = self.step == train.max_steps
+        if self.step % train.log_interval == 0 or last:
             self._record_train(losses)
             losses.clear()
-        if self.step % train.eval_interval == 0 or self.step == train.max_steps:
-            self.last_eval = self._record_eval()
+        if self.step % train.eval_interval == 0 or last:
+            self.last_eval = self._record_eval(final=last)
+        if last:
+            self._flush_unrewarded_row()
         return stop_signal
+
+    def _decide(self) -> None:
+        decision = self.policy.after_step(self.context) if self.mesh.is_main else None
+        if self.mesh.distributed:
+            decision = broadcast_object(decision, self.device)
+        if decision is not None:
+            self.apply_decision(decision)
 
     def fit(self, resume_from: Optional[Path] = None) -> Dict[str, Any]:
         """Train until train.max_steps (continuing from ``resume_from`` if given); return the measurements."""
@@ -291,6 +393,11 @@ class Trainer:
             **{f"{name}_mean": self.means[name].mean for name in MEANS},
             "optimizer_params": sum(p.numel() for p in optimizer_parameters(self.optimizer)),
             "train_state_bytes": train_state_bytes(self.model, self.optimizer),
+            "unique_blocks": unique_blocks(self.model),
+            "train_flops_per_token": train_flops_per_token(
+                self.model, sequence_length(self.model, self.cfg.dataset.block_size)),
+            **self.peak_tensors,
             "wall_time_s": self.elapsed_before + time.perf_counter() - started,
             f"{self.data.unit}_per_s": self.throughput.rate,
+            **self.policy.diagnostics(),
         }

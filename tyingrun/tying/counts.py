@@ -7,11 +7,9 @@ from typing import Dict, Iterable, Optional
 import torch
 from torch import nn
 
+# storage_key lives in tyingrun.files (layer 0), whose unique_weights needs it and may not import tying.
+from tyingrun.files import storage_key
 from tyingrun.tying.stack import TiedStack
-
-
-def storage_key(tensor: torch.Tensor):
-    return tensor.untyped_storage().data_ptr(), tensor.device
 
 
 def unique_parameters(params: Iterable[nn.Parameter]) -> Dict[tuple, nn.Parameter]:

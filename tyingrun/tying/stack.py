@@ -8,17 +8,26 @@ parameters are depends on the map:
   with ``requires_grad=False``, so the slot stores nothing, holds no ``.grad`` and the optimizer never
   sees it. Optimizer updates are in place, so an alias always reads the root's current values.
 
-Gradient modes (METHOD.md §1):
+Gradient modes (docs/method.md#gradient-modes):
 
 * ``frozen_copy``: a tied slot runs its own module, whose aliased weights need no gradient: the root
   learns from its own position only, and no weight gradient is computed at the tied position, while
   the gradient with respect to the input still flows through to the layers below.
 * ``shared``: a tied slot runs its root's module, so the root's gradient sums over every position.
+
+What a tie shares (docs/method.md#what-a-tie-shares) is the stack's ``share``: the whole block (``block``, the
+default), or only one sublayer (``attention`` or ``mlp``, with its layer norm when ``share_norms``). The map
+stays one entry per slot; ``shared`` is the set of a block's parameter names that a tie applies to, derived
+from the block's structure by ``shared_names``. A tied slot's other tensors are its own: they train under its
+trainable flag and are copied, stored and optimized like an independent slot's. Under partial sharing a tied
+slot always runs its own module; under ``shared`` its shared Parameters ARE the root's Parameter objects (so
+the root's gradient sums over every position), under ``frozen_copy`` they are aliases with
+``requires_grad=False`` as for whole blocks.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -26,6 +35,27 @@ from torch import nn
 from tyingrun.tying import maps
 
 GRAD_MODES = ("frozen_copy", "shared")
+SHARE_MODES = ("block", "attention", "mlp")
+
+
+def shared_names(block: nn.Module, share: str = "block", share_norms: bool = False) -> FrozenSet[str]:
+    """The parameter names of ``block`` that a tie shares under ``share``.
+
+    ``block``: every tensor. ``attention`` / ``mlp``: the tensors of that sublayer, as the block names it in its
+    ``sublayers`` mapping (part -> (module name, the name of its layer norm)), and the norm's too when
+    ``share_norms``.
+    """
+    if share not in SHARE_MODES:
+        raise ValueError(f"share must be one of {SHARE_MODES}, got {share!r}")
+    names = [name for name, _ in block.named_parameters()]
+    if share == "block":
+        return frozenset(names)
+    sublayers = getattr(block, "sublayers", None)
+    if not sublayers or share not in sublayers:
+        raise ValueError(f"{type(block).__name__} does not name its {share} sublayer; it can only be shared whole")
+    module, norm = sublayers[share]
+    prefixes = (f"{module}.", f"{norm}.") if share_norms else (f"{module}.",)
+    return frozenset(name for name in names if name.startswith(prefixes))
 
 
 def _set_parameter(module: nn.Module, name: str, param: nn.Parameter) -> None:
@@ -34,7 +64,8 @@ def _set_parameter(module: nn.Module, name: str, param: nn.Parameter) -> None:
 
 
 class TiedStack(nn.Module):
-    def __init__(self, blocks: Sequence[nn.Module], grad_mode: str = "shared"):
+    def __init__(self, blocks: Sequence[nn.Module], grad_mode: str = "shared", share: str = "block",
+                 share_norms: bool = False):
         super().__init__()
         if grad_mode not in GRAD_MODES:
             raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
@@ -42,14 +73,47 @@ class TiedStack(nn.Module):
         self.grad_mode = grad_mode
         self.src: List[int] = maps.identity(len(self.blocks))
         self.trainable: List[bool] = [True] * len(self.blocks)
+        self.share, self.share_norms = share, bool(share_norms)
+        self._set_shared(shared_names(self.blocks[0], share, share_norms))
+
+    def _set_shared(self, shared: FrozenSet[str]) -> None:
+        self.shared = shared
+        # Whether a tie shares every tensor of the block (then a tied slot stores nothing of its own).
+        self.whole_block = shared == frozenset(name for name, _ in self.blocks[0].named_parameters())
+
+    @property
+    def sharing(self) -> Dict[str, object]:
+        """What a tie shares, as the config names it (saved in checkpoints, read back by set_sharing)."""
+        return {"share": self.share, "share_norms": self.share_norms}
+
+    def set_sharing(self, share: str = "block", share_norms: bool = False) -> None:
+        """Change what a tie shares, keeping the map: every slot first gets its own copy of what it computes
+        with, then the map is applied again under the new choice (tied slots drop what they now share)."""
+        new_shared = shared_names(self.blocks[0], share, share_norms)
+        if new_shared == self.shared and (share, bool(share_norms)) == (self.share, self.share_norms):
+            return
+        src, trainable = list(self.src), list(self.trainable)
+        self.apply_map(maps.identity(len(self)), trainable)
+        self.share, self.share_norms = share, bool(share_norms)
+        self._set_shared(new_shared)
+        self.apply_map(src, trainable)
+
+    def runs(self, slot: int) -> nn.Module:
+        """The module that computes slot ``slot``: its root's under ``shared`` whole-block ties, else its own."""
+        root = self.src[slot]
+        return self.blocks[root] if self.grad_mode == "shared" and self.whole_block else self.blocks[slot]
+
+    def reads(self, slot: int) -> Dict[str, int]:
+        """For each tensor of slot ``slot``, the slot whose storage it reads (itself, or its root)."""
+        root = self.src[slot]
+        return {name: root if name in self.shared else slot for name, _ in self.blocks[slot].named_parameters()}
 
     def __len__(self) -> int:
         return len(self.blocks)
 
     def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
-        for slot, root in enumerate(self.src):
-            runs = self.blocks[root] if self.grad_mode == "shared" else self.blocks[slot]
-            x = runs(x, **kwargs)
+        for slot in range(len(self.blocks)):
+            x = self.runs(slot)(x, **kwargs)
         return x
 
     def apply_map(self, src: Sequence[int], trainable: Optional[Sequence[bool]] = None) -> None:
@@ -69,12 +133,10 @@ class TiedStack(nn.Module):
         self.src, self.trainable = new_src, [bool(f) for f in flags]
         self._bind()
 
-    def set_trainable(self, trainable: Sequence[bool]) -> None:
-        self.apply_map(self.src, trainable)
-
     def is_trainable(self, slot: int) -> bool:
-        """A slot trains when it is independent and its flag is set (a tied slot never does)."""
-        return self.src[slot] == slot and self.trainable[slot]
+        """A slot trains when its flag is set and it owns tensors: it is independent, or the tie shares only part
+        of its block (then its own part trains). A slot tied as a whole block never does."""
+        return self.trainable[slot] and (self.src[slot] == slot or not self.whole_block)
 
     @property
     def effective_trainable(self) -> List[bool]:
@@ -92,19 +154,31 @@ class TiedStack(nn.Module):
         return self.blocks[slot].named_parameters()
 
     def _give_own_copy(self, slot: int) -> None:
+        """Copies of the shared tensors a slot computed with (its own tensors are already its own)."""
         for name, param in list(self.blocks[slot].named_parameters()):
-            _set_parameter(self.blocks[slot], name, nn.Parameter(param.detach().clone()))
+            if name in self.shared:
+                _set_parameter(self.blocks[slot], name, nn.Parameter(param.detach().clone()))
 
     def _bind(self) -> None:
-        """Alias every tied slot to its root and set ``requires_grad`` from the trainable flags."""
+        """Alias every tied slot's shared tensors to its root and set ``requires_grad`` from the trainable flags.
+
+        Roots come before the slots tied to them (``src[i] <= i``), so a root's flags are set before it is shared.
+        Under ``shared`` partial sharing a tied slot holds the root's Parameter objects themselves (its own module
+        runs, and the gradient of every position lands in the root's tensor); otherwise a tied slot holds
+        aliases: other Parameter objects over the root's storage, with ``requires_grad=False``.
+        """
+        same_objects = self.grad_mode == "shared" and not self.whole_block
         for slot, root in enumerate(self.src):
+            block = self.blocks[slot]
             if root != slot:
                 root_params = dict(self.blocks[root].named_parameters())
-                for name in [n for n, _ in self.blocks[slot].named_parameters()]:
-                    alias = nn.Parameter(root_params[name].detach(), requires_grad=False)
-                    _set_parameter(self.blocks[slot], name, alias)
-                continue
-            for param in self.blocks[slot].parameters():
+                for name in [n for n, _ in block.named_parameters() if n in self.shared]:
+                    shared = root_params[name] if same_objects else nn.Parameter(root_params[name].detach(),
+                                                                                 requires_grad=False)
+                    _set_parameter(block, name, shared)
+            for name, param in block.named_parameters():
+                if root != slot and name in self.shared:
+                    continue
                 param.requires_grad_(self.trainable[slot])
                 if not self.trainable[slot]:
                     param.grad = None

@@ -1,0 +1,111 @@
+"""What the layers agree on: a batch, the label that is not predicted, what ``loss(batch)`` returns, perplexity,
+and the Protocols through which the trainer and ``run`` see a model, its data and its sinks.
+
+The models (tyingrun.models), the data (tyingrun.data) and the sinks (tyingrun.metrics.sinks) satisfy the
+Protocols by their shape; none of them subclasses one, and this module imports none of them.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, Iterator, NamedTuple, Optional, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from tyingrun.tying.stack import TiedStack
+
+# One batch: named tensors ("input_ids" and "labels" for language models, "images" and "labels" for images).
+Batch = Dict[str, torch.Tensor]
+
+# The label of a position that is not predicted (masked-LM batches); torch's cross_entropy skips it by default.
+IGNORE_INDEX = -100
+
+
+class LossResult(NamedTuple):
+    """What every model's ``loss(batch)`` returns, whatever its task."""
+
+    loss: torch.Tensor  # mean over the predicted items, with a graph in training
+    n_items: int  # predicted tokens (language models) or samples (classifiers)
+    n_correct: Optional[torch.Tensor] = None  # correct predictions, for models that report accuracy
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)``, capped below float overflow."""
+    return math.exp(min(loss, 700.0))
+
+
+class TiedModel(Protocol):
+    """A model the trainer trains: an ``nn.Module`` (GPT2, BERT, ViT) whose layer slots are one TiedStack."""
+
+    task: str  # the kind of data it trains on: "lm" (token blocks) or "vision" (labelled images)
+    stack: TiedStack  # the only place the tying map is applied (TiedStack.apply_map)
+
+    def loss(self, batch: Batch) -> LossResult: ...
+
+    # The nn.Module methods the trainer and run call.
+    def train(self, mode: bool = True) -> Any: ...
+
+    def eval(self) -> Any: ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Dict[str, Any]: ...
+
+    def to(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+class Sampler(Protocol):
+    """An endless, resumable stream of training batches."""
+
+    def next_batch(self) -> Batch: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class TrainingData(Protocol):
+    """A dataset's three splits as the trainer and run use them (LMData, VisionData)."""
+
+    unit: str  # what items_in counts, for throughput and split sizes: "tokens" or "samples"
+
+    def train_sampler(self, batch_size: int, seed: int) -> Sampler: ...
+
+    def eval_batches(self, split: str, batch_size: int, limit: Optional[int]) -> Iterator[Batch]: ...
+
+    def eval_items(self, split: str) -> int: ...
+
+    def items_in(self, batch: Batch) -> int: ...
+
+    def describe(self) -> str: ...
+
+
+class Console(Protocol):
+    """Progress and log lines for the person watching the run (ConsoleSink)."""
+
+    def line(self, text: str, show: bool = True) -> None: ...
+
+    def progress(self, step: int, status: str) -> None: ...
+
+    def table(self, title: str, values: Dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Sink(Protocol):
+    """Where a rank records its run (RunSinks on rank 0, RankSinks on the others)."""
+
+    out_dir: Path  # the run folder, where checkpoints go too
+    console: Console
+
+    def metrics(self, row: Dict[str, Any]) -> None: ...
+
+    def map_change(self, row: Dict[str, Any]) -> None: ...
+
+    def summary(self, summary: Dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...

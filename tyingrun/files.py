@@ -1,0 +1,183 @@
+"""The files a run leaves, and how they are written and read: their names, atomic writes, JSON and JSONL, and
+weight files (safetensors holding each weight storage once).
+
+Neutral: the data cache, the sinks, the checkpoints, the Hugging Face export and the report all use it, and it
+imports nothing of tyingrun but BadInput.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Dict, Iterator, List
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tyingrun.errors import BadInput
+
+# ---- what a run folder holds ----
+SUMMARY_FILE = "summary.json"  # written when the run completes
+METRICS_FILE = "metrics.jsonl"  # one row per log and per evaluation
+MAPS_FILE = "maps.jsonl"  # one row per map change
+STATUS_FILE = "status.json"  # how the run ended (tyingrun.run_status)
+CONFIG_FILE = ".hydra/config.yaml"  # the resolved config Hydra saved: it marks a run folder
+OVERRIDES_FILE = ".hydra/overrides.yaml"  # the command line's overrides, replayed by train.resume
+RANKS_DIR = "ranks"  # under data parallelism, ranks/rank<r>_maps.jsonl of every other rank
+CHECKPOINTS_DIR = "checkpoints"  # checkpoints/step_<N>/ (tyingrun.train.checkpoint)
+# ---- what a checkpoint folder holds ----
+WEIGHTS_FILE = "model.safetensors"  # each weight storage once (unique_weights)
+STATE_FILE = "state.json"  # the rest of the training state, tensors referenced into STATE_TENSORS_FILE
+STATE_TENSORS_FILE = "state.safetensors"
+# ---- at the top of an ablation study's folder: which arm each numbered folder holds, and its overrides ----
+ARMS_FILE = "ablation_arms.json"
+
+LOCK_FILE = ".tyingrun.lock"  # held (flock) by the process that runs in the folder; holds its pid
+# What a run folder may hold without being another run's: the lock alone.
+NOT_RUN_FILES = frozenset({LOCK_FILE})
+
+# mkstemp's 0600 would hide results and shared caches from the other users of a machine.
+FILE_MODE = 0o644
+
+
+@contextmanager
+def atomic_path(path: Path, make_parents: bool = False) -> Iterator[Path]:
+    """Yield a temporary path (an empty file, mode 0644) in ``path``'s folder; rename it into place when the
+    block ends without error, and remove it otherwise. Readers see no file or the old one, or the whole new one.
+
+    A folder that cannot hold the temporary file (or, with ``make_parents``, be made) raises the plain OSError
+    before anything is yielded; callers word it for their own settings.
+    """
+    path = Path(path)
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb"):
+            os.fchmod(fd, FILE_MODE)
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def finite_or_null(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, inf) replaced by None, so it is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: finite_or_null(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(value) for value in obj]
+    return obj
+
+
+def strict_json(obj: Any, **kwargs: Any) -> str:
+    """Strict JSON (no bare NaN or Infinity): non-finite numbers are written as null."""
+    return json.dumps(finite_or_null(obj), allow_nan=False, **kwargs)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """``obj`` as indented strict JSON, written with atomic_path: readers never see half a file."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(strict_json(obj, indent=2) + "\n", encoding="utf-8")
+
+
+class FolderInUse(Exception):
+    """Another process holds the folder's lock; ``pid`` is what it wrote into the lock file (None if unknown)."""
+
+    def __init__(self, folder: Path, pid: Any):
+        super().__init__(f"{folder} is in use by another tyingrun process (pid {pid or 'unknown'})")
+        self.pid = pid
+
+
+def lock_folder(folder: Path) -> int:
+    """Hold an exclusive lock on ``folder`` (made as needed) for as long as the returned descriptor is open (the
+    process's life); raise FolderInUse naming the holder's pid. OSError passes (an unwritable folder)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip()
+        os.close(fd)
+        raise FolderInUse(folder, holder) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def read_json(path: Path) -> Any:
+    """The JSON document at ``path``; FileNotFoundError, json.JSONDecodeError and UnicodeDecodeError pass."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def read_jsonl(path: Path) -> List[Any]:
+    """One JSON value per non-blank line of ``path`` (metrics.jsonl, maps.jsonl)."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ---- weights: each storage once ----
+
+
+def storage_key(tensor: torch.Tensor):
+    """What tensors that share one storage (tied layer slots, a tied LM head) have in common."""
+    return tensor.untyped_storage().data_ptr(), tensor.device
+
+
+def unique_weights(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Each weight storage once, under the first name that uses it (a root before its tied slots)."""
+    seen, weights = set(), {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        key = storage_key(tensor)
+        if key not in seen:
+            seen.add(key)
+            weights[name] = tensor.detach()
+    return weights
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    save_file({name: t.cpu().contiguous() for name, t in unique_weights(model).items()}, str(path))
+
+
+def copy_weights(model: nn.Module, stored: Dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``stored`` (one tensor per storage, named as unique_weights names them) into ``model`` in place."""
+    expected = unique_weights(model)
+    missing = sorted(set(expected) - set(stored))
+    if missing:
+        raise BadInput(f"{source} lacks {missing[0]} (and {len(missing) - 1} more); it is not of this model "
+                       f"(or was saved with other model.* settings, e.g. model.tie_embeddings)")
+    targets = model.state_dict(keep_vars=True)
+    for name, value in stored.items():
+        if name in targets and name not in expected:
+            partner = next(n for n, t in expected.items() if storage_key(t) == storage_key(targets[name]))
+            raise BadInput(
+                f"{source} stores {name} apart from {partner} but this model ties the two into one tensor; "
+                f"two trained matrices cannot be merged - untie them (model.tie_embeddings=false)"
+            )
+        if name not in targets or targets[name].shape != value.shape:
+            shape = tuple(targets[name].shape) if name in targets else "absent"
+            raise BadInput(
+                f"{source} holds {name} of shape {tuple(value.shape)} but the model's is {shape}; "
+                f"it was saved from a different model shape - use the same model.* settings"
+            )
+    with torch.no_grad():
+        for name, value in stored.items():
+            targets[name].copy_(value)
+
+
+def read_tensors(path: Path) -> Dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise BadInput(f"checkpoint file {path} is missing; pick another checkpoint or start afresh")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise BadInput(f"checkpoint file {path} is truncated or corrupt ({err}); pick another checkpoint") from None

@@ -1,0 +1,162 @@
+"""``tyingrun-inspect RUN_DIR``: where the sharing is in a run, read from its newest checkpoint (nothing trains).
+
+It prints the final map, what each slot shares and with which slot, the unique and trainable parameter counts,
+and per slot the bytes of weights, gradients and optimizer state that the slot's own storage costs (a tied
+slot's shared tensors cost nothing: they are its root's). The rows add up to ``train_state_bytes``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from tyingrun.errors import BadInput, fail
+from tyingrun.files import WEIGHTS_FILE, read_tensors, storage_key
+from tyingrun.run import build_model, load_run_config
+from tyingrun.train.checkpoint import latest_checkpoint, load_weights, read_state
+from tyingrun.train.freeze import freeze_tensors
+from tyingrun.train.optim import build_optimizer, sync_optimizer
+from tyingrun.tying import counts
+
+CPU = torch.device("cpu")
+
+
+def _shapes(stored: Dict[str, torch.Tensor], checkpoint: Path) -> SimpleNamespace:
+    """What a model builder reads from its data (vocabulary; image size, channels, classes), from the weights."""
+    if "tokens.wte.weight" in stored:
+        return SimpleNamespace(vocab_size=len(stored["tokens.wte.weight"]))
+    if {"patches.weight", "positions", "head.weight"} <= set(stored):
+        _, channels, patch, _ = stored["patches.weight"].shape
+        side = math.isqrt(stored["positions"].shape[1] - 1)
+        return SimpleNamespace(image_size=side * patch, channels=channels, n_classes=len(stored["head.weight"]))
+    raise BadInput(f"checkpoint {checkpoint} holds neither a token embedding nor a patch embedding; it is not "
+                   f"of a tyingrun model")
+
+
+def load_run(run_dir: Path):
+    """The run's model (map, flags, weights) and optimizer (state) as its newest checkpoint left them."""
+    cfg = load_run_config(run_dir)
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise BadInput(f"{run_dir} has no checkpoint to inspect; let the run finish (or resume it) first")
+    stored = read_tensors(checkpoint / WEIGHTS_FILE)
+    shapes = _shapes(stored, checkpoint)
+    model_cfg = replace(cfg.model, vocab_size=getattr(shapes, "vocab_size", cfg.model.vocab_size))
+    _, state = read_state(checkpoint)
+    sharing = state.get("sharing", {"share": cfg.policy.share, "share_norms": cfg.policy.share_norms})
+    model = build_model(model_cfg, shapes, cfg.policy.grad, sharing["share"], sharing["share_norms"])
+    freeze_tensors(model, cfg.model.freeze)
+    model.stack.apply_map(state["map"], state["trainable"])
+    load_weights(model, checkpoint / WEIGHTS_FILE)
+    optimizer = build_optimizer(model, cfg.train, replace(cfg.hardware, fused_adamw=False), CPU)
+    sync_optimizer(optimizer, model)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as err:
+        raise BadInput(f"checkpoint {checkpoint}: the optimizer state does not fit the model ({err})") from None
+    return cfg, checkpoint, model, optimizer
+
+
+def _bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def storage_rows(model, optimizer) -> List[Dict[str, Any]]:
+    """One row per slot, then one for everything outside the stack: what it reads from whom, and the bytes of the
+    weights, gradients and optimizer state of the storage it owns (each storage counted once, where it lives)."""
+    stack = model.stack
+    seen = set()
+
+    def cost(params) -> Dict[str, int]:
+        weights = grads = state = 0
+        for param in params:
+            key = storage_key(param)
+            if key in seen:
+                continue
+            seen.add(key)
+            weights += param.untyped_storage().nbytes()
+            grads += _bytes(param) if param.requires_grad else 0
+            state += sum(_bytes(v) for v in optimizer.state.get(param, {}).values() if torch.is_tensor(v))
+        return {"weights": weights, "grads": grads, "optimizer": state}
+
+    rows = []
+    for slot in range(len(stack)):
+        reads = stack.reads(slot)
+        block = dict(stack.blocks[slot].named_parameters())
+        own = [block[name] for name, source in reads.items() if source == slot]
+        shared = sorted(name for name, source in reads.items() if source != slot)
+        rows.append({"slot": slot, "root": stack.src[slot], "trainable": stack.is_trainable(slot),
+                     "shares": _describe(shared, block, stack), "own_params": sum(p.numel() for p in own),
+                     **cost(own)})
+    in_stack = {id(p) for p in stack.parameters()}
+    rest = [p for p in model.parameters() if id(p) not in in_stack]
+    rows.append({"slot": "rest", "root": None, "trainable": any(p.requires_grad for p in rest), "shares": "-",
+                 "own_params": sum(p.numel() for p in counts.unique_parameters(rest).values()), **cost(rest)})
+    return rows
+
+
+def _describe(shared: List[str], block: Dict[str, Any], stack) -> str:
+    if not shared:
+        return "nothing (own weights)"
+    if len(shared) == len(block):
+        return "the whole block"
+    parts = sorted({name.split(".")[0] for name in shared})
+    return ", ".join(parts)
+
+
+def report(run_dir: Path) -> str:
+    cfg, checkpoint, model, optimizer = load_run(run_dir)
+    stack = model.stack
+    rows = storage_rows(model, optimizer)
+    norms = " (with its norm)" if stack.share_norms else ""
+    lines = [
+        f"run {run_dir}  checkpoint {checkpoint.name}",
+        f"model {cfg.model.name} {len(stack)}x{cfg.model.d_model}  policy {cfg.policy.name}  grad {stack.grad_mode}  "
+        f"share {stack.share}{norms}",
+        f"final map {list(stack.src)}  trainable {stack.effective_trainable}",
+        f"parameters: total (untied) {counts.total_params(model):,}  unique {counts.stored_params(model):,}  "
+        f"trainable {counts.trainable_params(model):,}",
+        "",
+        f"{'slot':>4}  {'root':>4}  {'shares from root':<24} {'trainable':>9}  {'own params':>11}  {'weights B':>11}  "
+        f"{'grads B':>11}  {'optimizer B':>11}",
+    ]
+    for row in rows:
+        root = "" if row["root"] is None else row["root"]
+        shares = row["shares"] if row["root"] != row["slot"] else "-"
+        lines.append(f"{row['slot']:>4}  {root:>4}  {shares:<24} {str(row['trainable']):>9}  {row['own_params']:>11,}  "
+                     f"{row['weights']:>11,}  {row['grads']:>11,}  {row['optimizer']:>11,}")
+    total = {key: sum(row[key] for row in rows) for key in ("weights", "grads", "optimizer")}
+    lines.append(f"{'total':>4}  {'':>4}  {'':<24} {'':>9}  {counts.stored_params(model):>11,}  "
+                 f"{total['weights']:>11,}  {total['grads']:>11,}  {total['optimizer']:>11,}")
+    lines.append(f"train_state_bytes {counts.train_state_bytes(model, optimizer):,} (weights + gradients + optimizer "
+                 f"state, each storage once)")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="tyingrun-inspect",
+        description="Where the sharing is in a run, from its newest checkpoint: the final map, what each slot shares, "
+                    "unique and trainable parameters, and per slot the bytes of weights, gradients and optimizer "
+                    "state. Nothing is trained.",
+    )
+    parser.add_argument("run_dir", type=Path, help="a tyingrun run folder with checkpoints/")
+    args = parser.parse_args(argv)
+    try:
+        run_dir = args.run_dir.expanduser()
+        if not run_dir.is_dir():
+            raise BadInput(f"{run_dir} is not a folder; give a tyingrun run folder")
+        text = report(run_dir)
+    except BadInput as err:
+        fail(str(err), program="tyingrun-inspect")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
