@@ -60,7 +60,7 @@ def test_report_numbers_equal_the_summaries(sweep, tmp_path, cli):
         assert float(row["val_ppl_std"]) == 0.0
     assert {row["label"] for row in rows} == {"model.n_layer=2", "", "policy.n_sets=2"}
     report = (tmp_path / "report.md").read_text()
-    assert "## Runs that did not finish" in report and "needs at least 4 layers" in report
+    assert "## Runs that did not finish" in report and "need at least 4 layers" in report
     figures = sorted(tmp_path.glob("*.png"))
     assert {"quality_vs_params.png", "memory.png"} <= {path.name for path in figures}
     assert len([path for path in figures if path.name.startswith("map_")]) == 3
