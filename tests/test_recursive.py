@@ -1,0 +1,193 @@
+"""policy=recursive (Relaxed Recursive Transformers), with real tensors: exact conversion at full rank, strict tying
+at rank 0, the layers each init picks, LoRA gradients and optimizer state, export to transformers, and the one-line
+refusals."""
+
+import pytest
+import torch
+
+from tyingrun.config import Config, HardwareConfig, ModelConfig, PolicyConfig, TrainConfig
+from tyingrun.errors import BadInput
+from tyingrun.models.hf_gpt2 import to_hf
+from tyingrun.preflight import preflight
+from tyingrun.train import recursive
+from tyingrun.train.optim import build_optimizer, sync_optimizer
+from tyingrun.tying import counts
+
+from .conftest import lm_batch, small_lm_config, tiny_gpt2
+
+CPU = torch.device("cpu")
+N_LAYER, WIDTH = 6, 32
+PATTERNS = ("cycle", "sequence", "middle_cycle", "middle_sequence")
+INITS = ("stepwise", "average", "lower", "upper", "random")
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A 6-layer GPT-2 with every weight off its init, saved as a Hugging Face folder."""
+    model = tiny_gpt2(n_layer=N_LAYER, d_model=WIDTH, seed=5)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    folder = tmp_path_factory.mktemp("source")
+    to_hf(model, folder)
+    return model.eval(), folder
+
+
+def converted(folder, grad="shared", **keys):
+    cfg = PolicyConfig(name="recursive", **{"n_sets": 2, **keys}, grad=grad)
+    model = tiny_gpt2(n_layer=N_LAYER, d_model=WIDTH, seed=9, grad_mode=grad)
+    model.stack.set_sharing(*recursive.stack_sharing(cfg))
+    recursive.prepare(model, cfg)
+    info = recursive.convert(model, folder, cfg)
+    return model.eval(), info
+
+
+def logits(model, seed=1):
+    with torch.no_grad():
+        return model(lm_batch(seed=seed)["input_ids"])
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("init", INITS)
+def test_at_full_rank_the_converted_model_computes_the_source(source, pattern, init):
+    model, folder = source
+    ours, info = converted(folder, pattern=pattern, init=init, lora_rank=WIDTH)
+    assert model.stack.src != ours.stack.src and info["init"] == init and info["lora_rank"] == WIDTH
+    assert (logits(ours) - logits(model)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_at_rank_0_it_is_strict_tying(source, pattern):
+    _, folder = source
+    ours, _ = converted(folder, pattern=pattern, lora_rank=0)
+    assert not ours.stack.has_lora and not any("lora" in name for name in ours.state_dict())
+    for slot, root in enumerate(ours.stack.src):
+        for (name, a), b in zip(ours.stack.blocks[slot].named_parameters(),
+                                ours.stack.blocks[root].parameters(), strict=True):
+            assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr(), (slot, name)
+    untied = tiny_gpt2(n_layer=N_LAYER, d_model=WIDTH)
+    assert counts.stored_params(ours) < counts.stored_params(untied)
+
+
+# For 6 layers and 2 sets: {root: layers} of stepwise and of average.
+PICKS = {
+    "cycle": ({0: [0], 1: [3]}, {0: [0, 2, 4], 1: [1, 3, 5]}),
+    "sequence": ({0: [0], 3: [3]}, {0: [0, 1, 2], 3: [3, 4, 5]}),
+    "middle_cycle": ({1: [1], 2: [3]}, {1: [1, 3], 2: [2, 4]}),
+    "middle_sequence": ({1: [1], 3: [3]}, {1: [1, 2], 3: [3, 4]}),
+}
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("init", ["stepwise", "average", "lower", "upper"])
+def test_each_init_starts_a_block_from_exactly_the_layers_it_names(source, pattern, init):
+    model, folder = source
+    ours, info = converted(folder, pattern=pattern, init=init, lora_rank=0)
+    stepwise, average = PICKS[pattern]
+    offset, span = (1, N_LAYER - 2) if pattern.startswith("middle") else (0, N_LAYER)
+    roots = sorted(stepwise)
+    expected = {"stepwise": stepwise, "average": average,
+                "lower": {root: [offset + i] for i, root in enumerate(roots)},
+                "upper": {root: [offset + span - 2 + i] for i, root in enumerate(roots)}}[init]
+    assert info["init_layers"] == {str(root): layers for root, layers in expected.items()}
+    for root, layers in expected.items():
+        for name, param in ours.stack.blocks[root].named_parameters():
+            want = torch.stack([dict(model.stack.blocks[layer].named_parameters())[name] for layer in layers]).mean(0)
+            torch.testing.assert_close(param, want, rtol=0, atol=1e-7)
+    if pattern.startswith("middle"):  # the first and last slots stay the source's own
+        for slot in (0, N_LAYER - 1):
+            for a, b in zip(ours.stack.blocks[slot].parameters(), model.stack.blocks[slot].parameters(), strict=True):
+                assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("grad", ["shared", "frozen_copy"])
+def test_lora_tensors_train_and_tied_weights_follow_policy_grad(source, grad):
+    _, folder = source
+    ours, _ = converted(folder, grad=grad, pattern="cycle", lora_rank=4)
+    ours.train()
+    lora = [p for name, p in ours.named_parameters() if ".lora." in name]
+    # Every matrix of every shared slot (all 6 here), two factors each.
+    assert len(lora) == N_LAYER * 4 * 2
+    trainable = {id(p) for p in counts.trainable_parameters(ours)}
+    assert all(id(p) in trainable for p in lora)
+    optimizer = build_optimizer(ours, TrainConfig(lr=1e-3), HardwareConfig(), CPU)
+    sync_optimizer(optimizer, ours)
+    ours.loss(lm_batch()).loss.backward()
+    assert all(p.grad is not None for p in lora)
+    # Each correction learns (a slot whose source layer is its block's own starts with B = 0, A random: B learns).
+    assert all(a.grad.abs().sum() + b.grad.abs().sum() > 0 for a, b in zip(lora[::2], lora[1::2], strict=True))
+    optimizer.step()
+    assert all(p in optimizer.state for p in lora)
+    root_weight = ours.stack.blocks[0].attn.c_attn.weight
+    tied_weight = ours.stack.blocks[2].attn.c_attn.weight
+    if grad == "shared":
+        assert tied_weight is root_weight
+    else:
+        assert tied_weight is not root_weight and not tied_weight.requires_grad
+        assert tied_weight.untyped_storage().data_ptr() == root_weight.untyped_storage().data_ptr()
+    # The per-slot biases and norms stay their own; LoRA counts in stored and trainable parameters.
+    assert ours.stack.blocks[2].attn.c_attn.bias is not ours.stack.blocks[0].attn.c_attn.bias
+    lora_count = sum(p.numel() for p in lora)
+    assert counts.stored_params(ours) >= lora_count and counts.trainable_params(ours) >= lora_count
+
+
+def test_a_merged_lora_model_reloads_in_transformers_with_equal_logits(source, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    _, folder = source
+    ours, _ = converted(folder, pattern="middle_cycle", init="average", lora_rank=4)
+    with torch.no_grad():  # move the LoRA off its SVD init so the merge must add it
+        for name, param in ours.named_parameters():
+            if ".lora." in name:
+                param.add_(0.01)
+    before = logits(ours)
+    ours.stack.merge_lora()
+    assert not ours.stack.has_lora
+    torch.testing.assert_close(logits(ours), before, rtol=0, atol=1e-5)
+    to_hf(ours, tmp_path / "hf")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        theirs = hf(lm_batch()["input_ids"]).logits
+    torch.testing.assert_close(theirs, before, rtol=0, atol=1e-4)
+
+
+def recursive_config(**policy_keys):
+    cfg = small_lm_config(policy="recursive", policy_keys=policy_keys)
+    cfg.train.init_from = "/nonexistent"
+    return cfg
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda cfg: setattr(cfg.train, "init_from", None), "policy=recursive converts a trained model; set train.init_from"),
+    (lambda cfg: setattr(cfg.policy, "lora_rank", -1), "policy.lora_rank=-1 must be an integer from 0"),
+    (lambda cfg: setattr(cfg.policy, "lora_rank", 65), "policy.lora_rank=65 must be an integer from 0"),
+    (lambda cfg: setattr(cfg.policy, "n_sets", 3) or setattr(cfg.policy, "pattern", "sequence"),
+     "policy.pattern=sequence cannot use policy.n_sets=3"),
+    (lambda cfg: setattr(cfg.policy, "share", "mlp"), "policy=recursive does not use policy.share"),
+])
+def test_bad_input_is_refused_in_one_line(change, message):
+    cfg = recursive_config()
+    change(cfg)
+    with pytest.raises(BadInput, match=message.replace(".", r"\.").replace("(", r"\(")) as err:
+        preflight(cfg)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("model_keys, message", [
+    ({"d_model": 64}, "has width 32 but model.d_model=64"),
+    ({"vocab": 80}, "has a vocabulary of 64 tokens but this run's is 80"),
+    ({"n_layer": 4}, "has 6 layers but model.n_layer=4"),
+])
+def test_a_source_of_another_shape_is_refused_in_one_line(source, model_keys, message):
+    _, folder = source
+    keys = {"n_layer": N_LAYER, "d_model": WIDTH, **model_keys}
+    model = tiny_gpt2(**keys)
+    with pytest.raises(BadInput, match=message):
+        recursive.convert(model, folder, PolicyConfig(name="recursive", n_sets=2))
+
+
+def test_n_sets_the_pattern_cannot_use_with_the_source_depth(source):
+    _, folder = source
+    with pytest.raises(BadInput, match="cannot use policy.n_sets=4 with the source's 6 layers"):
+        recursive.convert(tiny_gpt2(n_layer=N_LAYER, d_model=WIDTH), folder,
+                          PolicyConfig(name="recursive", n_sets=4, pattern="sequence"))
