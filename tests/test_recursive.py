@@ -2,10 +2,12 @@
 at rank 0, the layers each init picks, LoRA gradients and optimizer state, export to transformers, and the one-line
 refusals."""
 
+import copy
+
 import pytest
 import torch
 
-from tyingrun.config import Config, HardwareConfig, ModelConfig, PolicyConfig, TrainConfig
+from tyingrun.config import HardwareConfig, ModelConfig, PolicyConfig, TrainConfig
 from tyingrun.errors import BadInput
 from tyingrun.models.hf_gpt2 import to_hf
 from tyingrun.preflight import preflight
@@ -191,3 +193,73 @@ def test_n_sets_the_pattern_cannot_use_with_the_source_depth(source):
     with pytest.raises(BadInput, match="cannot use policy.n_sets=4 with the source's 6 layers"):
         recursive.convert(tiny_gpt2(n_layer=N_LAYER, d_model=WIDTH), folder,
                           PolicyConfig(name="recursive", n_sets=4, pattern="sequence"))
+
+
+@pytest.fixture(scope="module")
+def parent_and_child(tmp_path_factory, data_cache):
+    """A 4-layer parent run on pydoc, and its recursive child (2 blocks, LoRA rank 8), both with checkpoints."""
+    from .conftest import run_folder
+    parent, child = tmp_path_factory.mktemp("parent"), tmp_path_factory.mktemp("child")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TYINGRUN_CACHE", str(data_cache))
+        run_folder(small_lm_config(policy="none", policy_keys={"n_sets": 2}, max_steps=4), parent)
+        cfg = small_lm_config(policy="recursive", max_steps=4, policy_keys={"lora_rank": 8, "init": "average"},
+                              train_keys={"checkpoint_interval": 2, "keep_checkpoints": 5})
+        cfg.train.init_from = str(parent)
+        summary = run_folder(cfg, child)
+    return parent, child, summary, cfg
+
+
+@pytest.mark.slow
+def test_a_recursive_run_records_its_conversion_and_its_losses_before_training(parent_and_child):
+    parent, _, summary, _ = parent_and_child
+    assert summary["conversion"]["source"].startswith(str(parent))
+    assert (summary["conversion"]["pattern"], summary["conversion"]["init"], summary["conversion"]["lora_rank"]) == (
+        "cycle", "average", 8)
+    assert summary["converted_val_loss"] > 0 and summary["converted_test_loss"] > 0
+
+
+@pytest.mark.slow
+def test_an_exported_lora_run_reloads_in_transformers_with_equal_logits(parent_and_child, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tyingrun import export
+    from tyingrun.files import WEIGHTS_FILE, read_tensors
+    from tyingrun.run import build_model
+    from tyingrun.train.checkpoint import latest_checkpoint
+    from tyingrun.train.init_from import init_from
+    _, child, _, cfg = parent_and_child
+    checkpoint = latest_checkpoint(child)
+    vocab = len(read_tensors(checkpoint / WEIGHTS_FILE)["tokens.wte.weight"])
+    relaxed = build_model(ModelConfig(**{**vars(cfg.model), "vocab_size": vocab}), None, cfg.policy.grad,
+                          *recursive.stack_sharing(cfg.policy))
+    recursive.prepare(relaxed, cfg.policy)
+    init_from(relaxed, checkpoint)
+    assert relaxed.stack.has_lora and relaxed.stack.src == [0, 1, 0, 1]
+    export.main([str(child), str(tmp_path / "hf")])
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, relaxed.eval()(ids), rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_resumed_recursive_run_is_bit_identical(parent_and_child, tmp_path, data_cache, monkeypatch):
+    import json
+    import shutil
+    from tyingrun.files import WEIGHTS_FILE, read_tensors
+    from tyingrun.run import run
+    _, child, summary, cfg = parent_and_child
+    cfg = copy.deepcopy(cfg)
+    folder = tmp_path / "resumed"
+    shutil.copytree(child, folder)
+    shutil.rmtree(folder / "checkpoints" / "step_00000004")
+    (folder / "summary.json").unlink()
+    monkeypatch.setenv("TYINGRUN_CACHE", str(data_cache))
+    cfg.train.resume = str(folder)
+    resumed = run(cfg, folder)
+    whole = read_tensors(child / "checkpoints" / "step_00000004" / WEIGHTS_FILE)
+    again = read_tensors(folder / "checkpoints" / "step_00000004" / WEIGHTS_FILE)
+    assert any(".lora." in name for name in whole) and whole.keys() == again.keys()
+    assert all(torch.equal(whole[name], again[name]) for name in whole)
+    for key in ("conversion", "converted_val_loss", "converted_test_loss", "val_loss", "test_loss"):
+        assert json.dumps(resumed[key]) == json.dumps(summary[key])

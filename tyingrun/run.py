@@ -19,7 +19,8 @@ from tyingrun.config import Config, HardwareConfig, ModelConfig
 from tyingrun.contracts import Sink, TiedModel, TrainingData
 from tyingrun.data.build import build_dataset
 from tyingrun.errors import BadInput
-from tyingrun.files import CONFIG_FILE, MAPS_FILE, METRICS_FILE, SUMMARY_FILE, WEIGHTS_FILE, read_tensors
+from tyingrun.files import (CONFIG_FILE, CONVERSION_FILE, MAPS_FILE, METRICS_FILE, SUMMARY_FILE, WEIGHTS_FILE, read_json,
+                            read_tensors, write_json_atomic)
 from tyingrun.metrics.meters import peak_memory, reset_peak_memory
 from tyingrun.metrics.sinks import ConsoleSink, RankSinks, RunSinks, WandbSink, check_jsonl
 from tyingrun.models import MODELS
@@ -212,7 +213,13 @@ def execute(parts: RunParts) -> Dict[str, Any]:
         console.line(f"run folder {out_dir}" + (f"; {mesh.world_size} data-parallel ranks" if mesh.distributed else ""))
         reset_peak_memory(device)
         trainer = Trainer(cfg, model, model.stack, parts.data, parts.policy, device, sinks, mesh)
-        converted = converted_losses(trainer, parts) if parts.conversion is not None else {}
+        converted: Dict[str, Any] = {}
+        if parts.conversion is not None:
+            converted = converted_losses(trainer, parts)
+            if mesh.is_main:
+                write_json_atomic(out_dir / CONVERSION_FILE, converted)
+        elif parts.checkpoint is not None and (out_dir / CONVERSION_FILE).is_file():
+            converted = read_json(out_dir / CONVERSION_FILE)  # a resumed conversion reports its start too
         try:
             measured = trainer.fit(resume_from=parts.checkpoint)
         except RunInterrupted as stop:
