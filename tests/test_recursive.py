@@ -263,3 +263,17 @@ def test_a_resumed_recursive_run_is_bit_identical(parent_and_child, tmp_path, da
     assert all(torch.equal(whole[name], again[name]) for name in whole)
     for key in ("conversion", "converted_val_loss", "converted_test_loss", "val_loss", "test_loss"):
         assert json.dumps(resumed[key]) == json.dumps(summary[key])
+
+
+@pytest.mark.slow
+def test_inspect_shows_each_slots_lora_and_the_rows_add_up(parent_and_child, capsys):
+    from tyingrun.inspect_run import load_run, main, storage_rows
+    _, child, summary, _ = parent_and_child
+    _, _, model, optimizer = load_run(child)
+    assert model.stack.share == "matrices" and model.stack.has_lora
+    rows = storage_rows(model, optimizer)
+    assert sum(row["weights"] + row["grads"] + row["optimizer"] for row in rows) == summary["train_state_bytes"]
+    lora_per_slot = sum(p.numel() for p in model.stack.lora[2].parameters())
+    assert lora_per_slot > 0 and rows[2]["own_params"] >= lora_per_slot
+    main([str(child)])
+    assert "+ own LoRA" in capsys.readouterr().out
