@@ -277,3 +277,23 @@ def test_inspect_shows_each_slots_lora_and_the_rows_add_up(parent_and_child, cap
     assert lora_per_slot > 0 and rows[2]["own_params"] >= lora_per_slot
     main([str(child)])
     assert "+ own LoRA" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["policy=recursive"], "policy=recursive converts a trained model; set train.init_from="),
+    (["policy=recursive", "train.init_from=/x", "policy.lora_rank=-2"], "policy.lora_rank=-2 must be an integer"),
+])
+def test_the_command_exits_2_with_one_line(tmp_path, cli, overrides, expected):
+    result = cli(*overrides, f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+
+
+def test_the_command_refuses_a_source_of_another_width_with_one_line(tmp_path, cli, source):
+    _, folder = source  # 6 layers, width 32, 64 tokens: the pydoc run's vocabulary differs first
+    result = cli("policy=recursive", f"train.init_from={folder}", "model.n_layer=6", "model.d_model=32",
+                 "model.n_head=2", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "has a vocabulary of 64 tokens but this run's is" in lines[0], result.stderr
