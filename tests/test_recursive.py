@@ -160,7 +160,8 @@ def recursive_config(**policy_keys):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda cfg: setattr(cfg.train, "init_from", None), "policy=recursive converts a trained model; set train.init_from"),
+    (lambda cfg: setattr(cfg.train, "init_from", None),
+     "policy=recursive converts a trained model; set train.init_from"),
     (lambda cfg: setattr(cfg.policy, "lora_rank", -1), "policy.lora_rank=-1 must be an integer from 0"),
     (lambda cfg: setattr(cfg.policy, "lora_rank", 65), "policy.lora_rank=65 must be an integer from 0"),
     (lambda cfg: setattr(cfg.policy, "n_sets", 3) or setattr(cfg.policy, "pattern", "sequence"),
@@ -246,6 +247,7 @@ def test_an_exported_lora_run_reloads_in_transformers_with_equal_logits(parent_a
 def test_a_resumed_recursive_run_is_bit_identical(parent_and_child, tmp_path, data_cache, monkeypatch):
     import json
     import shutil
+
     from tyingrun.files import WEIGHTS_FILE, read_tensors
     from tyingrun.run import run
     _, child, summary, cfg = parent_and_child

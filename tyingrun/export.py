@@ -12,8 +12,8 @@ from tyingrun.files import WEIGHTS_FILE, read_tensors
 from tyingrun.models.gpt2 import GPT2
 from tyingrun.models.hf_gpt2 import to_hf
 from tyingrun.run import build_model, load_run_config
-from tyingrun.train.checkpoint import latest_checkpoint
 from tyingrun.train import recursive
+from tyingrun.train.checkpoint import latest_checkpoint
 from tyingrun.train.init_from import init_from
 
 

@@ -19,8 +19,8 @@ import torch
 from tyingrun.errors import BadInput, fail
 from tyingrun.files import WEIGHTS_FILE, read_tensors, storage_key
 from tyingrun.run import build_model, load_run_config
-from tyingrun.train.checkpoint import latest_checkpoint, load_weights, read_state
 from tyingrun.train import recursive
+from tyingrun.train.checkpoint import latest_checkpoint, load_weights, read_state
 from tyingrun.train.freeze import freeze_tensors
 from tyingrun.train.optim import build_optimizer, sync_optimizer
 from tyingrun.tying import counts

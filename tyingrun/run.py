@@ -19,8 +19,17 @@ from tyingrun.config import Config, HardwareConfig, ModelConfig
 from tyingrun.contracts import Sink, TiedModel, TrainingData
 from tyingrun.data.build import build_dataset
 from tyingrun.errors import BadInput
-from tyingrun.files import (CONFIG_FILE, CONVERSION_FILE, MAPS_FILE, METRICS_FILE, SUMMARY_FILE, WEIGHTS_FILE, read_json,
-                            read_tensors, write_json_atomic)
+from tyingrun.files import (
+    CONFIG_FILE,
+    CONVERSION_FILE,
+    MAPS_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    WEIGHTS_FILE,
+    read_json,
+    read_tensors,
+    write_json_atomic,
+)
 from tyingrun.metrics.meters import peak_memory, reset_peak_memory
 from tyingrun.metrics.sinks import ConsoleSink, RankSinks, RunSinks, WandbSink, check_jsonl
 from tyingrun.models import MODELS
@@ -28,10 +37,10 @@ from tyingrun.policies import build_policy, stack_sharing
 from tyingrun.policies.base import Policy
 from tyingrun.preflight import preflight
 from tyingrun.seeding import derive_seed
+from tyingrun.train import recursive
 from tyingrun.train.checkpoint import checkpoint_step, latest_checkpoint, read_state, scan_checkpoints
 from tyingrun.train.distributed import SINGLE, Mesh, mesh_for
 from tyingrun.train.init_from import init_from, init_source
-from tyingrun.train import recursive
 from tyingrun.train.signals import RunInterrupted
 from tyingrun.train.trainer import Trainer, eval_batch_limit
 from tyingrun.tying.counts import total_params

@@ -1,4 +1,6 @@
-"""policy=recursive: convert a trained model (train.init_from) into a recursive one (docs/method.md#recursive-conversion).
+"""policy=recursive: convert a trained model (train.init_from) into a recursive one.
+
+docs/method.md#recursive-conversion has the definitions and the SVD initialisation.
 
 The model's stack gets policy.pattern's map with policy.n_sets unique blocks; each unique block is initialised
 from the source layers it replaces (policy.init); with policy.lora_rank = r > 0 every slot that shares its weight
@@ -110,7 +112,8 @@ def _svd_factors(delta: torch.Tensor, rank: int, scale: float):
     dead = s <= s.max().clamp_min(1e-30) * 1e-7 if s.numel() else s.bool()
     if dead.any():
         generator = torch.Generator().manual_seed(rank * 7919 + delta.shape[0])
-        a[dead] = torch.randn(int(dead.sum()), delta.shape[1], generator=generator, dtype=a.dtype) / delta.shape[1] ** 0.5
+        fresh = torch.randn(int(dead.sum()), delta.shape[1], generator=generator, dtype=a.dtype)
+        a[dead] = fresh.to(a.device) / delta.shape[1] ** 0.5
         b[:, dead] = 0
     return b.to(delta.dtype), a.to(delta.dtype)
 

@@ -62,7 +62,7 @@ def shared_names(block: nn.Module, share: str = "block", share_norms: bool = Fal
 
 
 class LoRA(nn.Module):
-    """One slot's low-rank correction of one weight matrix: ``W + scale * B @ A`` (docs/method.md#recursive-conversion)."""
+    """One slot's low-rank correction of one weight matrix: ``W + scale * B @ A`` (docs/method.md, recursive)."""
 
     def __init__(self, weight: torch.Tensor, rank: int, alpha: float):
         super().__init__()
