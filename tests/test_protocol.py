@@ -8,6 +8,7 @@ import torch
 
 from tests.conftest import small_lm_config
 from tyingrun.data.lm import BlockSampler
+from tyingrun.metrics.sinks import JsonlFile
 from tyingrun.run import build_data, build_model, run
 from tyingrun.seeding import derive_seed
 from tyingrun.train.trainer import Trainer
@@ -122,3 +123,13 @@ def test_streams_are_keyed_by_seed_name_and_rank():
     seeds = {derive_seed(seed, name, rank) for seed in range(4) for name in ("dropout", "init") for rank in range(2)}
     assert len(seeds) == 16 and all(0 <= seed < 2**63 for seed in seeds)
     assert derive_seed(3, "dropout", 1) == derive_seed(3, "dropout", 1)
+
+
+def test_resume_keeps_only_the_map_rows_written_by_the_checkpoint(tmp_path):
+    """A learned decision's row is written when its reward is measured: a checkpoint at step 10 holds the decision
+    of step 8 as unrewarded (its row, written at 12, would otherwise appear twice after resuming)."""
+    path = tmp_path / "maps.jsonl"
+    rows = [{"step": 0}, {"step": 4, "reward_step": 8}, {"step": 8, "reward_step": 12}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    JsonlFile(path, keep_through_step=10).close()
+    assert read_jsonl(path) == rows[:2]

@@ -28,9 +28,12 @@ def _fmt(value: Any) -> str:
 
 
 def _step_of(path: Path, line: str) -> int:
+    """The step at which a row was written: a learned decision's maps.jsonl row (``step``: the decision) is
+    written when its reward is measured, at ``reward_step``."""
     try:
-        step = json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+        row = json.loads(line)
+        step = row["step"] if row.get("reward_step") is None else row["reward_step"]
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
         step = None
     if not isinstance(step, int) or isinstance(step, bool):
         raise BadInput(f"{path}: a row without a step ({line[:60]!r}); the file is damaged - repair or remove it")
