@@ -121,6 +121,14 @@ class PolicyConfig:
     target_update: int = 0
     # bandit: "ucb1" (upper confidence bound) or "thompson" (Gaussian Thompson sampling), one bandit per layer.
     bandit_algorithm: str = "ucb1"
+    # recursive (docs/method.md#recursive-conversion): convert train.init_from into n_sets shared blocks laid out by
+    # `pattern` (cycle, sequence, middle_cycle, middle_sequence), each initialised by `init` (stepwise, average,
+    # lower, upper, random), relaxed by a per-slot LoRA of rank `lora_rank` (0: strict tying) scaled
+    # lora_alpha / lora_rank (null: lora_alpha = lora_rank).
+    pattern: str = "cycle"
+    init: str = "stepwise"
+    lora_rank: int = 0
+    lora_alpha: Optional[float] = None
 
 
 @dataclass
@@ -206,6 +214,8 @@ CHOICES = {
     "policy.epsilon_schedule": ("episode", "decision"),
     "policy.td_target": ("same_layer", "next_decision"),
     "policy.bandit_algorithm": ("ucb1", "thompson"),
+    "policy.pattern": ("cycle", "sequence", "middle_cycle", "middle_sequence"),
+    "policy.init": ("stepwise", "average", "lower", "upper", "random"),
     "hardware.device": ("auto", "cpu", "cuda"),
     "hardware.precision": ("bf16", "fp32"),
     "train.schedule": ("cosine", "constant"),
@@ -321,6 +331,8 @@ def check_numbers(cfg: Config) -> None:
     _in_range("policy.epsilon_decay_per_decision", p.epsilon_decay_per_decision, 0, 1, low_open=True)
     _in_range("policy.replay", p.replay, 0, inf, high_open=True)
     _in_range("policy.target_update", p.target_update, 0, inf, high_open=True)
+    if p.lora_alpha is not None:
+        _in_range("policy.lora_alpha", p.lora_alpha, 0, inf, low_open=True, high_open=True)
     if p.seed is not None:
         _in_range("policy.seed", p.seed, 0, 2**63, high_open=True)
 

@@ -12,6 +12,7 @@ from tyingrun.files import WEIGHTS_FILE, read_tensors
 from tyingrun.models.gpt2 import GPT2
 from tyingrun.models.hf_gpt2 import to_hf
 from tyingrun.run import build_model, load_run_config
+from tyingrun.train import recursive
 from tyingrun.train.checkpoint import latest_checkpoint
 from tyingrun.train.init_from import init_from
 
@@ -29,8 +30,12 @@ def load_run_model(run_dir: Path) -> GPT2:
     if token_embedding is None:
         raise BadInput(f"checkpoint {checkpoint} holds no token embedding; it is not of a GPT-2")
     model = build_model(replace(cfg.model, vocab_size=len(token_embedding)), None, cfg.policy.grad,
-                        cfg.policy.share, cfg.policy.share_norms)
+                        *recursive.stack_sharing(cfg.policy))
+    recursive.prepare(model, cfg.policy)
     init_from(model, checkpoint)
+    if model.stack.has_lora:
+        # policy=recursive: each slot's weights become W + B A, every slot its own (Hugging Face GPT-2 has no ties).
+        model.stack.merge_lora()
     return model
 
 

@@ -27,6 +27,7 @@ from tyingrun.errors import BadInput
 SUMMARY_FILE = "summary.json"  # written when the run completes
 METRICS_FILE = "metrics.jsonl"  # one row per log and per evaluation
 MAPS_FILE = "maps.jsonl"  # one row per map change
+CONVERSION_FILE = "conversion.json"  # policy=recursive: the conversion and its losses before training
 STATUS_FILE = "status.json"  # how the run ended (tyingrun.run_status)
 CONFIG_FILE = ".hydra/config.yaml"  # the resolved config Hydra saved: it marks a run folder
 OVERRIDES_FILE = ".hydra/overrides.yaml"  # the command line's overrides, replayed by train.resume

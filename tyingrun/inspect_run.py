@@ -19,6 +19,7 @@ import torch
 from tyingrun.errors import BadInput, fail
 from tyingrun.files import WEIGHTS_FILE, read_tensors, storage_key
 from tyingrun.run import build_model, load_run_config
+from tyingrun.train import recursive
 from tyingrun.train.checkpoint import latest_checkpoint, load_weights, read_state
 from tyingrun.train.freeze import freeze_tensors
 from tyingrun.train.optim import build_optimizer, sync_optimizer
@@ -51,6 +52,7 @@ def load_run(run_dir: Path):
     _, state = read_state(checkpoint)
     sharing = state.get("sharing", {"share": cfg.policy.share, "share_norms": cfg.policy.share_norms})
     model = build_model(model_cfg, shapes, cfg.policy.grad, sharing["share"], sharing["share_norms"])
+    recursive.prepare(model, cfg.policy)
     freeze_tensors(model, cfg.model.freeze)
     model.stack.apply_map(state["map"], state["trainable"])
     load_weights(model, checkpoint / WEIGHTS_FILE)
@@ -89,10 +91,13 @@ def storage_rows(model, optimizer) -> List[Dict[str, Any]]:
     for slot in range(len(stack)):
         reads = stack.reads(slot)
         block = dict(stack.blocks[slot].named_parameters())
-        own = [block[name] for name, source in reads.items() if source == slot]
+        # policy=recursive: a slot's LoRA factors are its own storage.
+        lora = list(stack.lora[slot].parameters())
+        own = [block[name] for name, source in reads.items() if source == slot] + lora
         shared = sorted(name for name, source in reads.items() if source != slot)
-        rows.append({"slot": slot, "root": stack.src[slot], "trainable": stack.is_trainable(slot),
-                     "shares": _describe(shared, block, stack), "own_params": sum(p.numel() for p in own),
+        shares = _describe(shared, block, stack) + (" (+ own LoRA)" if lora else "")
+        rows.append({"slot": slot, "root": stack.src[slot], "trainable": stack.is_trainable(slot) or bool(lora),
+                     "shares": shares, "own_params": sum(p.numel() for p in own),
                      **cost(own)})
     in_stack = {id(p) for p in stack.parameters()}
     rest = [p for p in model.parameters() if id(p) not in in_stack]

@@ -14,7 +14,7 @@ from tyingrun.config import Config, PolicyConfig
 from tyingrun.data.build import DATASET_IMAGE_SIZES, DATASET_TASKS
 from tyingrun.errors import BadInput
 from tyingrun.models import MODELS
-from tyingrun.policies import POLICIES
+from tyingrun.policies import POLICIES, recursive_map
 from tyingrun.policies.fixed import given_map
 
 POLICY_DEFAULTS = PolicyConfig()
@@ -65,9 +65,31 @@ def check_policy(cfg: Config) -> None:
                        "already shares the whole block, norms included")
     if policy.name == "from_file" and (policy.map is not None or policy.groups is not None):
         given_map(policy.path, policy.map, policy.groups, cfg.model.n_layer)
+    if policy.name == "recursive":
+        check_recursive(cfg)
     if spec.pattern is not None:
         try:
             spec.pattern(cfg.model.n_layer, policy.n_sets)
         except ValueError as err:
             raise BadInput(f"policy={policy.name}: policy.n_sets={policy.n_sets} does not fit model.n_layer="
                            f"{cfg.model.n_layer}: {err}") from None
+
+
+def check_recursive(cfg: Config) -> None:
+    """policy=recursive converts train.init_from; its rank fits the model's matrices and n_sets its pattern
+    (the source itself is checked once it is found, in tyingrun.train.recursive.check_source)."""
+    policy = cfg.policy
+    if not cfg.train.init_from:
+        raise BadInput("policy=recursive converts a trained model; set train.init_from= a finished run, a checkpoint "
+                       "or a Hugging Face GPT-2 folder")
+    if cfg.model.name != "gpt2":
+        raise BadInput(f"policy=recursive converts GPT-2 models, not model={cfg.model.name}")
+    if isinstance(policy.lora_rank, bool) or not isinstance(policy.lora_rank, int) or not (
+            0 <= policy.lora_rank <= cfg.model.d_model):
+        raise BadInput(f"policy.lora_rank={policy.lora_rank!r} must be an integer from 0 (strict tying) to the full "
+                       f"rank {cfg.model.d_model} (model.d_model)")
+    try:
+        recursive_map(policy, cfg.model.n_layer)
+    except ValueError as err:
+        raise BadInput(f"policy=recursive: policy.pattern={policy.pattern} cannot use policy.n_sets={policy.n_sets} "
+                       f"with model.n_layer={cfg.model.n_layer}: {err}") from None

@@ -19,19 +19,30 @@ from tyingrun.config import Config, HardwareConfig, ModelConfig
 from tyingrun.contracts import Sink, TiedModel, TrainingData
 from tyingrun.data.build import build_dataset
 from tyingrun.errors import BadInput
-from tyingrun.files import CONFIG_FILE, MAPS_FILE, METRICS_FILE, SUMMARY_FILE, WEIGHTS_FILE, read_tensors
+from tyingrun.files import (
+    CONFIG_FILE,
+    CONVERSION_FILE,
+    MAPS_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    WEIGHTS_FILE,
+    read_json,
+    read_tensors,
+    write_json_atomic,
+)
 from tyingrun.metrics.meters import peak_memory, reset_peak_memory
 from tyingrun.metrics.sinks import ConsoleSink, RankSinks, RunSinks, WandbSink, check_jsonl
 from tyingrun.models import MODELS
-from tyingrun.policies import build_policy
+from tyingrun.policies import build_policy, stack_sharing
 from tyingrun.policies.base import Policy
 from tyingrun.preflight import preflight
 from tyingrun.seeding import derive_seed
+from tyingrun.train import recursive
 from tyingrun.train.checkpoint import checkpoint_step, latest_checkpoint, read_state, scan_checkpoints
 from tyingrun.train.distributed import SINGLE, Mesh, mesh_for
 from tyingrun.train.init_from import init_from, init_source
 from tyingrun.train.signals import RunInterrupted
-from tyingrun.train.trainer import Trainer
+from tyingrun.train.trainer import Trainer, eval_batch_limit
 from tyingrun.tying.counts import total_params
 
 
@@ -155,6 +166,7 @@ class RunParts:
     model: TiedModel
     policy: Policy
     checkpoint: Optional[Path]  # the checkpoint a resumed run continues from
+    conversion: Optional[Dict[str, Any]] = None  # policy=recursive: what the conversion did (a new run only)
 
 
 def build_parts(cfg: Config, out_dir: Path, data: Optional[TrainingData] = None) -> RunParts:
@@ -172,12 +184,26 @@ def build_parts(cfg: Config, out_dir: Path, data: Optional[TrainingData] = None)
     configure_backends(cfg.hardware, device)
     data = build_data(cfg) if data is None else data
     seed_stream(cfg.train.seed, "init")
-    model = build_model(cfg.model, data, cfg.policy.grad, cfg.policy.share, cfg.policy.share_norms).to(device)
-    if start is not None:
+    model = build_model(cfg.model, data, cfg.policy.grad, *stack_sharing(cfg.policy))
+    recursive.prepare(model, cfg.policy)
+    model = model.to(device)
+    conversion = None
+    if start is not None and cfg.policy.name == "recursive":
+        conversion = recursive.convert(model, start, cfg.policy)
+    elif start is not None:
         init_from(model, start)
     # What the global RNGs draw from now on is dropout: a stream of its own on every rank.
     seed_stream(cfg.train.seed, "dropout", mesh.rank)
-    return RunParts(cfg, out_dir, mesh, device, data, model, policy, checkpoint)
+    return RunParts(cfg, out_dir, mesh, device, data, model, policy, checkpoint, conversion)
+
+
+def converted_losses(trainer: Trainer, parts: RunParts) -> Dict[str, Any]:
+    """policy=recursive: the converted model's val and test loss before any training step (train.eval_batches
+    batches of each), and what the conversion did."""
+    limit = eval_batch_limit(parts.cfg)
+    losses = {f"converted_{split}_loss": trainer.evaluate(split, limit)[f"{split}_loss"] for split in ("val", "test")}
+    parts.model.train()
+    return {"conversion": parts.conversion, **losses}
 
 
 def execute(parts: RunParts) -> Dict[str, Any]:
@@ -196,6 +222,13 @@ def execute(parts: RunParts) -> Dict[str, Any]:
         console.line(f"run folder {out_dir}" + (f"; {mesh.world_size} data-parallel ranks" if mesh.distributed else ""))
         reset_peak_memory(device)
         trainer = Trainer(cfg, model, model.stack, parts.data, parts.policy, device, sinks, mesh)
+        converted: Dict[str, Any] = {}
+        if parts.conversion is not None:
+            converted = converted_losses(trainer, parts)
+            if mesh.is_main:
+                write_json_atomic(out_dir / CONVERSION_FILE, converted)
+        elif parts.checkpoint is not None and (out_dir / CONVERSION_FILE).is_file():
+            converted = read_json(out_dir / CONVERSION_FILE)  # a resumed conversion reports its start too
         try:
             measured = trainer.fit(resume_from=parts.checkpoint)
         except RunInterrupted as stop:
@@ -215,6 +248,7 @@ def execute(parts: RunParts) -> Dict[str, Any]:
             "n_layer": cfg.model.n_layer,
             "total_params": total_params(model),
             **measured,
+            **converted,
             "peak_memory_bytes": memory_bytes,
             "peak_memory_kind": memory_kind,
             "seed": cfg.train.seed,

@@ -9,7 +9,7 @@ from tyingrun.config import PolicyConfig
 from tyingrun.policies.bandit import BanditPolicy
 from tyingrun.policies.base import Policy
 from tyingrun.policies.dynamic_q import DynamicQPolicy
-from tyingrun.policies.fixed import FIXED_PATTERNS, FixedPolicy, given_map
+from tyingrun.policies.fixed import FIXED_PATTERNS, RECURSIVE_PATTERNS, FixedPolicy, given_map
 from tyingrun.policies.random import RandomPolicy
 from tyingrun.tying.maps import TyingMap
 
@@ -20,6 +20,8 @@ EPISODIC_KEYS = (*SHARE_KEYS, "grad", "steps_per_decision", "freeze_at_init", "r
 DYNAMIC_Q_KEYS = (*EPISODIC_KEYS, "epsilon_schedule", "epsilon_decay_per_decision", "reward_normalization",
                   "td_target", "replay", "target_update")
 BANDIT_KEYS = (*EPISODIC_KEYS, "reward_normalization", "bandit_algorithm")
+# policy=recursive (docs/method.md#recursive-conversion): what the conversion reads, and the grad mode of the ties.
+RECURSIVE_KEYS = ("pattern", "n_sets", "init", "lora_rank", "lora_alpha", "grad")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,9 @@ POLICIES = {
     "from_file": PolicySpec(
         lambda cfg, n_layer, seed: FixedPolicy("from_file", given_map(cfg.path, cfg.map, cfg.groups, n_layer)),
         ("path", "map", "groups", "grad", *SHARE_KEYS)),
+    "recursive": PolicySpec(
+        lambda cfg, n_layer, seed: FixedPolicy("recursive", RECURSIVE_PATTERNS[cfg.pattern](n_layer, cfg.n_sets)),
+        RECURSIVE_KEYS),
     "random": _episodic(RandomPolicy),
     "dynamic_q": _episodic(DynamicQPolicy, DYNAMIC_Q_KEYS),
     "bandit": _episodic(BanditPolicy, BANDIT_KEYS),
@@ -56,3 +61,16 @@ def build_policy(cfg: PolicyConfig, n_layer: int, seed: int = 0) -> Policy:
     """``seed`` (the run's train.seed) seeds the learned policies unless policy.seed is set; the name is checked
     by the preflight."""
     return POLICIES[cfg.name].build(cfg, n_layer, seed if cfg.seed is None else cfg.seed)
+
+
+def recursive_map(cfg: PolicyConfig, n_layer: int) -> TyingMap:
+    """policy=recursive's map: policy.pattern with policy.n_sets unique blocks (ValueError when they do not fit)."""
+    return RECURSIVE_PATTERNS[cfg.pattern](n_layer, cfg.n_sets)
+
+
+def stack_sharing(cfg: PolicyConfig) -> Tuple[str, bool]:
+    """What a tie shares in the model's stack: policy.share, except under policy=recursive with LoRA, where the
+    ties share the weight matrices and every slot keeps its own biases and layer norms."""
+    if cfg.name == "recursive" and cfg.lora_rank > 0:
+        return "matrices", False
+    return cfg.share, cfg.share_norms

@@ -20,6 +20,14 @@ FIXED_PATTERNS = {
     "middle_sequence": maps.middle_sequence,
 }
 
+# policy=recursive's policy.pattern names.
+RECURSIVE_PATTERNS = {
+    "cycle": maps.cyclic,
+    "sequence": maps.sequential,
+    "middle_cycle": maps.middle_cycle,
+    "middle_sequence": maps.middle_sequence,
+}
+
 
 class FixedPolicy(Policy):
     def __init__(self, name: str, src: List[int]):

@@ -35,7 +35,8 @@ from torch import nn
 from tyingrun.tying import maps
 
 GRAD_MODES = ("frozen_copy", "shared")
-SHARE_MODES = ("block", "attention", "mlp")
+# "matrices" (internal, policy=recursive with LoRA): ties share every weight matrix; biases and norms stay per slot.
+SHARE_MODES = ("block", "attention", "mlp", "matrices")
 
 
 def shared_names(block: nn.Module, share: str = "block", share_norms: bool = False) -> FrozenSet[str]:
@@ -50,12 +51,33 @@ def shared_names(block: nn.Module, share: str = "block", share_norms: bool = Fal
     names = [name for name, _ in block.named_parameters()]
     if share == "block":
         return frozenset(names)
+    if share == "matrices":
+        return frozenset(name for name, param in block.named_parameters() if param.dim() >= 2)
     sublayers = getattr(block, "sublayers", None)
     if not sublayers or share not in sublayers:
         raise ValueError(f"{type(block).__name__} does not name its {share} sublayer; it can only be shared whole")
     module, norm = sublayers[share]
     prefixes = (f"{module}.", f"{norm}.") if share_norms else (f"{module}.",)
     return frozenset(name for name in names if name.startswith(prefixes))
+
+
+class LoRA(nn.Module):
+    """One slot's low-rank correction of one weight matrix: ``W + scale * B @ A`` (docs/method.md, recursive)."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, alpha: float):
+        super().__init__()
+        out_features, in_features = weight.shape
+        self.A = nn.Parameter(torch.zeros(rank, in_features, device=weight.device, dtype=weight.dtype))
+        self.B = nn.Parameter(torch.zeros(out_features, rank, device=weight.device, dtype=weight.dtype))
+        self.scale = alpha / rank
+
+    def delta(self) -> torch.Tensor:
+        return self.scale * (self.B @ self.A)
+
+
+def lora_key(name: str) -> str:
+    """A parameter name as a ModuleDict key (no dots)."""
+    return name.replace(".", "__")
 
 
 def _set_parameter(module: nn.Module, name: str, param: nn.Parameter) -> None:
@@ -75,6 +97,8 @@ class TiedStack(nn.Module):
         self.trainable: List[bool] = [True] * len(self.blocks)
         self.share, self.share_norms = share, bool(share_norms)
         self._set_shared(shared_names(self.blocks[0], share, share_norms))
+        # policy=recursive: per-slot LoRA corrections of the shared weight matrices (empty dicts: none).
+        self.lora = nn.ModuleList([nn.ModuleDict() for _ in self.blocks])
 
     def _set_shared(self, shared: FrozenSet[str]) -> None:
         self.shared = shared
@@ -113,8 +137,37 @@ class TiedStack(nn.Module):
 
     def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
         for slot in range(len(self.blocks)):
-            x = self.runs(slot)(x, **kwargs)
+            corrections = self.lora[slot]
+            if len(corrections) == 0:
+                x = self.runs(slot)(x, **kwargs)
+                continue
+            block = self.runs(slot)
+            params = dict(block.named_parameters())
+            relaxed = {name: params[name] + corrections[lora_key(name)].delta()
+                       for name in params if lora_key(name) in corrections}
+            x = torch.func.functional_call(block, relaxed, (x,), kwargs)
         return x
+
+    def add_lora(self, slots: Sequence[int], rank: int, alpha: float) -> None:
+        """Give each of ``slots`` a rank-``rank`` LoRA (zeros until set) on every shared weight matrix."""
+        for slot in slots:
+            for name, param in self.blocks[slot].named_parameters():
+                if name in self.shared and param.dim() == 2:
+                    self.lora[slot][lora_key(name)] = LoRA(param, rank, alpha)
+
+    @property
+    def has_lora(self) -> bool:
+        return any(len(corrections) for corrections in self.lora)
+
+    def merge_lora(self) -> None:
+        """Every slot independent with ``W + scale * B @ A`` as its own weights; the LoRA tensors go."""
+        self.apply_map(maps.identity(len(self)), [True] * len(self))
+        with torch.no_grad():
+            for slot, corrections in enumerate(self.lora):
+                for name, param in self.blocks[slot].named_parameters():
+                    if lora_key(name) in corrections:
+                        param.add_(corrections[lora_key(name)].delta())
+        self.lora = nn.ModuleList([nn.ModuleDict() for _ in self.blocks])
 
     def apply_map(self, src: Sequence[int], trainable: Optional[Sequence[bool]] = None) -> None:
         """Make the slots obey ``src`` (chains are resolved) and the per-slot trainable flags.
