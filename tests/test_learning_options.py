@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.conftest import run_folder, small_lm_config
+from tests.test_dynamic_q import run_steps
 from tyingrun.config import PolicyConfig
 from tyingrun.errors import BadInput
 from tyingrun.policies import build_policy
@@ -54,16 +55,6 @@ class BatchContext:
     def counts(self):
         return {"trainable_params": 100, "stored_params": 200, "independent_layers": 3,
                 "trainable_layers": self.trainable_layers}
-
-
-def run_steps(policy, context, steps):
-    decisions = []
-    for _ in range(steps):
-        context.step += 1
-        decision = policy.after_step(context)
-        if decision is not None:
-            decisions.append(decision)
-    return decisions
 
 
 def test_new_keys_default_to_the_published_agent():
