@@ -7,9 +7,9 @@ TORCH_INDEX ?=
 HAS_NVIDIA_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
 
-# make ablations [SCALE=cpu|paper|learn] [SEEDS=0,1,2] [STEPS=n] [ABLATION_ARGS="key=value ..."]
+# make ablations [SCALE=cpu|paper|learn|recursive] [SEEDS=0,1,2] [STEPS=n] [ABLATION_ARGS="key=value ..."]
 SCALE ?= cpu
-SEEDS ?= 0,1,2
+SEEDS ?=
 STEPS ?=
 ABLATION_ARGS ?=
 
@@ -48,11 +48,13 @@ bench: install
 lint: install
 	$(VENV)/bin/ruff check tyingrun tests
 
-# docs/method.md#ablations over SEEDS, then report.md/report.csv/figures, under outputs/ablations/<scale>-<date>_<time>.
-# The cpu and learn scales need no network; the paper scale downloads WikiText-2 and wants GPUs. SCALE=learn is the
-# learning study (docs/method.md#the-learning-study).
+# docs/method.md#ablations over SEEDS (default 0,1,2; recursive: 0,1), then report.md/report.csv/figures, under
+# outputs/ablations/<scale>-<date>_<time>. The cpu, learn and recursive scales need no network; the paper scale
+# downloads WikiText-2 and wants GPUs. SCALE=learn is the learning study (docs/method.md#the-learning-study),
+# SCALE=recursive the conversion study (docs/method.md#the-conversion-study).
 ablations: install
-	$(if $(filter cpu learn,$(SCALE)),$(OFFLINE)) $(PY) -m tyingrun.ablations --scale $(SCALE) --seeds $(SEEDS) \
+	$(if $(filter cpu learn recursive,$(SCALE)),$(OFFLINE)) $(PY) -m tyingrun.ablations --scale $(SCALE) \
+		$(if $(SEEDS),--seeds $(SEEDS)) \
 		$(if $(STEPS),train.max_steps=$(STEPS)) $(ABLATION_ARGS)
 
 clean:

@@ -5,6 +5,8 @@ import sys
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -41,6 +43,8 @@ def _offline(monkeypatch, data_cache):
 
 
 TYINGRUN = ("-m", "tyingrun.cli")
+# The model and batch of a CLI run that takes seconds; each test module adds its own schedule.
+TINY_RUN = ["model.n_layer=4", "model.d_model=64", "dataset.block_size=64", "train.batch_size=8", "log.progress=lines"]
 
 
 class CLI:
@@ -97,6 +101,15 @@ def lm_batch(vocab=64, batch=4, length=16, seed=1):
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (batch, length + 1), generator=generator)
     return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+
+
+def counted_flops_per_token(model, vocab=64, batch=2, length=32):
+    """FLOPs of one training step of ``model`` on a random batch, as torch's FlopCounterMode counts them, per token."""
+    batch = lm_batch(vocab=vocab, batch=batch, length=length)
+    # The math backend runs attention as matrix products, which the counter sees (fused kernels it may not).
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model.loss(batch).loss.backward()
+    return counter.get_total_flops() / batch["input_ids"].numel()
 
 
 def tiny_bert(n_layer=4, grad_mode="shared", vocab=64, d_model=32, seed=0, causal=False):

@@ -5,7 +5,7 @@ import json
 import pytest
 from hydra import compose, initialize_config_module
 
-from tyingrun.ablations import dynamic_q_outcome, hydra_string, stage_2
+from tyingrun.ablations import Outcome, arm_outcome, hydra_string, stage_2
 from tyingrun.config import register_configs
 
 
@@ -37,13 +37,13 @@ def test_hydra_string_quotes_only_what_needs_it():
     assert hydra_string("/a b/it's") == "'/a b/it\\'s'"
 
 
-def test_dynamic_q_outcome_rounds_the_mean_and_picks_the_best_map(tmp_path):
+def test_arm_outcome_rounds_the_mean_and_picks_the_best_map(tmp_path):
     for seed, (layers, loss) in enumerate(((2, 5.0), (3, 4.0), (3, 4.5))):
         (tmp_path / str(seed)).mkdir()
-        summary = {"n_layer": 8, "independent_layers": layers, "val_loss": loss}
+        summary = {"n_layer": 8, "independent_layers": layers, "val_loss": loss, "steps": 100}
         (tmp_path / str(seed) / "summary.json").write_text(json.dumps(summary))
-    assert dynamic_q_outcome(tmp_path) == (8, 3, tmp_path / "1" / "summary.json")
-    assert dynamic_q_outcome(tmp_path / "missing") is None
+    assert arm_outcome(tmp_path) == Outcome(tmp_path, 8, 3, 100, tmp_path / "1" / "summary.json")
+    assert arm_outcome(tmp_path / "missing") is None
 
 
 @pytest.mark.parametrize("scale, n_layer, dataset", [("cpu", 8, "pydoc"), ("paper", 48, "wiki2")])
@@ -57,3 +57,35 @@ def test_slurm_preset_never_resubmits():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install 'tyingrun[launchers]'")
     launcher = compose_config(["hydra/launcher=slurm"], return_hydra_config=True).hydra.launcher
     assert launcher.max_num_timeout == 0 and launcher.gpus_per_node == 1 and launcher.timeout_min > 0
+
+
+def test_the_conversion_study_converts_each_seeds_parent_at_every_init_and_rank(tmp_path):
+    from omegaconf import OmegaConf
+
+    from tyingrun.ablations import RECURSIVE_STAGE_1, STUDIES, recursive_stage_2
+    from tyingrun.config import CHOICES, Config
+    from tyingrun.preflight import preflight
+
+    study = STUDIES["recursive"]
+    assert study.seeds == "0,1" and study.source == "parent" and list(RECURSIVE_STAGE_1) == ["parent"]
+    parent_dir = tmp_path / "01_parent"
+    arms = recursive_stage_2(Outcome(parent_dir, 8, 8, 100, parent_dir / "1" / "summary.json"))
+    conversions = {arm: overrides for arm, (overrides, _) in arms.items() if arm.startswith("recursive_")}
+    assert len(conversions) == len(CHOICES["policy.init"]) * 2
+    for arm, (overrides, note) in {**RECURSIVE_STAGE_1, **arms}.items():
+        hydra_cfg = compose_config([f"+experiment={study.experiment}", *overrides, "train.seed=1"],
+                                   return_hydra_config=True)
+        assert hydra_cfg.hydra.sweep.subdir == "1" and note
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config),
+                                                  compose_config([f"+experiment={study.experiment}", *overrides,
+                                                                  "train.seed=1"])))
+        preflight(cfg)
+        if arm in conversions:
+            # Seed 1's conversion reads seed 1's parent, into half as many unique blocks.
+            assert cfg.train.init_from == str(parent_dir / "1") and cfg.policy.n_sets == 4
+            assert f"policy.init={cfg.policy.init}" in overrides and cfg.policy.lora_rank in (0, 8)
+        elif arm == "scratch":
+            assert (cfg.model.n_layer, cfg.train.max_steps, cfg.train.init_from) == (4, 200, None)
+        else:
+            assert (cfg.model.n_layer, cfg.train.max_steps) == (8, 100)
+    assert arms["parent_continued"][0][-1] == next(iter(conversions.values()))[-1]

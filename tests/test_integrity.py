@@ -11,11 +11,10 @@ import pytest
 
 from tyingrun.files import lock_folder
 
-TINY = [
-    "model.n_layer=4", "model.d_model=64", "dataset.block_size=64", "train.batch_size=8", "train.eval_batches=2",
-    "train.log_interval=5", "train.eval_interval=10", "train.checkpoint_interval=10", "log.progress=lines",
-    "hardware=cpu",
-]
+from .conftest import TINY_RUN
+
+TINY = [*TINY_RUN, "train.eval_batches=2", "train.log_interval=5", "train.eval_interval=10",
+        "train.checkpoint_interval=10", "hardware=cpu"]
 REPORT = ("-m", "tyingrun.cli")
 
 
@@ -196,7 +195,39 @@ def test_second_sigterm_exits_143_without_traceback(cli, tmp_path):
     assert process.returncode == 143 and "Traceback" not in stderr, stderr
 
 
+@pytest.mark.slow
+def test_sigterm_in_a_sweep_names_the_jobs_it_leaves_unstarted(cli, tmp_path):
+    sweep = tmp_path / "sweep"
+    process = cli.popen("-m", *TINY, "train.max_steps=100000", "train.checkpoint_interval=5", "train.seed=0,1,2",
+                        f"hydra.sweep.dir={sweep}", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for(lambda: (sweep / "0" / "metrics.jsonl").exists(), process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    lines = stderr.strip().splitlines()
+    assert process.returncode == 143 and "Traceback" not in stderr, stderr
+    assert lines[-2].startswith("tyingrun: stopped by SIGTERM") and "train.resume=" in lines[-2]
+    assert lines[-1].startswith(f"tyingrun: the sweep into {sweep} stopped in job 1 of 3; jobs 2 to 3 were not "
+                                "started"), lines[-1]
+    assert not (sweep / "1").exists()
+
+
 # Tracebacks: run folders that cannot be one.
+@pytest.mark.slow
+def test_read_only_run_dir_is_one_line(cli, tmp_path):
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    # root writes through file modes; sysfs refuses new folders to root too.
+    target = read_only / "run" if os.geteuid() != 0 else "/sys/tyingrun-run"
+    one_line(cli(*TINY, f"hydra.run.dir={target}"), 2, "hydra.run.dir", "writable")
+
+
+@pytest.mark.slow
+def test_self_referencing_interpolation_is_one_line_naming_the_key(cli, tmp_path):
+    one_line(cli(*TINY, "train.lr=${train.lr}", f"hydra.run.dir={tmp_path / 'run'}"), 2, "train.lr")
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
 @pytest.mark.slow
 def test_run_dir_that_is_a_file_or_too_long_is_one_line(cli, tmp_path):
     afile = tmp_path / "file"
@@ -240,12 +271,24 @@ def test_export_to_a_file_or_from_a_damaged_state_is_one_line(cli, tmp_path, fin
     one_line(cli(str(damaged), str(tmp_path / "out"), entry=export), 2, "tyingrun-export")
 
 
-# A damaged data cache is rebuilt.
+# A damaged data cache is detected by its content hash and rebuilt.
 @pytest.mark.slow
-def test_damaged_pydoc_cache_is_rebuilt(cli, tmp_path, data_cache):
-    cache = tmp_path / "cache"
+def test_damaged_caches_are_rebuilt_to_the_same_run(cli, tmp_path, data_cache):
+    """A cut-short corpus, and token ids with one flipped byte (which load without error and would train on other
+    tokens): the content hashes catch both, both are built again, and the run is the one an intact cache gives."""
+    runs, cache = {}, tmp_path / "cache"
     shutil.copytree(data_cache, cache)
-    for corpus in (cache / "corpora").glob("pydoc-*.json"):
-        corpus.write_text("[[\"a\"")
-    result = cli(*TINY, "train.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}", env={"TYINGRUN_CACHE": str(cache)})
-    assert result.returncode == 0 and "damaged" in result.stderr, result.stderr[-2000:]
+    for name in ("intact", "damaged"):
+        if name == "damaged":  # the intact run has cached the corpus and every split's ids
+            for corpus in (cache / "corpora").glob("pydoc-*.json"):
+                corpus.write_text("[[\"a\"")
+            tokens = sorted((cache / "tokens").glob("pydoc-train-*.npy"))
+            data = bytearray(tokens[0].read_bytes())
+            data[-5] ^= 0x01
+            tokens[0].write_bytes(bytes(data))
+        result = cli(*TINY, "train.max_steps=2", f"hydra.run.dir={tmp_path / name}", env={"TYINGRUN_CACHE": str(cache)})
+        assert result.returncode == 0, result.stderr[-2000:]
+        warnings = [line for line in result.stderr.splitlines() if "damaged (its content hash differs)" in line]
+        assert len(warnings) == (2 if name == "damaged" else 0), result.stderr[-2000:]
+        runs[name] = json.loads((tmp_path / name / "summary.json").read_text())
+    assert runs["damaged"]["test_loss"] == runs["intact"]["test_loss"]

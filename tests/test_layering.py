@@ -58,7 +58,7 @@ ALLOWED: Dict[str, FrozenSet[str]] = {
     "tyingrun.preflight": NEUTRAL | _units("data", "models", "policies"),
     "tyingrun.run": NEUTRAL | _units("tying", "data", "models", "metrics", "policies", "train", "preflight"),
     "tyingrun.sweep": NEUTRAL,
-    "tyingrun.cli": NEUTRAL | _units("report", "train", "run"),
+    "tyingrun.cli": NEUTRAL | _units("report", "train", "run", "sweep"),
     "tyingrun.export": NEUTRAL | _units("models", "train", "run"),
     "tyingrun.inspect_run": NEUTRAL | _units("tying", "train", "run"),
     "tyingrun.ablations": NEUTRAL | _units("report"),

@@ -3,6 +3,7 @@ at rank 0, the layers each init picks, LoRA gradients and optimizer state, expor
 refusals."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -14,8 +15,9 @@ from tyingrun.preflight import preflight
 from tyingrun.train import recursive
 from tyingrun.train.optim import build_optimizer, sync_optimizer
 from tyingrun.tying import counts
+from tyingrun.tying.flops import train_flops_per_token
 
-from .conftest import lm_batch, small_lm_config, tiny_gpt2
+from .conftest import counted_flops_per_token, lm_batch, small_lm_config, tiny_gpt2
 
 CPU = torch.device("cpu")
 N_LAYER, WIDTH = 6, 32
@@ -41,7 +43,7 @@ def converted(folder, grad="shared", **keys):
     model = tiny_gpt2(n_layer=N_LAYER, d_model=WIDTH, seed=9, grad_mode=grad)
     model.stack.set_sharing(*recursive.stack_sharing(cfg))
     recursive.prepare(model, cfg)
-    info = recursive.convert(model, folder, cfg)
+    info, _ = recursive.convert(model, folder, cfg)
     return model.eval(), info
 
 
@@ -134,6 +136,32 @@ def test_lora_tensors_train_and_tied_weights_follow_policy_grad(source, grad):
     assert counts.stored_params(ours) >= lora_count and counts.trainable_params(ours) >= lora_count
 
 
+@pytest.mark.parametrize("grad", ["shared", "frozen_copy"])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_train_flops_per_token_counts_the_lora_corrections(source, grad, frozen):
+    _, folder = source
+    ours, _ = converted(folder, grad=grad, pattern="cycle", lora_rank=4)
+    ours.train()
+    if frozen:
+        ours.stack.apply_map(ours.stack.src, [slot == 0 for slot in range(N_LAYER)])
+    # Without the corrections' weight gradients and factor products the count was 3% to 23% low here.
+    assert train_flops_per_token(ours, 32, batch_size=2) == pytest.approx(counted_flops_per_token(ours), rel=0.01)
+
+
+def test_a_frozen_slot_freezes_its_lora_too(source):
+    _, folder = source
+    ours, _ = converted(folder, pattern="cycle", lora_rank=4)
+    # model.freeze=[1] clears slot 1's trainable flag in every decision (Trainer.apply_decision).
+    ours.stack.apply_map(ours.stack.src, [slot != 1 for slot in range(N_LAYER)])
+    optimizer = build_optimizer(ours, TrainConfig(lr=1e-3), HardwareConfig(), CPU)
+    sync_optimizer(optimizer, ours)
+    ours.loss(lm_batch()).loss.backward()
+    optimizer.step()
+    frozen = list(ours.stack.lora[1].parameters())
+    assert frozen and not any(p.requires_grad or p.grad is not None or p in optimizer.state for p in frozen)
+    assert all(p.requires_grad and p in optimizer.state for p in ours.stack.lora[0].parameters())
+
+
 def test_a_merged_lora_model_reloads_in_transformers_with_equal_logits(source, tmp_path):
     transformers = pytest.importorskip("transformers")
     _, folder = source
@@ -218,6 +246,10 @@ def test_a_recursive_run_records_its_conversion_and_its_losses_before_training(p
     assert (summary["conversion"]["pattern"], summary["conversion"]["init"], summary["conversion"]["lora_rank"]) == (
         "cycle", "average", 8)
     assert summary["converted_val_loss"] > 0 and summary["converted_test_loss"] > 0
+    # The source's own losses are measured on the final protocol (whole splits): they are the parent's final ones.
+    parent_summary = json.loads((parent / "summary.json").read_text())
+    for split in ("val", "test"):
+        assert summary[f"source_{split}_loss"] == pytest.approx(parent_summary[f"{split}_loss"], abs=1e-6)
 
 
 @pytest.mark.slow
@@ -245,7 +277,6 @@ def test_an_exported_lora_run_reloads_in_transformers_with_equal_logits(parent_a
 
 @pytest.mark.slow
 def test_a_resumed_recursive_run_is_bit_identical(parent_and_child, tmp_path, data_cache, monkeypatch):
-    import json
     import shutil
 
     from tyingrun.files import WEIGHTS_FILE, read_tensors
@@ -263,7 +294,8 @@ def test_a_resumed_recursive_run_is_bit_identical(parent_and_child, tmp_path, da
     again = read_tensors(folder / "checkpoints" / "step_00000004" / WEIGHTS_FILE)
     assert any(".lora." in name for name in whole) and whole.keys() == again.keys()
     assert all(torch.equal(whole[name], again[name]) for name in whole)
-    for key in ("conversion", "converted_val_loss", "converted_test_loss", "val_loss", "test_loss"):
+    for key in ("conversion", "source_val_loss", "source_test_loss", "converted_val_loss", "converted_test_loss",
+                "val_loss", "test_loss"):
         assert json.dumps(resumed[key]) == json.dumps(summary[key])
 
 

@@ -7,11 +7,10 @@ import time
 
 import pytest
 
-TINY = [
-    "model.n_layer=4", "model.d_model=64", "dataset.block_size=64", "train.batch_size=8", "train.eval_batches=2",
-    "train.max_steps=120", "train.checkpoint_interval=20", "train.log_interval=5", "train.eval_interval=20",
-    "log.progress=lines",
-]
+from .conftest import TINY_RUN
+
+TINY = [*TINY_RUN, "train.eval_batches=2", "train.max_steps=120", "train.checkpoint_interval=20",
+        "train.log_interval=5", "train.eval_interval=20"]
 TIMING_KEYS = ("tokens_per_s", "samples_per_s")
 
 

@@ -5,8 +5,6 @@ import copy
 
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from tyingrun.config import HardwareConfig, TrainConfig
 from tyingrun.files import read_tensors
@@ -17,7 +15,7 @@ from tyingrun.tying import counts, maps
 from tyingrun.tying.flops import train_flops_per_token
 from tyingrun.tying.stack import shared_names
 
-from .conftest import TINY_MODELS, lm_batch, tiny_gpt2
+from .conftest import TINY_MODELS, counted_flops_per_token, lm_batch, tiny_gpt2
 
 CPU = torch.device("cpu")
 PART = {"attention": "attn.", "mlp": "mlp."}
@@ -239,14 +237,6 @@ def test_hugging_face_export_reloads_with_equal_logits(tmp_path, share):
         torch.testing.assert_close(hf.eval()(ids).logits, model.eval()(ids), rtol=0, atol=1e-5)
 
 
-def counted_flops_per_token(model, length=32):
-    batch = lm_batch(vocab=256, batch=2, length=length)
-    # The math backend runs attention as matrix products, which the counter sees (fused kernels it may not).
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model.loss(batch).loss.backward()
-    return counter.get_total_flops() / batch["input_ids"].numel()
-
-
 @pytest.mark.parametrize("policy, share, grad_mode", [
     ("none", "block", "shared"), ("cyclic", "block", "shared"), ("cyclic", "attention", "shared"),
     ("cyclic", "mlp", "frozen_copy"), ("cyclic", "block", "frozen_copy"),
@@ -254,14 +244,14 @@ def counted_flops_per_token(model, length=32):
 def test_train_flops_per_token_agrees_with_a_counted_step(policy, share, grad_mode):
     src = maps.identity(4) if policy == "none" else maps.cyclic(4, 2)
     model = shared_model(share, grad_mode, src, vocab=256, d_model=64)
-    counted = counted_flops_per_token(model)
-    assert abs(train_flops_per_token(model, 32) - counted) <= 0.10 * counted
+    counted = counted_flops_per_token(model, vocab=256)
+    assert abs(train_flops_per_token(model, 32, batch_size=2) - counted) <= 0.10 * counted
 
 
 def test_a_looped_block_costs_as_much_as_independent_ones():
     looped = shared_model("block", "shared", maps.sequential(4, 1))
-    assert train_flops_per_token(looped, 16) == train_flops_per_token(tiny_gpt2(), 16)
-    assert train_flops_per_token(tiny_gpt2(n_layer=2), 16) < train_flops_per_token(looped, 16)
+    assert train_flops_per_token(looped, 16, 4) == train_flops_per_token(tiny_gpt2(), 16, 4)
+    assert train_flops_per_token(tiny_gpt2(n_layer=2), 16, 4) < train_flops_per_token(looped, 16, 4)
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +275,7 @@ def test_a_run_reports_unique_blocks_flops_and_its_sharing(attention_run, capsys
     folder, summary = attention_run
     assert summary["unique_blocks"] == 2 and summary["final_map"] == [0, 1, 0, 1]
     _, _, model, optimizer = load_run(folder)
-    assert summary["train_flops_per_token"] == train_flops_per_token(model, 64)
+    assert summary["train_flops_per_token"] == train_flops_per_token(model, 64, batch_size=8)
     assert model.stack.share == "attention"
     rows = storage_rows(model, optimizer)
     assert sum(row["weights"] + row["grads"] + row["optimizer"] for row in rows) == summary["train_state_bytes"]

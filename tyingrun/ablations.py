@@ -14,7 +14,12 @@ tying policy learns at all within a single-machine budget. Stage 1: none, dynami
 the learning options, a per-layer bandit and the random control; stage 2: the fixed maps (the learned map from
 file, cyclic, sequential) at as many independent layers as the learning-option dynamic_q kept.
 
-    python -m tyingrun.ablations [--scale cpu|paper|learn] [--seeds 0,1,2] [--out DIR] [override ...]
+``--scale recursive`` is the recursive-conversion study (docs/method.md#the-conversion-study): stage 1 trains the
+parent; stage 2 converts each seed's parent into half as many unique blocks under every ``policy.init`` with and
+without LoRA and continues training each for the parent's steps, beside the parent continued for those steps and a
+model with as many layers as unique blocks trained from scratch for both spans together.
+
+    python -m tyingrun.ablations [--scale cpu|paper|learn|recursive] [--seeds 0,1,2] [--out DIR] [override ...]
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
+from tyingrun.config import CHOICES
 from tyingrun.files import ARMS_FILE, SUMMARY_FILE, read_json, write_json_atomic
 from tyingrun.report import write_report
 
@@ -72,6 +78,24 @@ LEARN_STAGE_1: Arms = {
 }
 
 
+# The conversion study (--scale recursive, +experiment=recursive_cpu, which names each run's folder by its seed, so a
+# conversion reads the parent of its own seed): every policy.init, strict (rank 0) and relaxed by LoRA of this rank.
+RECURSIVE_RANKS = (0, 8)
+RECURSIVE_STAGE_1: Arms = {"parent": (["policy=none"], "the parent: the source model, conventional training")}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What stage 2 is built from: the source arm's folder, its layers, the independent layers it kept (the mean over
+    seeds, rounded), its steps and the summary of its seed with the lowest validation loss."""
+
+    arm_dir: Path
+    n_layer: int
+    kept: int
+    steps: int
+    best: Path
+
+
 def nearest(legal: List[int], wanted: int) -> int:
     """The legal count closest to ``wanted``; on a tie the smaller, so the pattern never gets the larger budget."""
     return min(legal, key=lambda n: (abs(n - wanted), n))
@@ -109,25 +133,56 @@ def learn_stage_2(n_layer: int, kept: int, learned_map: Path) -> Arms:
     return {arm: arms[arm] for arm in ("from_file_learned_map", "cyclic", "sequential")}
 
 
+def recursive_stage_2(parent: Outcome) -> Arms:
+    """Each seed's parent converted into half as many unique blocks under every init and rank, and the two controls."""
+    blocks, steps = parent.n_layer // 2, parent.steps
+    source = f"train.init_from={hydra_string(str(parent.arm_dir) + '/${train.seed}')}"
+    arms: Arms = {
+        "parent_continued": (["policy=none", source],
+                             f"the parent trained {steps} more steps from its final weights, on a fresh schedule as "
+                             f"every conversion"),
+        "scratch": (["policy=none", f"model.n_layer={blocks}", f"train.max_steps={2 * steps}"],
+                    f"a conventional model with as many layers as the converted models have unique blocks ({blocks}), "
+                    f"trained from scratch for the parent's and the continuation's steps together"),
+    }
+    for rank in RECURSIVE_RANKS:
+        for init in CHOICES["policy.init"]:
+            relaxed = f"relaxed by LoRA of rank {rank}" if rank else "strictly tied"
+            arms[f"recursive_{init}_r{rank}"] = (
+                ["policy=recursive", f"policy.n_sets={blocks}", f"policy.init={init}", f"policy.lora_rank={rank}",
+                 source],
+                f"the parent converted into {blocks} unique blocks (cycle), initialised {init}, {relaxed}, then "
+                f"trained {steps} steps")
+    return arms
+
+
 @dataclass(frozen=True)
 class Study:
     """What ``--scale`` runs: the experiment preset, the stage-1 arms, the stage-1 arm whose outcome stage 2 copies,
-    the stage-2 arms built from it, and environment variables for the runs (unless already set)."""
+    the stage-2 arms built from it, the default seeds, and environment variables for the runs (unless already set)."""
 
     experiment: str
     stage_1: Arms
     source: str
-    stage_2: Callable[[int, int, Path], Arms]
+    stage_2: Callable[[Outcome], Arms]
+    seeds: str = "0,1,2"
     env: Dict[str, str] = field(default_factory=dict)
+
+
+def _copying(build: Callable[[int, int, Path], Arms]) -> Callable[[Outcome], Arms]:
+    """A stage 2 that copies the learned arm's budget and best map."""
+    return lambda outcome: build(outcome.n_layer, outcome.kept, outcome.best)
 
 
 PAPER_STAGE_1: Arms = {arm: (overrides, "") for arm, overrides in STAGE_1.items()}
 STUDIES = {
-    "cpu": Study("ablation_cpu", PAPER_STAGE_1, "dynamic_q", stage_2),
-    "paper": Study("ablation_paper", PAPER_STAGE_1, "dynamic_q", stage_2),
+    "cpu": Study("ablation_cpu", PAPER_STAGE_1, "dynamic_q", _copying(stage_2)),
+    "paper": Study("ablation_paper", PAPER_STAGE_1, "dynamic_q", _copying(stage_2)),
     # One thread per run: at this size threads mostly wait on each other, and on cores shared with other work a
     # second thread made a step several times slower.
-    "learn": Study("dlt_learning", LEARN_STAGE_1, "dynamic_q_learning", learn_stage_2, {"OMP_NUM_THREADS": "1"}),
+    "learn": Study("dlt_learning", LEARN_STAGE_1, "dynamic_q_learning", _copying(learn_stage_2),
+                   env={"OMP_NUM_THREADS": "1"}),
+    "recursive": Study("recursive_cpu", RECURSIVE_STAGE_1, "parent", recursive_stage_2, seeds="0,1"),
 }
 
 
@@ -138,14 +193,14 @@ def hydra_string(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def dynamic_q_outcome(arm_dir: Path) -> Optional[Tuple[int, int, Path]]:
-    """(layers, independent layers at the end rounded over seeds, the best seed's summary) of a learned arm."""
+def arm_outcome(arm_dir: Path) -> Optional[Outcome]:
+    """What a finished stage-1 arm ended with, over its seeds (None when no seed finished)."""
     summaries = {path: read_json(path) for path in sorted(arm_dir.glob(f"*/{SUMMARY_FILE}"))}
     if not summaries:
         return None
     kept = round(statistics.fmean(s["independent_layers"] for s in summaries.values()))
     best = min(summaries, key=lambda path: summaries[path]["val_loss"])
-    return summaries[best]["n_layer"], kept, best
+    return Outcome(arm_dir, summaries[best]["n_layer"], kept, summaries[best]["steps"], best)
 
 
 def sweep(arm_dir: Path, arm: str, overrides: List[str], env: Optional[Dict[str, str]] = None) -> int:
@@ -181,17 +236,17 @@ def run_ablations(scale: str, seeds: str, out_dir: Path, extra: List[str]) -> in
     """Both stages and the report; returns 0 when every job finished, 1 otherwise."""
     study = STUDIES[scale]
     common = [f"+experiment={study.experiment}", *extra]
+    seeds = seeds or study.seeds
     failed = run_stage(out_dir, study.stage_1, 1, common, seeds, study.env)
     source = study.source
-    outcome = dynamic_q_outcome(out_dir / f"{list(study.stage_1).index(source) + 1:02d}_{source}")
+    outcome = arm_outcome(out_dir / f"{list(study.stage_1).index(source) + 1:02d}_{source}")
     if outcome is None:
         print(f"no {source} run finished: skipping the arms built from its outcome", file=sys.stderr)
         failed.append("stage 2")
     else:
-        n_layer, kept, learned_map = outcome
-        print(f"\n{source} kept {kept} of {n_layer} layers independent; best map: {learned_map}", flush=True)
-        failed += run_stage(out_dir, study.stage_2(n_layer, kept, learned_map), len(study.stage_1) + 1, common, seeds,
-                            study.env)
+        print(f"\n{source} kept {outcome.kept} of {outcome.n_layer} layers independent; best seed: {outcome.best}",
+              flush=True)
+        failed += run_stage(out_dir, study.stage_2(outcome), len(study.stage_1) + 1, common, seeds, study.env)
     write_report([out_dir])
     if failed:
         print(f"ablations: jobs failed in {', '.join(failed)} (see above and {out_dir / 'report.md'})",
@@ -203,8 +258,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tyingrun.ablations", description=__doc__.splitlines()[0])
     parser.add_argument("--scale", choices=tuple(STUDIES), default="cpu",
                         help="cpu: 8x128 GPT-2 on pydoc (~30 min on 2 cores); paper: 48x1600 on WikiText-2 (GPUs); "
-                             "learn: the learning study, 6x64 GPT-2 on pydoc (~30 min on 2 cores)")
-    parser.add_argument("--seeds", default="0,1,2", help="train.seed values, comma-separated (default 0,1,2)")
+                             "learn: the learning study, 6x64 GPT-2 on pydoc (~30 min on 2 cores); recursive: the "
+                             "conversion study, an 8x128 GPT-2 parent on pydoc (~30 min on 2 cores)")
+    parser.add_argument("--seeds", help="train.seed values, comma-separated (default 0,1,2; recursive: 0,1)")
     parser.add_argument("--out", type=Path, help="default: outputs/ablations/<scale>-<date>_<time>")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. train.max_steps=20")
     args = parser.parse_args(argv)

@@ -28,6 +28,7 @@ from tyingrun.config import RESUMABLE_KEYS, register_configs, reject_unknown_key
 from tyingrun.errors import EXIT_BAD_INPUT, EXIT_FAILED, BadInput, fail
 from tyingrun.files import CONFIG_FILE, NOT_RUN_FILES, OVERRIDES_FILE, FolderInUse, lock_folder
 from tyingrun.run_status import write_status
+from tyingrun.sweep import unstarted_notice
 from tyingrun.train.distributed import broadcast_object, init_from_env, launched_by_torchrun, leave_process_group
 from tyingrun.train.signals import StopNow
 
@@ -66,7 +67,8 @@ def describe_failure(err: Exception) -> Tuple[str, int]:
 
 # What this process knows of its run folder: held (the lock's descriptor), the snapshot a failed resume restores,
 # and whether training began (from then on the folder is the run's own record, never restored).
-FOLDER: Dict[str, Any] = {"dir": None, "lock": None, "snapshot": None, "training": False}
+# "sweep_job": (sweep folder, job number) of a job that an in-process sweep runs, whose stop ends the sweep.
+FOLDER: Dict[str, Any] = {"dir": None, "lock": None, "snapshot": None, "training": False, "sweep_job": None}
 # The files a failed resume must leave as they were (a log is cut back to its old length).
 SNAPSHOT_FILES = (".hydra/config.yaml", ".hydra/hydra.yaml", OVERRIDES_FILE, "status.json", "summary.json")
 SNAPSHOT_LOGS = ("run.log", "metrics.jsonl", "maps.jsonl")
@@ -181,9 +183,12 @@ def _hydra_main(cfg: DictConfig) -> float:
     from tyingrun.run import build_parts, execute
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    if HydraConfig.get().mode == RunMode.MULTIRUN and is_main_process():
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN and is_main_process():
         FOLDER["lock"] = None
         hold_folder(out_dir, "job folder")
+        if hydra_cfg.launcher._target_.endswith("BasicLauncher"):
+            FOLDER["sweep_job"] = (Path(hydra_cfg.sweep.dir), hydra_cfg.job.num)
     try:
         reject_unknown_keys(cfg)
         parts = build_parts(OmegaConf.to_object(cfg), out_dir)
@@ -323,6 +328,10 @@ def main() -> None:
             fail(f"cannot write the run folder: {' '.join(str(err).split())}")
         finally:
             leave_process_group()
+    except SystemExit as stop:
+        if isinstance(stop.code, int) and stop.code > 128:  # a run that checkpointed after a stop signal
+            announce_unstarted_jobs()
+        raise
     except KeyboardInterrupt as err:
         signum = getattr(err, "signum", signal.SIGINT)
         name = signal.Signals(signum).name
@@ -333,8 +342,17 @@ def main() -> None:
             restore_snapshot()
             where = "during start-up; nothing was saved yet"
         sys.stderr.write(f"tyingrun: stopped by {name} {where}\n")
+        announce_unstarted_jobs()
         sys.stderr.flush()
         os._exit(128 + signum)
+
+
+def announce_unstarted_jobs() -> None:
+    """After a stop signal in a job of an in-process sweep: name the jobs that will not start."""
+    if FOLDER["sweep_job"] is not None:
+        line = unstarted_notice(*FOLDER["sweep_job"])
+        if line:
+            sys.stderr.write(line + "\n")
 
 
 def resume_argument(folder: Optional[Path]) -> str:

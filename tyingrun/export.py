@@ -3,36 +3,20 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
 from tyingrun.errors import BadInput, fail
-from tyingrun.files import WEIGHTS_FILE, read_tensors
 from tyingrun.models.gpt2 import GPT2
 from tyingrun.models.hf_gpt2 import to_hf
-from tyingrun.run import build_model, load_run_config
-from tyingrun.train import recursive
-from tyingrun.train.checkpoint import latest_checkpoint
-from tyingrun.train.init_from import init_from
+from tyingrun.run import load_checkpointed_model
 
 
 def load_run_model(run_dir: Path) -> GPT2:
-    """The run's GPT-2, rebuilt from its config, with the weights and tying map of its newest checkpoint."""
-    cfg = load_run_config(run_dir)
+    """The run's GPT-2 with the weights and tying map of its newest checkpoint, LoRA corrections merged."""
+    cfg, _, model, _ = load_checkpointed_model(run_dir, "export")
     if cfg.model.name != "gpt2":
         raise BadInput(f"{run_dir} trained model={cfg.model.name}; only GPT-2 runs export to Hugging Face GPT-2")
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
-        raise BadInput(f"{run_dir} has no checkpoint to export; let the run finish (or resume it) first")
-    # The vocabulary came from the run's tokenizer; the checkpoint knows its size without rebuilding the data.
-    token_embedding = read_tensors(checkpoint / WEIGHTS_FILE).get("tokens.wte.weight")
-    if token_embedding is None:
-        raise BadInput(f"checkpoint {checkpoint} holds no token embedding; it is not of a GPT-2")
-    model = build_model(replace(cfg.model, vocab_size=len(token_embedding)), None, cfg.policy.grad,
-                        *recursive.stack_sharing(cfg.policy))
-    recursive.prepare(model, cfg.policy)
-    init_from(model, checkpoint)
     if model.stack.has_lora:
         # policy=recursive: each slot's weights become W + B A, every slot its own (Hugging Face GPT-2 has no ties).
         model.stack.merge_lora()

@@ -8,54 +8,24 @@ slot's shared tensors cost nothing: they are its root's). The rows add up to ``t
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
 
 import torch
 
 from tyingrun.errors import BadInput, fail
-from tyingrun.files import WEIGHTS_FILE, read_tensors, storage_key
-from tyingrun.run import build_model, load_run_config
-from tyingrun.train import recursive
-from tyingrun.train.checkpoint import latest_checkpoint, load_weights, read_state
-from tyingrun.train.freeze import freeze_tensors
+from tyingrun.files import storage_key
+from tyingrun.run import load_checkpointed_model
 from tyingrun.train.optim import build_optimizer, sync_optimizer
 from tyingrun.tying import counts
 
 CPU = torch.device("cpu")
 
 
-def _shapes(stored: Dict[str, torch.Tensor], checkpoint: Path) -> SimpleNamespace:
-    """What a model builder reads from its data (vocabulary; image size, channels, classes), from the weights."""
-    if "tokens.wte.weight" in stored:
-        return SimpleNamespace(vocab_size=len(stored["tokens.wte.weight"]))
-    if {"patches.weight", "positions", "head.weight"} <= set(stored):
-        _, channels, patch, _ = stored["patches.weight"].shape
-        side = math.isqrt(stored["positions"].shape[1] - 1)
-        return SimpleNamespace(image_size=side * patch, channels=channels, n_classes=len(stored["head.weight"]))
-    raise BadInput(f"checkpoint {checkpoint} holds neither a token embedding nor a patch embedding; it is not "
-                   f"of a tyingrun model")
-
-
 def load_run(run_dir: Path):
     """The run's model (map, flags, weights) and optimizer (state) as its newest checkpoint left them."""
-    cfg = load_run_config(run_dir)
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
-        raise BadInput(f"{run_dir} has no checkpoint to inspect; let the run finish (or resume it) first")
-    stored = read_tensors(checkpoint / WEIGHTS_FILE)
-    shapes = _shapes(stored, checkpoint)
-    model_cfg = replace(cfg.model, vocab_size=getattr(shapes, "vocab_size", cfg.model.vocab_size))
-    _, state = read_state(checkpoint)
-    sharing = state.get("sharing", {"share": cfg.policy.share, "share_norms": cfg.policy.share_norms})
-    model = build_model(model_cfg, shapes, cfg.policy.grad, sharing["share"], sharing["share_norms"])
-    recursive.prepare(model, cfg.policy)
-    freeze_tensors(model, cfg.model.freeze)
-    model.stack.apply_map(state["map"], state["trainable"])
-    load_weights(model, checkpoint / WEIGHTS_FILE)
+    cfg, checkpoint, model, state = load_checkpointed_model(run_dir, "inspect")
     optimizer = build_optimizer(model, cfg.train, replace(cfg.hardware, fused_adamw=False), CPU)
     sync_optimizer(optimizer, model)
     try:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import shlex
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, Optional
+from types import SimpleNamespace
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -38,11 +40,12 @@ from tyingrun.policies.base import Policy
 from tyingrun.preflight import preflight
 from tyingrun.seeding import derive_seed
 from tyingrun.train import recursive
-from tyingrun.train.checkpoint import checkpoint_step, latest_checkpoint, read_state, scan_checkpoints
+from tyingrun.train.checkpoint import checkpoint_step, latest_checkpoint, load_weights, read_state, scan_checkpoints
 from tyingrun.train.distributed import SINGLE, Mesh, mesh_for
+from tyingrun.train.freeze import freeze_tensors
 from tyingrun.train.init_from import init_from, init_source
 from tyingrun.train.signals import RunInterrupted
-from tyingrun.train.trainer import Trainer, eval_batch_limit
+from tyingrun.train.trainer import Trainer
 from tyingrun.tying.counts import total_params
 
 
@@ -96,6 +99,38 @@ def build_model(model_cfg: ModelConfig, data: Optional[TrainingData], grad_mode:
     model = MODELS[model_cfg.name].build(model_cfg, data, grad_mode)
     model.stack.set_sharing(share, share_norms)
     return model
+
+
+def checkpoint_shapes(stored: Dict[str, torch.Tensor], checkpoint: Path) -> SimpleNamespace:
+    """What a model builder reads from its data (vocabulary; image size, channels, classes), from saved weights."""
+    if "tokens.wte.weight" in stored:
+        return SimpleNamespace(vocab_size=len(stored["tokens.wte.weight"]))
+    if {"patches.weight", "positions", "head.weight"} <= set(stored):
+        _, channels, patch, _ = stored["patches.weight"].shape
+        side = math.isqrt(stored["positions"].shape[1] - 1)
+        return SimpleNamespace(image_size=side * patch, channels=channels, n_classes=len(stored["head.weight"]))
+    raise BadInput(f"checkpoint {checkpoint} holds neither a token embedding nor a patch embedding; it is not "
+                   f"of a tyingrun model")
+
+
+def load_checkpointed_model(run_dir: Path, purpose: str) -> Tuple[Config, Path, TiedModel, Dict[str, Any]]:
+    """A run's config, newest checkpoint, model as that checkpoint left it (map, flags, weights; no data is built)
+    and the checkpoint's state, for tools that read finished runs (``purpose``: what they do, for the message)."""
+    cfg = load_run_config(run_dir)
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise BadInput(f"{run_dir} has no checkpoint to {purpose}; let the run finish (or resume it) first")
+    stored = read_tensors(checkpoint / WEIGHTS_FILE)
+    shapes = checkpoint_shapes(stored, checkpoint)
+    _, state = read_state(checkpoint)
+    sharing = state.get("sharing", {"share": cfg.policy.share, "share_norms": cfg.policy.share_norms})
+    model_cfg = replace(cfg.model, vocab_size=getattr(shapes, "vocab_size", cfg.model.vocab_size))
+    model = build_model(model_cfg, shapes, cfg.policy.grad, sharing["share"], sharing["share_norms"])
+    recursive.prepare(model, cfg.policy)
+    freeze_tensors(model, cfg.model.freeze)
+    model.stack.apply_map(state["map"], state["trainable"])
+    load_weights(model, checkpoint / WEIGHTS_FILE)
+    return cfg, checkpoint, model, state
 
 
 def check_config(cfg: Config) -> None:
@@ -167,6 +202,7 @@ class RunParts:
     policy: Policy
     checkpoint: Optional[Path]  # the checkpoint a resumed run continues from
     conversion: Optional[Dict[str, Any]] = None  # policy=recursive: what the conversion did (a new run only)
+    source_model: Optional[TiedModel] = None  # policy=recursive: the source, measured beside the converted model
 
 
 def build_parts(cfg: Config, out_dir: Path, data: Optional[TrainingData] = None) -> RunParts:
@@ -187,22 +223,26 @@ def build_parts(cfg: Config, out_dir: Path, data: Optional[TrainingData] = None)
     model = build_model(cfg.model, data, cfg.policy.grad, *stack_sharing(cfg.policy))
     recursive.prepare(model, cfg.policy)
     model = model.to(device)
-    conversion = None
+    conversion, source_model = None, None
     if start is not None and cfg.policy.name == "recursive":
-        conversion = recursive.convert(model, start, cfg.policy)
+        conversion, source_model = recursive.convert(model, start, cfg.policy)
     elif start is not None:
         init_from(model, start)
     # What the global RNGs draw from now on is dropout: a stream of its own on every rank.
     seed_stream(cfg.train.seed, "dropout", mesh.rank)
-    return RunParts(cfg, out_dir, mesh, device, data, model, policy, checkpoint, conversion)
+    return RunParts(cfg, out_dir, mesh, device, data, model, policy, checkpoint, conversion, source_model)
 
 
 def converted_losses(trainer: Trainer, parts: RunParts) -> Dict[str, Any]:
-    """policy=recursive: the converted model's val and test loss before any training step (train.eval_batches
-    batches of each), and what the conversion did."""
-    limit = eval_batch_limit(parts.cfg)
-    losses = {f"converted_{split}_loss": trainer.evaluate(split, limit)[f"{split}_loss"] for split in ("val", "test")}
+    """policy=recursive: what the conversion did, and the val and test loss of the source and of the converted
+    model before any training step, over the whole splits as the final evaluation scores them (so the conversion's
+    own cost is ``converted_test_loss - source_test_loss``)."""
+    losses = {}
+    for name, model in (("source", parts.source_model), ("converted", parts.model)):
+        for split in ("val", "test"):
+            losses[f"{name}_{split}_loss"] = trainer.evaluate(split, None, model)[f"{split}_loss"]
     parts.model.train()
+    parts.source_model = None
     return {"conversion": parts.conversion, **losses}
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
@@ -26,7 +27,7 @@ from tyingrun.config import DatasetConfig
 from tyingrun.contracts import IGNORE_INDEX, Batch
 from tyingrun.data.sampling import ShuffledSampler, TransformedSampler
 from tyingrun.data.splits import spread_sample
-from tyingrun.data.text import Corpus, atomic_output, cache_root, documents_hash, load_corpus, short_hash
+from tyingrun.data.text import Corpus, cache_root, documents_hash, load_corpus, read_cached, short_hash, write_cached
 from tyingrun.data.tokenizer import MASK, document_separator, load_tokenizer
 from tyingrun.errors import BadInput
 from tyingrun.seeding import derive_seed
@@ -168,12 +169,17 @@ def _cached_token_ids(
 ) -> np.ndarray:
     key = short_hash(TOKENS_FORMAT, tokenizer_key, documents_hash(documents), split)
     path = cache_root(cfg) / "tokens" / f"{cfg.name}-{split}-{key}.npy"
-    if path.exists():
-        return np.load(path)
+    cached = read_cached(path, np.load, f"token ids of the {split} split")
+    if cached is not None:
+        return cached
     log.info("tokenizing the %s split of %s (%d documents; cached)", split, cfg.name, len(documents))
     ids = encode_documents(tokenizer, documents, eos)
-    with atomic_output(path) as tmp, open(tmp, "wb") as handle:
-        np.save(handle, ids)
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.save(handle, ids)
+
+    write_cached(path, save)
     return ids
 
 

@@ -23,7 +23,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 from urllib.parse import urlparse
 
 from tyingrun.config import DatasetConfig
@@ -38,6 +38,8 @@ from tyingrun.data.splits import (
 )
 from tyingrun.errors import BadInput
 from tyingrun.files import atomic_path
+
+T = TypeVar("T")
 
 log = logging.getLogger("tyingrun")
 
@@ -97,6 +99,43 @@ def atomic_output(path: Path) -> Iterator[Path]:
             f"cannot write to the cache folder {path.parent} ({error.strerror}); "
             f"set dataset.cache_dir or $TYINGRUN_CACHE to a writable folder"
         ) from error
+
+
+# Beside every cache file: the SHA-256 of its bytes, written after it; a file whose bytes differ is damaged.
+CONTENT_HASH_SUFFIX = ".sha256"
+
+
+def _content_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_cached(path: Path, load: Callable[[Path], T], what: str) -> Optional[T]:
+    """``load(path)`` when the cache holds ``path`` with the content hash ``write_cached`` saved beside it; None
+    when it must be built (again): not there, without its hash (written before hashes, or cut short before its
+    hash was saved), or damaged, which a warning names."""
+    hash_path = path.with_name(path.name + CONTENT_HASH_SUFFIX)
+    if not path.is_file():
+        return None
+    if not hash_path.is_file():
+        log.info("the cached %s %s has no content hash; building it again", what, path)
+        return None
+    if _content_hash(path) != hash_path.read_text().strip():
+        sys.stderr.write(f"tyingrun: warning: the cached {what} {path} is damaged (its content hash differs); "
+                         f"building it again\n")
+        return None
+    return load(path)
+
+
+def write_cached(path: Path, save: Callable[[Path], None]) -> None:
+    """``save`` into ``path`` atomically, then the content hash that ``read_cached`` checks."""
+    with atomic_output(path) as tmp:
+        save(tmp)
+    with atomic_output(path.with_name(path.name + CONTENT_HASH_SUFFIX)) as tmp:
+        tmp.write_text(_content_hash(path))
 
 
 def short_hash(*parts: object) -> str:
@@ -170,15 +209,13 @@ def pydoc_documents(cache: Path) -> NamedDocuments:
     """Help topics plus standard-library docstrings, built once per Python installation and cached."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     path = cache / "corpora" / f"pydoc-{short_hash(PYDOC_FORMAT, sys.version, stdlib)}.json"
-    if path.exists():
-        try:
-            return [(str(name), str(text)) for name, text in json.loads(path.read_text(encoding="utf-8"))]
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError):
-            sys.stderr.write(f"tyingrun: warning: the cached pydoc corpus {path} is damaged; building it again\n")
+    cached = read_cached(path, lambda p: [(str(name), str(text)) for name, text in json.loads(p.read_text("utf-8"))],
+                         "pydoc corpus")
+    if cached is not None:
+        return cached
     log.info("building the pydoc corpus from %s (once; cached in %s)", stdlib, path.parent)
     documents = _help_topics() + _stdlib_docstrings(stdlib)
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(documents), encoding="utf-8")
+    write_cached(path, lambda tmp: tmp.write_text(json.dumps(documents), encoding="utf-8"))
     return documents
 
 

@@ -12,13 +12,14 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from tyingrun.config import DatasetConfig
 from tyingrun.data.text import (
     Corpus,
-    atomic_output,
     cache_root,
     documents_hash,
     first_line,
     go_offline_unless_hub_reachable,
     hub_offline,
+    read_cached,
     short_hash,
+    write_cached,
 )
 from tyingrun.errors import BadInput
 
@@ -94,12 +95,12 @@ def _cached_trained(
 ) -> Tokenizer:
     key = short_hash(version, cfg.vocab_size, documents_hash(corpus.train))
     path = cache_root(cfg) / "tokenizers" / f"{kind}-{cfg.vocab_size}-{key}.json"
-    if path.exists():
-        return Tokenizer.from_file(str(path))
+    cached = read_cached(path, lambda p: Tokenizer.from_file(str(p)), f"{kind} tokenizer")
+    if cached is not None:
+        return cached
     log.info("training a %s tokenizer (vocab %d) on %s (once; cached)", kind, cfg.vocab_size, corpus.name)
     tokenizer = train(corpus.train, cfg.vocab_size)
-    with atomic_output(path) as tmp:
-        tokenizer.save(str(tmp))
+    write_cached(path, lambda tmp: tokenizer.save(str(tmp)))
     return tokenizer
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import statistics
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -18,7 +19,7 @@ SPLITS = ("test", "val")
 AVERAGED = (
     "trainable_params", "trainable_params_mean", "independent_layers", "independent_layers_mean",
     "trainable_layers", "trainable_layers_mean", "train_state_bytes", "peak_tensor_bytes", "peak_state_bytes",
-    "peak_other_bytes", "peak_memory_bytes", "wall_time_s",
+    "peak_other_bytes", "peak_memory_bytes", "stored_params", "train_flops_per_token", "wall_time_s",
     "tokens_per_s", "samples_per_s", "val_tokens", "test_tokens", "val_samples", "test_samples",
     "decisions", "final_epsilon", "clipped_reward_fraction",
     # Evidence that a learned policy learned (docs/method.md#learning-diagnostics).
@@ -65,6 +66,17 @@ def quality_columns(runs: Sequence[Run]) -> Dict[str, Any]:
                 # The mean under the summary key's own name: the column report.csv had before the intervals.
                 columns[key] = found.mean
             columns.update(estimate_columns(key, found))
+    return columns
+
+
+def conversion_columns(runs: Sequence[Run]) -> Dict[str, Any]:
+    """policy=recursive: test perplexity of the source and of the converted model before training, with intervals
+    (where every run of the group has them)."""
+    columns: Dict[str, Any] = {}
+    for stage in ("source", "converted"):
+        losses = _values(runs, f"{stage}_test_loss")
+        if losses and len(losses) == len(runs):
+            columns.update(estimate_columns(f"{stage}_test_ppl", estimate([math.exp(loss) for loss in losses])))
     return columns
 
 
@@ -134,6 +146,7 @@ def group_row(group: Group, reference: Optional[Group] = None) -> Dict[str, Any]
         "label": group.label, "n_layer": settings["model.n_layer"], "seeds": len(runs),
     }
     row.update(quality_columns(runs))
+    row.update(conversion_columns(runs))
     row.update(paired_columns(group, reference))
     for key in AVERAGED:
         values = _values(runs, key)
@@ -242,6 +255,8 @@ QUALITY: Tuple[Column, ...] = (
     ("val PPL ± 95% CI", "val_ppl_mean", lambda r: _quality(r, "val_ppl", 2)),
     ("test acc ± 95% CI", "test_acc_mean", lambda r: _quality(r, "test_acc", 4)),
     ("val acc ± 95% CI", "val_acc_mean", lambda r: _quality(r, "val_acc", 4)),
+    ("source test PPL", "source_test_ppl_mean", lambda r: _quality(r, "source_test_ppl", 2)),
+    ("test PPL after conversion", "converted_test_ppl_mean", lambda r: _quality(r, "converted_test_ppl", 2)),
     ("Δ PPL vs {reference}", "val_ppl_mean", lambda r: _paired(r, 2)),
     ("Δ acc vs {reference}", "val_acc_mean", lambda r: _paired(r, 4)),
     ("pairs", "paired_n", lambda r: str(r["paired_n"])),
@@ -260,6 +275,8 @@ COST: Tuple[Column, ...] = (
     ("trainable params (end/mean)", "trainable_params", lambda r: _pair(r, "trainable_params", human_count)),
     ("indep. layers (end/mean)", "independent_layers", lambda r: _pair(r, "independent_layers", "{:.3g}".format)),
     ("trainable layers (end/mean)", "trainable_layers", lambda r: _pair(r, "trainable_layers", "{:.3g}".format)),
+    ("stored params", "stored_params", lambda r: human_count(r["stored_params"])),
+    ("train FLOPs/token", "train_flops_per_token", lambda r: human_count(r["train_flops_per_token"])),
     ("train state", "train_state_bytes", lambda r: _bytes(r["train_state_bytes"])),
     ("peak tensors (state + other)", "peak_tensor_bytes", _peak_tensors),
     ("peak memory", "peak_memory_bytes",

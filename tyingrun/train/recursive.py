@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -119,8 +119,10 @@ def _svd_factors(delta: torch.Tensor, rank: int, scale: float):
 
 
 @torch.no_grad()
-def convert(model: nn.Module, source: Path, cfg: PolicyConfig) -> Dict[str, object]:
-    """Load ``source`` into ``model`` as policy=recursive's converted model; returns what the summary records."""
+def convert(model: nn.Module, source: Path, cfg: PolicyConfig) -> Tuple[Dict[str, object], nn.Module]:
+    """Load ``source`` into ``model`` as policy=recursive's converted model; returns what the summary records and
+    the source itself (every slot its own, no LoRA), so that its own losses can be measured beside the converted
+    model's."""
     check_source(model, source, cfg)
     stack = model.stack
     n_layer = len(stack)
@@ -161,5 +163,6 @@ def convert(model: nn.Module, source: Path, cfg: PolicyConfig) -> Dict[str, obje
                 b, a = _svd_factors(layers[slot][name] - param, lora.A.shape[0], lora.scale)
                 lora.B.copy_(b)
                 lora.A.copy_(a)
-    return {"source": str(source), "pattern": cfg.pattern, "n_sets": cfg.n_sets, "init": cfg.init,
+    info = {"source": str(source), "pattern": cfg.pattern, "n_sets": cfg.n_sets, "init": cfg.init,
             "lora_rank": cfg.lora_rank, "init_layers": {str(root): layers_ for root, layers_ in chosen.items()}}
+    return info, original

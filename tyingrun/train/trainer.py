@@ -210,19 +210,21 @@ class Trainer:
         return value
 
     @torch.no_grad()
-    def _measure(self, batches, shard: bool = False) -> Dict[str, float]:
-        """Mean loss over the items of ``batches`` in eval mode; accuracy too for models that report it.
+    def _measure(self, batches, shard: bool = False, model: Optional[TiedModel] = None) -> Dict[str, float]:
+        """Mean loss over the items of ``batches`` in eval mode, of the trained model or of ``model``; accuracy too
+        for models that report it.
 
         ``shard``: under data parallelism each rank measures every world_size-th batch and the sums are
         reduced, so every rank gets the same result.
         """
-        self.model.eval()
+        model = self.model if model is None else model
+        model.eval()
         total, count, correct, has_accuracy = 0.0, 0, 0, False
         for index, batch in enumerate(batches):
             if shard and index % self.mesh.world_size != self.mesh.rank:
                 continue
             with self.autocast():
-                loss, n_items, n_correct = self.model.loss(self._to_device(batch))
+                loss, n_items, n_correct = model.loss(self._to_device(batch))
             total += loss.item() * n_items
             count += n_items
             if n_correct is not None:
@@ -235,10 +237,11 @@ class Trainer:
         """The loss on ``batch`` (one the policy kept from the reward stream), or on the reward stream's next batch."""
         return self._measure([self.score_sampler.next_batch() if batch is None else batch])["loss"]
 
-    def evaluate(self, split: str, limit: Optional[int]) -> Dict[str, float]:
-        """``{split}_loss`` and ``{split}_ppl`` (or ``{split}_acc``) over ``limit`` batches of the split (None: all)."""
+    def evaluate(self, split: str, limit: Optional[int], model: Optional[TiedModel] = None) -> Dict[str, float]:
+        """``{split}_loss`` and ``{split}_ppl`` (or ``{split}_acc``) over ``limit`` batches of the split (None: all),
+        of the trained model or of another ``model`` on the same protocol."""
         batches = self.data.eval_batches(split, self.cfg.train.batch_size, limit)
-        measured = self._measure(batches, shard=True)
+        measured = self._measure(batches, shard=True, model=model)
         quality = {f"{split}_acc": measured["acc"]} if "acc" in measured else {
             f"{split}_ppl": perplexity(measured["loss"])}
         return {f"{split}_loss": measured["loss"], **quality}
@@ -395,7 +398,7 @@ class Trainer:
             "train_state_bytes": train_state_bytes(self.model, self.optimizer),
             "unique_blocks": unique_blocks(self.model),
             "train_flops_per_token": train_flops_per_token(
-                self.model, sequence_length(self.model, self.cfg.dataset.block_size)),
+                self.model, sequence_length(self.model, self.cfg.dataset.block_size), self.cfg.train.batch_size),
             **self.peak_tensors,
             "wall_time_s": self.elapsed_before + time.perf_counter() - started,
             f"{self.data.unit}_per_s": self.throughput.rate,

@@ -8,6 +8,11 @@ score and value products, ``attention_flops_per_token`` forward (4 * seq_len * w
 the kernels compute it), three times that for forward and backward. A patch embedding (Conv2d) counts like a
 linear map per patch. Embedding lookups cost nothing; the output head (a tied LM head is the embedding matrix)
 is counted at every position.
+
+A slot with LoRA corrections (policy=recursive) computes with ``W + scale * B @ A``: its weight gradient is computed
+wherever the corrections train (they learn through it), and the products ``B @ A`` and their two gradients
+(6 * r * w, or 2 * r * w forward only when the corrections are frozen) run once per step, so they are spread over
+the step's ``batch_size * seq_len`` tokens.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Optional
 
 from torch import nn
 
-from tyingrun.tying.stack import TiedStack
+from tyingrun.tying.stack import TiedStack, lora_key
 
 
 def _matmul_flops(module: nn.Module, seq_len: int, skip: Optional[set] = None) -> int:
@@ -33,6 +38,21 @@ def _matmul_flops(module: nn.Module, seq_len: int, skip: Optional[set] = None) -
     return flops
 
 
+def _slot_flops(stack: TiedStack, slot: int, seq_len: int, tokens_per_step: int) -> float:
+    module, corrections = stack.runs(slot), stack.lora[slot]
+    flops = float(_matmul_flops(module, seq_len))
+    for name, sub in module.named_modules():
+        key = lora_key(f"{name}.weight")
+        if not isinstance(sub, nn.Linear) or key not in corrections:
+            continue
+        weights, rank = sub.weight.numel(), corrections[key].A.shape[0]
+        trains = corrections[key].A.requires_grad
+        if trains and not sub.weight.requires_grad:
+            flops += 2 * weights
+        flops += (6 if trains else 2) * rank * weights / tokens_per_step
+    return flops
+
+
 def sequence_length(model: nn.Module, block_size: int) -> int:
     """Tokens per training sequence: ``block_size`` for language models; patches + class token for a ViT (its
     learned ``positions`` table is [1, tokens, width])."""
@@ -40,14 +60,15 @@ def sequence_length(model: nn.Module, block_size: int) -> int:
     return int(positions.shape[1]) if isinstance(positions, nn.Parameter) else int(block_size)
 
 
-def train_flops_per_token(model: nn.Module, seq_len: int) -> int:
-    """Forward + backward FLOPs of one training token under the stack's current map, gradient mode and flags."""
+def train_flops_per_token(model: nn.Module, seq_len: int, batch_size: int) -> int:
+    """Forward + backward FLOPs of one training token under the stack's current map, gradient mode and flags, for
+    steps of ``batch_size`` sequences."""
     stacks = [m for m in model.modules() if isinstance(m, TiedStack)]
-    flops, inside = 0, set()
+    flops, inside = 0.0, set()
     for stack in stacks:
         inside |= {id(m) for m in stack.modules()}
-        flops += sum(_matmul_flops(stack.runs(slot), seq_len) for slot in range(len(stack)))
-    return flops + _matmul_flops(model, seq_len, skip=inside)
+        flops += sum(_slot_flops(stack, slot, seq_len, batch_size * seq_len) for slot in range(len(stack)))
+    return round(flops + _matmul_flops(model, seq_len, skip=inside))
 
 
 def unique_blocks(model: nn.Module) -> int:

@@ -213,7 +213,8 @@ class TiedStack(nn.Module):
                 _set_parameter(self.blocks[slot], name, nn.Parameter(param.detach().clone()))
 
     def _bind(self) -> None:
-        """Alias every tied slot's shared tensors to its root and set ``requires_grad`` from the trainable flags.
+        """Alias every tied slot's shared tensors to its root and set ``requires_grad`` of the slot's own tensors and
+        LoRA corrections from the trainable flags.
 
         Roots come before the slots tied to them (``src[i] <= i``), so a root's flags are set before it is shared.
         Under ``shared`` partial sharing a tied slot holds the root's Parameter objects themselves (its own module
@@ -229,9 +230,8 @@ class TiedStack(nn.Module):
                     shared = root_params[name] if same_objects else nn.Parameter(root_params[name].detach(),
                                                                                  requires_grad=False)
                     _set_parameter(block, name, shared)
-            for name, param in block.named_parameters():
-                if root != slot and name in self.shared:
-                    continue
+            own = [param for name, param in block.named_parameters() if root == slot or name not in self.shared]
+            for param in [*own, *self.lora[slot].parameters()]:
                 param.requires_grad_(self.trainable[slot])
                 if not self.trainable[slot]:
                     param.grad = None
