@@ -34,6 +34,7 @@ from tyingrun.report.tables import (
     write_csv,
 )
 
+FILE_WIDTH_LIMIT = 1000
 TABLE_LEGEND = ("±: half-width of the 95% t-interval over seeds; Δ: group − reference per shared seed, "
                 "± its 95% t-interval; (ns): that interval contains 0; (val): on val, the runs have no test split")
 
@@ -193,10 +194,13 @@ def write_report(paths: Sequence[Path], out_dir: Optional[Path] = None, console:
     report += "\n".join(["", *write_sharing(groups)])
     (out_dir / "report.md").write_text(report)
 
-    # Files and pipes get the whole table on long lines rather than rich's default of 80 columns.
-    console = console or Console(width=None if sys.stdout.isatty() else 240)
     title = f"{len(runs) - len(unfinished)} finished runs in {len(groups)} groups"
-    for table in console_tables(rows, reference, title, TABLE_LEGEND):
+    tables = console_tables(rows, reference, title, TABLE_LEGEND)
+    # Files and pipes get each table whole, on lines as long as it needs (rich squeezes a table wider than the
+    # console, its free-text column first, down to nothing).
+    console = console or Console(width=None if sys.stdout.isatty() else max(
+        Console(width=FILE_WIDTH_LIMIT).measure(table).maximum for table in tables))
+    for table in tables:
         console.print(table)
     for line in [row["learning_warning"] for row in rows if row["learning_warning"]]:
         console.print(line, highlight=False, markup=False)
