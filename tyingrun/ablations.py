@@ -178,11 +178,12 @@ PAPER_STAGE_1: Arms = {arm: (overrides, "") for arm, overrides in STAGE_1.items(
 STUDIES = {
     "cpu": Study("ablation_cpu", PAPER_STAGE_1, "dynamic_q", _copying(stage_2)),
     "paper": Study("ablation_paper", PAPER_STAGE_1, "dynamic_q", _copying(stage_2)),
-    # One thread per run: at this size threads mostly wait on each other, and on cores shared with other work a
-    # second thread made a step several times slower.
+    # One thread per run (learn, recursive): at these sizes threads mostly wait on each other, and on cores shared
+    # with other work a second thread made a step several times slower.
     "learn": Study("dlt_learning", LEARN_STAGE_1, "dynamic_q_learning", _copying(learn_stage_2),
                    env={"OMP_NUM_THREADS": "1"}),
-    "recursive": Study("recursive_cpu", RECURSIVE_STAGE_1, "parent", recursive_stage_2, seeds="0,1"),
+    "recursive": Study("recursive_cpu", RECURSIVE_STAGE_1, "parent", recursive_stage_2, seeds="0,1",
+                       env={"OMP_NUM_THREADS": "1"}),
 }
 
 

@@ -182,8 +182,8 @@ class RunFolderCallback(Callback):
 def _hydra_main(cfg: DictConfig) -> float:
     from tyingrun.run import build_parts, execute
 
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
     hydra_cfg = HydraConfig.get()
+    out_dir = Path(hydra_cfg.runtime.output_dir)
     if hydra_cfg.mode == RunMode.MULTIRUN and is_main_process():
         FOLDER["lock"] = None
         hold_folder(out_dir, "job folder")
