@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tyingrun.errors import BadInput
+from tyingrun.files import unique_weights
 from tyingrun.train.checkpoint import save_checkpoint
 from tyingrun.train.init_from import init_from, init_source
 from tyingrun.tying import counts, maps
@@ -17,7 +18,7 @@ from .conftest import lm_batch, run_folder, small_lm_config, tiny_gpt2
 
 def saved(model, run_dir):
     state = {"map": list(model.stack.src), "trainable": list(model.stack.trainable)}
-    return save_checkpoint(run_dir, 7, model, state, keep=1)
+    return save_checkpoint(run_dir, 7, unique_weights(model), state, keep=1)
 
 
 def sharing(model):

@@ -10,10 +10,17 @@ TINY = [
 ]
 
 
-def run(cli, run_dir, *overrides, ranks=1):
-    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)) if ranks > 1 else ()
-    hardware = "hardware=ddp" if ranks > 1 else "hardware=cpu"
-    cli(*TINY, hardware, *overrides, f"hydra.run.dir={run_dir}", entry=(*launcher, "-m", "tyingrun.cli"), expect=0)
+LAUNCHER = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node")
+
+
+def run(cli, run_dir, *overrides, ranks=1, parallel="ddp"):
+    """A TINY run on the CPU: one process, or ``ranks`` gloo ranks under hardware=``parallel`` (ddp or fsdp). Each
+    process computes on one thread, as torchrun sets it for its ranks: a run's time does not depend on what else
+    keeps the cores busy (a spinning second thread of one process is slow on a busy machine)."""
+    launcher = (*LAUNCHER, str(ranks)) if ranks > 1 else ()
+    hardware = f"hardware={parallel}" if ranks > 1 else "hardware=cpu"
+    cli(*TINY, hardware, *overrides, f"hydra.run.dir={run_dir}", entry=(*launcher, "-m", "tyingrun.cli"), expect=0,
+        env={"OMP_NUM_THREADS": "1"})
     return run_dir
 
 
@@ -54,7 +61,7 @@ def test_ddp_without_torchrun_is_one_clear_line(tmp_path, cli):
 
 @pytest.mark.slow
 def test_batch_that_does_not_split_over_the_ranks_is_refused_before_any_data(tmp_path, cli):
-    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tyingrun.cli")
+    launcher = (*LAUNCHER, "2", "-m", "tyingrun.cli")
     result = cli("hardware=ddp", "train.batch_size=7", "dataset=text_files", "dataset.files=[/no/such.txt]",
                  f"hydra.run.dir={tmp_path}", entry=launcher)
     assert result.returncode != 0

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tyingrun.config import HardwareConfig, TrainConfig
-from tyingrun.files import read_tensors
+from tyingrun.files import read_tensors, unique_weights
 from tyingrun.train.checkpoint import save_checkpoint
 from tyingrun.train.init_from import init_from
 from tyingrun.train.optim import build_optimizer, optimizer_parameters, sync_optimizer
@@ -180,7 +180,7 @@ def test_checkpoint_stores_each_storage_once_and_reloads_the_same_aliasing(tmp_p
     original = shared_model(share, grad_mode, maps.cyclic(4, 2))
     state = {"map": list(original.stack.src), "trainable": list(original.stack.trainable),
              "sharing": original.stack.sharing}
-    checkpoint = save_checkpoint(tmp_path, 3, original, state, keep=1)
+    checkpoint = save_checkpoint(tmp_path, 3, unique_weights(original), state, keep=1)
     stored = read_tensors(checkpoint / "model.safetensors")
     assert sum(t.numel() for t in stored.values()) == counts.stored_params(original)
     assert not any(name.startswith(f"stack.blocks.2.{PART[share]}") for name in stored)

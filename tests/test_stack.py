@@ -8,6 +8,7 @@ import torch
 from tyingrun.config import HardwareConfig, TrainConfig
 from tyingrun.train.optim import build_optimizer, optimizer_parameters, sync_optimizer
 from tyingrun.tying import counts, maps
+from tyingrun.tying.stack import SlotStorage
 
 from .conftest import TINY_MODELS, lm_batch, tiny_gpt2
 
@@ -169,6 +170,35 @@ def test_re_tying_a_root_moves_its_dependents():
         assert torch.equal(before[slot], before[0]) and torch.equal(after[slot], after[0])
     assert not torch.allclose(after[0], before[0])
     assert torch.equal(after[3], before[3]) and not torch.allclose(before[3], before[0])
+
+
+class LoggedStorage(SlotStorage):
+    """The default storage, recording what it is asked; a released tensor's values are gone at once (NaN), as the
+    sharded storage of hardware=fsdp frees them."""
+
+    def __init__(self):
+        self.calls = []
+
+    def own_copy(self, slot, name, shared):
+        self.calls.append(("own_copy", slot))
+        return super().own_copy(slot, name, shared)
+
+    def release(self, slot, name, own):
+        self.calls.append(("release", slot))
+        with torch.no_grad():
+            own.fill_(float("nan"))
+
+
+def test_a_slot_that_unties_copies_its_root_before_that_root_ties_in_the_same_change():
+    model = tiny_gpt2()
+    model.stack.apply_map([0, 1, 1, 3])
+    computing_with = {n: p.detach().clone() for n, p in block_params(model, 1).items()}
+    model.stack.storage = LoggedStorage()
+    model.stack.apply_map([0, 0, 2, 3])  # slot 2 leaves root 1, which ties to 0 in the same change
+    calls = model.stack.storage.calls
+    assert {call[0] for call in calls[:len(calls) // 2]} == {"own_copy"} and calls[-1] == ("release", 1)
+    for name, param in block_params(model, 2).items():
+        assert torch.equal(param, computing_with[name])
 
 
 def test_frozen_layer_keeps_its_weights_and_holds_no_grad_or_state():

@@ -24,7 +24,13 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from tyingrun.config import RESUMABLE_KEYS, register_configs, reject_unknown_keys, unknown_key_message
+from tyingrun.config import (
+    RESUMABLE_KEYS,
+    RESUMABLE_SECTIONS,
+    register_configs,
+    reject_unknown_keys,
+    unknown_key_message,
+)
 from tyingrun.errors import EXIT_BAD_INPUT, EXIT_FAILED, BadInput, fail
 from tyingrun.files import CONFIG_FILE, NOT_RUN_FILES, OVERRIDES_FILE, FolderInUse, lock_folder
 from tyingrun.run_status import write_status
@@ -272,7 +278,7 @@ def refuse_changes(folder: Path, argv: List[str]) -> None:
         if found is None:
             continue
         key = found.key_or_group
-        if key.startswith("hydra") or key in RESUMABLE_KEYS:
+        if key.startswith("hydra") or key in RESUMABLE_KEYS or key.split(".")[0] in RESUMABLE_SECTIONS:
             continue
         value = None if found.is_delete() else found.value()
         if "." not in key:  # a config group: model=..., policy=...
@@ -285,8 +291,8 @@ def refuse_changes(folder: Path, argv: List[str]) -> None:
             continue
         shown = "null" if before is None else before
         fail(f"train.resume continues the run as it was: {key} cannot change (the run has {key}={shown}); "
-             f"a resume may change only {', '.join(k for k in RESUMABLE_KEYS if k != 'train.resume')} - "
-             f"start a new run to change {key}")
+             f"a resume may change only {', '.join(k for k in RESUMABLE_KEYS if k != 'train.resume')} and "
+             f"{', '.join(f'{section}.*' for section in RESUMABLE_SECTIONS)} - start a new run to change {key}")
 
 
 def with_rank_arguments(argv: List[str]) -> List[str]:

@@ -136,6 +136,12 @@ class HardwareConfig:
     name: str = "auto"
     # Train one run data-parallel over the processes torchrun starts (hardware=ddp).
     data_parallel: bool = False
+    # Shard the weights, gradients and optimizer state over those processes with FSDP2 (hardware=fsdp); needs
+    # data_parallel. Without it every rank holds the whole training state (DDP).
+    fsdp: bool = False
+    # fsdp: free each block's gathered weights after its forward and gather them again for its backward (less
+    # memory, one more all-gather per block); false keeps them until the backward.
+    fsdp_reshard_after_forward: bool = True
     # "auto" (cuda when present), "cpu" or "cuda".
     device: str = "auto"
     # Autocast dtype on CUDA: "bf16" or "fp32" (no autocast). The CPU always trains in fp32.
@@ -226,11 +232,14 @@ CHOICES = {
 
 
 # What a resumed run may change: how long it goes on, how often it logs, evaluates and checkpoints, and how it
-# is shown. Everything else is what the run is (model, data, policy, seed, optimizer, ...) and stays.
+# is shown; and, the whole hardware section (RESUMABLE_SECTIONS), what it computes on: a checkpoint is one format
+# whether one process, DDP or FSDP wrote it. Everything else is what the run is (model, data, policy, seed,
+# optimizer, ...) and stays.
 RESUMABLE_KEYS = (
     "train.max_steps", "train.eval_interval", "train.log_interval", "train.checkpoint_interval",
     "train.keep_checkpoints", "train.resume", "log.progress", "log.wandb", "log.wandb_project",
 )
+RESUMABLE_SECTIONS = ("hardware",)
 
 
 def register_configs() -> None:
@@ -287,6 +296,23 @@ def check(cfg: Config) -> None:
     if not 0.0 <= m.dropout < 1.0:
         raise BadInput(f"model.dropout={m.dropout} must be in [0, 1)")
     check_freeze(m)
+    check_hardware(cfg)
+
+
+def check_hardware(cfg: Config) -> None:
+    """hardware.fsdp shards over data-parallel ranks, whole blocks at a time, in eager mode."""
+    h, p = cfg.hardware, cfg.policy
+    if not h.fsdp:
+        return
+    if not h.data_parallel:
+        raise BadInput("hardware.fsdp=true shards over data-parallel ranks; use hardware=fsdp (it also sets "
+                       "hardware.data_parallel=true)")
+    if h.compile:
+        raise BadInput("hardware=fsdp runs eager; drop hardware.compile=true (or use hardware=ddp to compile)")
+    if p.name == "recursive" or p.share != "block":
+        what = "policy=recursive" if p.name == "recursive" else f"policy.share={p.share}"
+        raise BadInput(f"hardware=fsdp shards whole blocks, so a tie must share a whole block; {what} shares part "
+                       f"of one - use hardware=ddp for it")
 
 
 def _in_range(key: str, value: Any, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:

@@ -44,6 +44,7 @@ class TiedModel(Protocol):
     task: str  # the kind of data it trains on: "lm" (token blocks) or "vision" (labelled images)
     stack: TiedStack  # the only place the tying map is applied (TiedStack.apply_map)
 
+    # Computes through the model's own call (``self(...)``): what hooks its forward (FSDP's gathers) sees it all.
     def loss(self, batch: Batch) -> LossResult: ...
 
     # The nn.Module methods the trainer and run call.

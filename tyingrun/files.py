@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from tyingrun.errors import BadInput
 
@@ -129,9 +130,23 @@ def read_jsonl(path: Path) -> List[Any]:
 # ---- weights: each storage once ----
 
 
+def local_view(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of ``tensor`` this process stores: a DTensor's local shard (hardware=fsdp), else the tensor."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def storage_key(tensor: torch.Tensor):
     """What tensors that share one storage (tied layer slots, a tied LM head) have in common."""
-    return tensor.untyped_storage().data_ptr(), tensor.device
+    local = local_view(tensor)
+    return local.untyped_storage().data_ptr(), local.device
+
+
+def placed_like(target: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value``, a whole tensor, placed as ``target`` is: sharded the same way when ``target`` is a DTensor (each
+    rank cuts its own shard, no communication), else ``value`` itself."""
+    if not isinstance(target, DTensor):
+        return value
+    return distribute_tensor(value.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
 
 
 def unique_weights(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -145,8 +160,9 @@ def unique_weights(model: nn.Module) -> Dict[str, torch.Tensor]:
     return weights
 
 
-def save_weights(model: nn.Module, path: Path) -> None:
-    save_file({name: t.cpu().contiguous() for name, t in unique_weights(model).items()}, str(path))
+def save_weights(weights: Dict[str, torch.Tensor], path: Path) -> None:
+    """``weights`` (whole tensors, each storage once, as unique_weights names them) as a safetensors file."""
+    save_file({name: t.cpu().contiguous() for name, t in weights.items()}, str(path))
 
 
 def copy_weights(model: nn.Module, stored: Dict[str, torch.Tensor], source: str) -> None:
@@ -172,7 +188,7 @@ def copy_weights(model: nn.Module, stored: Dict[str, torch.Tensor], source: str)
             )
     with torch.no_grad():
         for name, value in stored.items():
-            targets[name].copy_(value)
+            local_view(targets[name]).copy_(local_view(placed_like(targets[name], value)))
 
 
 def read_tensors(path: Path) -> Dict[str, torch.Tensor]:

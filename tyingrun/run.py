@@ -43,6 +43,7 @@ from tyingrun.train import recursive
 from tyingrun.train.checkpoint import checkpoint_step, latest_checkpoint, load_weights, read_state, scan_checkpoints
 from tyingrun.train.distributed import SINGLE, Mesh, mesh_for
 from tyingrun.train.freeze import freeze_tensors
+from tyingrun.train.fsdp import shard_model
 from tyingrun.train.init_from import init_from, init_source
 from tyingrun.train.signals import RunInterrupted
 from tyingrun.train.trainer import Trainer
@@ -208,7 +209,7 @@ class RunParts:
 def build_parts(cfg: Config, out_dir: Path, data: Optional[TrainingData] = None) -> RunParts:
     """Check everything, then build data (unless given, already built from ``cfg``), model and policy; nothing
     is written yet."""
-    mesh = mesh_for(cfg.hardware.data_parallel, cfg.hardware.device)
+    mesh = mesh_for(cfg.hardware.data_parallel, cfg.hardware.device, "fsdp" if cfg.hardware.fsdp else "ddp")
     preflight(cfg, mesh.world_size)
     if cfg.log.wandb:
         WandbSink.require_login()
@@ -228,6 +229,8 @@ def build_parts(cfg: Config, out_dir: Path, data: Optional[TrainingData] = None)
         conversion, source_model = recursive.convert(model, start, cfg.policy)
     elif start is not None:
         init_from(model, start)
+    if cfg.hardware.fsdp:
+        shard_model(model, cfg.hardware, device)
     # What the global RNGs draw from now on is dropout: a stream of its own on every rank.
     seed_stream(cfg.train.seed, "dropout", mesh.rank)
     return RunParts(cfg, out_dir, mesh, device, data, model, policy, checkpoint, conversion, source_model)

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tyingrun.files import local_view
+
 StateTensors = Callable[[], Iterable[torch.Tensor]]
 
 
@@ -125,6 +127,7 @@ class TensorMemoryTracker(TorchDispatchMode):
         return output
 
     def _see(self, tensor: torch.Tensor, is_new: bool, is_state: bool) -> None:
+        tensor = local_view(tensor)  # a DTensor's bytes here are its shard's (hardware=fsdp)
         if tensor.layout is not torch.strided or tensor.device.type == "meta":
             return
         if not self._counts_device(tensor.device):

@@ -7,7 +7,7 @@ cross-entropy over the labelled positions only, so ``exp(val_loss)`` is the MLM 
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -53,13 +53,15 @@ class BERT(nn.Module):
         """Token logits from final hidden states."""
         return self.tokens.project(self.head_ln(F.gelu(self.head_dense(hidden)))) + self.head_bias
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.predict(self.encode(input_ids))
+    def forward(self, input_ids: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Token logits at every position, or only at ``positions`` (a boolean mask shaped like ``input_ids``)."""
+        hidden = self.encode(input_ids)
+        return self.predict(hidden if positions is None else hidden[positions])
 
     def loss(self, batch: Dict[str, torch.Tensor]) -> LossResult:
         """Mean cross-entropy over the labelled positions (the masked ones in MLM), and their number."""
         labels = batch["labels"]
         targets = labels != IGNORE_INDEX
         # Only the labelled positions go through the head: the others cannot touch the loss, and cost nothing.
-        logits = self.predict(self.encode(batch["input_ids"])[targets])
+        logits = self(batch["input_ids"], targets)
         return LossResult(F.cross_entropy(logits.float(), labels[targets]), int(targets.sum()))

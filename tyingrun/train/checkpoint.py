@@ -38,7 +38,6 @@ from tyingrun.files import (
     read_json,
     read_tensors,
     save_weights,
-    unique_weights,
 )
 
 FORMAT_VERSION = 1
@@ -89,11 +88,13 @@ def load_weights(model: nn.Module, path: Path) -> None:
     copy_weights(model, read_tensors(path), f"checkpoint {path}")
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: Dict[str, Any], keep: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, weights: Dict[str, torch.Tensor], state: Dict[str, Any],
+                    keep: int) -> Path:
     """Write ``checkpoints/step_<step>`` atomically and keep only the newest ``keep`` checkpoints (by the step
-    each records; folders that are not checkpoints of this format are left alone). Weights holding NaN or inf
+    each records; folders that are not checkpoints of this format are left alone). ``weights`` are the model's
+    unique_weights as whole tensors (gathered from the shards under hardware=fsdp). Weights holding NaN or inf
     raise NonFiniteWeights and write nothing: the last good checkpoint stays the newest."""
-    bad = [name for name, tensor in unique_weights(model).items() if not torch.isfinite(tensor).all()]
+    bad = [name for name, tensor in weights.items() if not torch.isfinite(tensor).all()]
     if bad:
         raise NonFiniteWeights(f"weights became non-finite (nan or inf) at step {step} ({len(bad)} tensors, e.g. "
                                f"{bad[0]}); no checkpoint written, the last good one is kept")
@@ -103,7 +104,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: Dict[str,
     tmp = root / f".tmp_step_{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_weights(model, tmp / WEIGHTS_FILE)
+    save_weights(weights, tmp / WEIGHTS_FILE)
     tensors: Dict[str, torch.Tensor] = {}
     document = {"format": FORMAT_VERSION, "step": step, "state": split_tensors(state, tensors)}
     save_file(tensors, str(tmp / STATE_TENSORS_FILE))

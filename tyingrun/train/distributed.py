@@ -1,22 +1,25 @@
-"""Data parallelism under torchrun without a DDP wrapper.
+"""Data parallelism under torchrun: the ranks, each rank's share of the work, and what they exchange.
 
 The set of trainable tensors changes at every tying decision, which a DistributedDataParallel wrapper
 cannot follow (its buckets and hooks are fixed at construction). Instead every rank computes its share of
-the global batch, and the gradients of exactly the trainable tensors are averaged in one coalesced
-all-reduce per step. Rank 0 takes every map decision and broadcasts it, so ranks never disagree.
+the global batch, and under hardware=ddp the gradients of exactly the trainable tensors are averaged in one
+coalesced all-reduce per step (hardware=fsdp shards the model instead and FSDP reduce-scatters them; see
+tyingrun.train.fsdp). Rank 0 takes every map decision and broadcasts it, so ranks never disagree.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from tyingrun.errors import BadInput
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -39,15 +42,15 @@ class Mesh:
 SINGLE = Mesh()
 
 
-def mesh_for(data_parallel: bool, device: str) -> Mesh:
+def mesh_for(data_parallel: bool, device: str, preset: str = "ddp") -> Mesh:
     """The mesh of this run: data parallel exactly when ``hardware.data_parallel`` and torchrun launched the
-    processes."""
+    processes (``preset``, ddp or fsdp, is the hardware preset the error messages name)."""
     if data_parallel and not launched_by_torchrun():
-        raise BadInput("hardware=ddp needs several processes: torchrun --nproc_per_node=N -m tyingrun.cli "
-                       "hardware=ddp ... (or use hardware=auto for one process)")
+        raise BadInput(f"hardware={preset} needs several processes: torchrun --nproc_per_node=N -m tyingrun.cli "
+                       f"hardware={preset} ... (or use hardware=auto for one process)")
     if launched_by_torchrun() and not data_parallel:
-        raise BadInput(f"torchrun started {os.environ['WORLD_SIZE']} processes; add hardware=ddp to train them "
-                       f"as one data-parallel run")
+        raise BadInput(f"torchrun started {os.environ['WORLD_SIZE']} processes; add hardware=ddp (or hardware=fsdp "
+                       f"to shard the training state) to train them as one data-parallel run")
     mesh = init_from_env()
     if mesh.distributed and device == "cpu" and dist.get_backend() == "nccl":
         raise BadInput("hardware.device=cpu under torchrun on a machine with GPUs: data parallelism uses NCCL "
@@ -81,6 +84,24 @@ def local_rows(batch: Dict[str, torch.Tensor], mesh: Mesh) -> Dict[str, torch.Te
     return {k: v[mesh.rank * share:(mesh.rank + 1) * share] for k, v in batch.items()}
 
 
+def rank_share(items: Iterable[T], mesh: Mesh) -> Iterator[Tuple[T, bool]]:
+    """This rank's share of ``items``, each with whether it counts: every world_size-th item. Where the last round
+    holds fewer items than ranks, the ranks left over repeat that round's first item without counting it, so that
+    every rank runs as many forwards as the others (under FSDP each forward gathers weights from every rank)."""
+    if not mesh.distributed:
+        yield from ((item, True) for item in items)
+        return
+    round_items: List[T] = []
+    for item in items:
+        round_items.append(item)
+        if len(round_items) == mesh.world_size:
+            yield round_items[mesh.rank], True
+            round_items = []
+    if round_items:
+        mine = mesh.rank < len(round_items)
+        yield round_items[mesh.rank if mine else 0], mine
+
+
 def average_gradients(params: Sequence[torch.Tensor], mesh: Mesh) -> None:
     """Average the gradients of ``params`` over the ranks in one all-reduce per device and dtype."""
     grads: Dict[tuple, List[torch.Tensor]] = {}
@@ -100,6 +121,13 @@ def sum_over_ranks(values: Sequence[float], device: torch.device) -> List[float]
     totals = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(totals)
     return totals.tolist()
+
+
+def values_of_ranks(value: float, device: torch.device) -> List[float]:
+    """Each rank's ``value``, in rank order, on every rank."""
+    values = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(values, torch.tensor([value], dtype=torch.float64, device=device))
+    return [v.item() for v in values]
 
 
 def broadcast_object(obj: Optional[object], device: torch.device) -> Optional[object]:

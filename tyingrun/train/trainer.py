@@ -15,7 +15,7 @@ from torch import nn
 
 from tyingrun.config import Config
 from tyingrun.contracts import Batch, Sink, TiedModel, TrainingData, perplexity
-from tyingrun.files import WEIGHTS_FILE
+from tyingrun.files import WEIGHTS_FILE, unique_weights
 from tyingrun.metrics.meters import RunningMean, Throughput, model_counts
 from tyingrun.metrics.tensor_memory import TensorMemoryTracker, training_state
 from tyingrun.policies.base import Decision, Policy
@@ -28,9 +28,12 @@ from tyingrun.train.distributed import (
     barrier,
     broadcast_object,
     local_rows,
+    rank_share,
     sum_over_ranks,
+    values_of_ranks,
 )
 from tyingrun.train.freeze import freeze_tensors, frozen_layers
+from tyingrun.train.fsdp import placed_optimizer_state, reshard, whole_tensors
 from tyingrun.train.optim import build_optimizer, optimizer_parameters, sync_optimizer
 from tyingrun.train.signals import RunInterrupted, StopSignals
 from tyingrun.tying.counts import train_state_bytes
@@ -38,6 +41,8 @@ from tyingrun.tying.flops import sequence_length, train_flops_per_token, unique_
 from tyingrun.tying.stack import TiedStack
 
 MEANS = ("trainable_params", "independent_layers", "trainable_layers")
+# What rank 0 broadcasts to the other ranks while its policy decides: a batch to score, then the decision.
+SCORE, DECIDED = "score", "decided"
 PEAK_TENSOR_KEYS = ("peak_tensor_bytes", "peak_state_bytes", "peak_other_bytes")
 
 
@@ -195,7 +200,7 @@ class Trainer:
         with self.autocast():
             loss = loss_of(batch).loss
         loss.backward()
-        if self.mesh.distributed:
+        if self.mesh.distributed and not self.cfg.hardware.fsdp:  # FSDP has reduce-scattered them in the backward
             average_gradients(optimizer_parameters(self.optimizer), self.mesh)
         if self.cfg.train.grad_clip > 0:
             nn.utils.clip_grad_norm_(optimizer_parameters(self.optimizer), self.cfg.train.grad_clip)
@@ -214,28 +219,35 @@ class Trainer:
         """Mean loss over the items of ``batches`` in eval mode, of the trained model or of ``model``; accuracy too
         for models that report it.
 
-        ``shard``: under data parallelism each rank measures every world_size-th batch and the sums are
-        reduced, so every rank gets the same result.
+        ``shard``: under data parallelism each rank measures its share of the batches (rank_share) and the sums are
+        reduced, so every rank gets the same result. Without it every rank measures every batch.
         """
         model = self.model if model is None else model
         model.eval()
         total, count, correct, has_accuracy = 0.0, 0, 0, False
-        for index, batch in enumerate(batches):
-            if shard and index % self.mesh.world_size != self.mesh.rank:
-                continue
+        share = rank_share(batches, self.mesh) if shard else ((batch, True) for batch in batches)
+        for batch, counted in share:
             with self.autocast():
                 loss, n_items, n_correct = model.loss(self._to_device(batch))
+            if not counted:
+                continue
             total += loss.item() * n_items
             count += n_items
             if n_correct is not None:
                 correct, has_accuracy = correct + int(n_correct), True
+        reshard(self.model)
         if shard and self.mesh.distributed:
             total, count, correct = sum_over_ranks([total, count, correct], self.device)
         return {"loss": total / count, "acc": correct / count} if has_accuracy else {"loss": total / count}
 
     def score_batch(self, batch: Optional[Batch] = None) -> float:
-        """The loss on ``batch`` (one the policy kept from the reward stream), or on the reward stream's next batch."""
-        return self._measure([self.score_sampler.next_batch() if batch is None else batch])["loss"]
+        """The loss on ``batch`` (one the policy kept from the reward stream), or on the reward stream's next batch.
+
+        Rank 0's policy asks; under data parallelism the other ranks run the same forward (see _serve_scores)."""
+        batch = self.score_sampler.next_batch() if batch is None else batch
+        if self.mesh.distributed:
+            broadcast_object((SCORE, batch), self.device)
+        return self._measure([batch])["loss"]
 
     def evaluate(self, split: str, limit: Optional[int], model: Optional[TiedModel] = None) -> Dict[str, float]:
         """``{split}_loss`` and ``{split}_ppl`` (or ``{split}_acc``) over ``limit`` batches of the split (None: all),
@@ -281,9 +293,12 @@ class Trainer:
         )
 
     def _checkpoint(self, elapsed: float) -> None:
-        if self.mesh.is_main:
-            state = {**self.state_dict(), "elapsed_s": self.elapsed_before + elapsed}
-            save_checkpoint(self.sinks.out_dir, self.step, self.model, state, self.cfg.train.keep_checkpoints)
+        """Rank 0 writes the checkpoint; under FSDP every rank first takes part in gathering the whole tensors."""
+        keep = self.mesh.is_main
+        weights = whole_tensors(unique_weights(self.model), keep)
+        state = whole_tensors({**self.state_dict(), "elapsed_s": self.elapsed_before + elapsed}, keep)
+        if keep:
+            save_checkpoint(self.sinks.out_dir, self.step, weights, state, self.cfg.train.keep_checkpoints)
         barrier()
 
     def state_dict(self) -> Dict[str, Any]:
@@ -313,7 +328,7 @@ class Trainer:
         self.stack.apply_map(state["map"], state["trainable"])
         load_weights(self.model, checkpoint / WEIGHTS_FILE)
         sync_optimizer(self.optimizer, self.model)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(placed_optimizer_state(self.optimizer, state["optimizer"]))
         self.policy.load_state_dict(state["policy"])
         self.sampler.load_state_dict(state["sampler"])
         self.score_sampler.load_state_dict(state["score_sampler"])
@@ -365,11 +380,31 @@ class Trainer:
         return stop_signal
 
     def _decide(self) -> None:
-        decision = self.policy.after_step(self.context) if self.mesh.is_main else None
-        if self.mesh.distributed:
-            decision = broadcast_object(decision, self.device)
+        if not self.mesh.is_main:
+            decision = self._serve_scores()
+        else:
+            decision = self.policy.after_step(self.context)
+            if self.mesh.distributed:
+                broadcast_object((DECIDED, decision), self.device)
         if decision is not None:
             self.apply_decision(decision)
+
+    def _serve_scores(self) -> Optional[Decision]:
+        """The ranks but 0, while rank 0's policy decides: run each scoring forward that rank 0 runs (under FSDP a
+        forward gathers weights from every rank) until rank 0's decision arrives, and return it."""
+        while True:
+            kind, payload = broadcast_object(None, self.device)
+            if kind == DECIDED:
+                return payload
+            self._measure([payload])
+
+    def _train_state_bytes(self) -> Dict[str, Any]:
+        """Weights + gradients + optimizer state: the most any rank holds, what each rank holds (its shards under
+        FSDP, everything under DDP) in rank order, and their total; in one process all three are the whole state."""
+        held = train_state_bytes(self.model, self.optimizer)
+        per_rank = [int(v) for v in values_of_ranks(held, self.device)] if self.mesh.distributed else [held]
+        return {"train_state_bytes": max(per_rank), "train_state_bytes_per_rank": per_rank,
+                "train_state_bytes_total": sum(per_rank)}
 
     def fit(self, resume_from: Optional[Path] = None) -> Dict[str, Any]:
         """Train until train.max_steps (continuing from ``resume_from`` if given); return the measurements."""
@@ -395,7 +430,7 @@ class Trainer:
             **self.counts,
             **{f"{name}_mean": self.means[name].mean for name in MEANS},
             "optimizer_params": sum(p.numel() for p in optimizer_parameters(self.optimizer)),
-            "train_state_bytes": train_state_bytes(self.model, self.optimizer),
+            **self._train_state_bytes(),
             "unique_blocks": unique_blocks(self.model),
             "train_flops_per_token": train_flops_per_token(
                 self.model, sequence_length(self.model, self.cfg.dataset.block_size), self.cfg.train.batch_size),

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 # storage_key lives in tyingrun.files (layer 0), whose unique_weights needs it and may not import tying.
-from tyingrun.files import storage_key
+from tyingrun.files import local_view, storage_key
 from tyingrun.tying.stack import TiedStack
 
 
@@ -44,13 +44,19 @@ def total_params(model: nn.Module) -> int:
     return per_slot + sum(p.numel() for p in outside.values())
 
 
+def _nbytes(tensor: torch.Tensor) -> int:
+    local = local_view(tensor)
+    return local.numel() * local.element_size()
+
+
 def train_state_bytes(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> int:
-    """Bytes of weights (each storage once), of the gradients of trainable tensors and of optimizer state."""
+    """Bytes of weights (each storage once), of the gradients of trainable tensors and of optimizer state, as this
+    process holds them (under hardware=fsdp: its shards)."""
     params = unique_parameters(model.parameters()).values()
-    weights = sum(p.untyped_storage().nbytes() for p in params)
-    grads = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    weights = sum(local_view(p).untyped_storage().nbytes() for p in params)
+    grads = sum(_nbytes(p) for p in params if p.requires_grad)
     state = 0
     if optimizer is not None:
         for per_param in optimizer.state.values():
-            state += sum(v.numel() * v.element_size() for v in per_param.values() if torch.is_tensor(v))
+            state += sum(_nbytes(v) for v in per_param.values() if torch.is_tensor(v))
     return weights + grads + state

@@ -23,6 +23,9 @@ trainable flag and are copied, stored and optimized like an independent slot's. 
 slot always runs its own module; under ``shared`` its shared Parameters ARE the root's Parameter objects (so
 the root's gradient sums over every position), under ``frozen_copy`` they are aliases with
 ``requires_grad=False`` as for whole blocks.
+
+Where a slot's own tensors live is the stack's ``storage`` (``SlotStorage``): whole tensors in this process by
+default; under hardware=fsdp, the slot's shards (tyingrun.train.fsdp).
 """
 
 from __future__ import annotations
@@ -85,6 +88,23 @@ def _set_parameter(module: nn.Module, name: str, param: nn.Parameter) -> None:
     setattr(module.get_submodule(owner_name), leaf, param)
 
 
+class SlotStorage:
+    """Where a slot's own tensors come from when it unties, what becomes of them when it ties, and how a tied slot
+    computes with aliases of its root's tensors. This default keeps whole tensors in this process; hardware=fsdp
+    replaces it with one that keeps each slot's shards (tyingrun.train.fsdp)."""
+
+    def own_copy(self, slot: int, name: str, shared: nn.Parameter) -> nn.Parameter:
+        """Slot ``slot``'s own copy of ``shared``, the root's tensor ``name`` that it computed with until now."""
+        return nn.Parameter(shared.detach().clone())
+
+    def release(self, slot: int, name: str, own: nn.Parameter) -> None:
+        """Slot ``slot`` ties: an alias of its root's tensor replaces ``own``, which is freed once nothing uses it."""
+
+    def call_aliased(self, block: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Run a tied slot's own ``block``, whose tensors are aliases of its root's (whole-block frozen_copy ties)."""
+        return block(x, **kwargs)
+
+
 class TiedStack(nn.Module):
     def __init__(self, blocks: Sequence[nn.Module], grad_mode: str = "shared", share: str = "block",
                  share_norms: bool = False):
@@ -99,6 +119,7 @@ class TiedStack(nn.Module):
         self._set_shared(shared_names(self.blocks[0], share, share_norms))
         # policy=recursive: per-slot LoRA corrections of the shared weight matrices (empty dicts: none).
         self.lora = nn.ModuleList([nn.ModuleDict() for _ in self.blocks])
+        self.storage = SlotStorage()
 
     def _set_shared(self, shared: FrozenSet[str]) -> None:
         self.shared = shared
@@ -139,7 +160,7 @@ class TiedStack(nn.Module):
         for slot in range(len(self.blocks)):
             corrections = self.lora[slot]
             if len(corrections) == 0:
-                x = self.runs(slot)(x, **kwargs)
+                x = self._run(slot, x, **kwargs)
                 continue
             block = self.runs(slot)
             params = dict(block.named_parameters())
@@ -147,6 +168,12 @@ class TiedStack(nn.Module):
                        for name in params if lora_key(name) in corrections}
             x = torch.func.functional_call(block, relaxed, (x,), kwargs)
         return x
+
+    def _run(self, slot: int, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        block = self.runs(slot)
+        if self.whole_block and self.src[slot] != slot and block is self.blocks[slot]:
+            return self.storage.call_aliased(block, x, **kwargs)
+        return block(x, **kwargs)
 
     def add_lora(self, slots: Sequence[int], rank: int, alpha: float) -> None:
         """Give each of ``slots`` a rank-``rank`` LoRA (zeros until set) on every shared weight matrix."""
@@ -180,9 +207,14 @@ class TiedStack(nn.Module):
         flags = list(self.trainable if trainable is None else trainable)
         if len(flags) != len(self):
             raise ValueError(f"{len(flags)} trainable flags for {len(self)} layers")
-        for slot, (old_root, new_root) in enumerate(zip(self.src, new_src, strict=True)):
+        changes = list(enumerate(zip(self.src, new_src, strict=True)))
+        for slot, (old_root, new_root) in changes:
             if new_root == slot and old_root != slot:
                 self._give_own_copy(slot)
+        # After every copy: a slot that unties may copy from a root that ties in this same change.
+        for slot, (old_root, new_root) in changes:
+            if old_root == slot and new_root != slot:
+                self._release_own(slot)
         self.src, self.trainable = new_src, [bool(f) for f in flags]
         self._bind()
 
@@ -210,7 +242,13 @@ class TiedStack(nn.Module):
         """Copies of the shared tensors a slot computed with (its own tensors are already its own)."""
         for name, param in list(self.blocks[slot].named_parameters()):
             if name in self.shared:
-                _set_parameter(self.blocks[slot], name, nn.Parameter(param.detach().clone()))
+                _set_parameter(self.blocks[slot], name, self.storage.own_copy(slot, name, param))
+
+    def _release_own(self, slot: int) -> None:
+        """A slot that ties gives up its own copies of the tensors a tie shares."""
+        for name, param in list(self.blocks[slot].named_parameters()):
+            if name in self.shared:
+                self.storage.release(slot, name, param)
 
     def _bind(self) -> None:
         """Alias every tied slot's shared tensors to its root and set ``requires_grad`` of the slot's own tensors and
