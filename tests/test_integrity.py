@@ -282,10 +282,11 @@ def test_damaged_caches_are_rebuilt_to_the_same_run(cli, tmp_path, data_cache):
         if name == "damaged":  # the intact run has cached the corpus and every split's ids
             for corpus in (cache / "corpora").glob("pydoc-*.json"):
                 corpus.write_text("[[\"a\"")
-            tokens = sorted((cache / "tokens").glob("pydoc-train-*.npy"))
-            data = bytearray(tokens[0].read_bytes())
-            data[-5] ^= 0x01
-            tokens[0].write_bytes(bytes(data))
+            # Every train split's ids (the shared cache also holds those of other tokenizers): the run reads one.
+            for tokens in (cache / "tokens").glob("pydoc-train-*.npy"):
+                data = bytearray(tokens.read_bytes())
+                data[-5] ^= 0x01
+                tokens.write_bytes(bytes(data))
         result = cli(*TINY, "train.max_steps=2", f"hydra.run.dir={tmp_path / name}", env={"TYINGRUN_CACHE": str(cache)})
         assert result.returncode == 0, result.stderr[-2000:]
         warnings = [line for line in result.stderr.splitlines() if "damaged (its content hash differs)" in line]
