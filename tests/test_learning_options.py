@@ -320,27 +320,38 @@ def test_random_reports_no_learning_diagnostics_and_learners_do():
 # --- the bandit ---------------------------------------------------------------------------------------------
 
 
-class ArmContext(BatchContext):
+class NoisyBatchContext(BatchContext):
+    """Reward batches that each carry a Gaussian offset of ``noise_sd`` (drawn once, when the batch is drawn), which
+    a paired reward cancels; subclasses add what the decisions change."""
+
+    def __init__(self, noise_sd, seed=0):
+        super().__init__()
+        self.noise_sd, self.noise, self.offsets = noise_sd, random.Random(seed), {}
+
+    def reward_batch(self):
+        batch = super().reward_batch()
+        self.offsets[int(batch["id"])] = self.noise.gauss(0.0, self.noise_sd)
+        return batch
+
+    def offset(self, batch=None):
+        """The offset of ``batch``, or of a newly drawn batch."""
+        return self.offsets[int((batch if batch is not None else self.reward_batch())["id"])]
+
+
+class ArmContext(NoisyBatchContext):
     """Paired losses where the last decision's action changes the loss: ``good[layer]`` lowers it by 0.1, every
     other action raises it by 0.1, and batches add noise that the pairing cancels."""
 
     def __init__(self, good, seed=0):
-        super().__init__()
-        self.good, self.effect, self.noise = good, 0.0, random.Random(seed)
-        self.offsets = {}
+        super().__init__(noise_sd=1.0, seed=seed)
+        self.good, self.effect = good, 0.0
 
     def apply(self, decision):
         layer, action = decision.info["layer"], decision.info["action"]
         self.effect += -0.1 if action == self.good[layer] else 0.1
 
-    def reward_batch(self):
-        batch = super().reward_batch()
-        self.offsets[int(batch["id"])] = self.noise.gauss(0.0, 1.0)
-        return batch
-
     def score_batch(self, batch=None):
-        batch = batch if batch is not None else self.reward_batch()
-        return 3.0 + self.offsets[int(batch["id"])] + self.effect
+        return 3.0 + self.offset(batch) + self.effect
 
 
 def drive(policy, context, decisions):
@@ -387,26 +398,20 @@ def test_bandit_state_round_trip_repeats_every_later_decision():
 TARGET = [0, 0, 2, 2, 4, 4]
 
 
-class MapContext(BatchContext):
+class MapContext(NoisyBatchContext):
     """The loss of the current map on batch b at step s: a falling trend, a batch offset that swamps the map's
     effect, and 0.1 per slot whose root differs from TARGET's."""
 
     def __init__(self, seed=0):
-        super().__init__()
-        self.src, self.noise, self.offsets = maps.identity(len(TARGET)), random.Random(seed), {}
+        super().__init__(noise_sd=0.5, seed=seed)
+        self.src = maps.identity(len(TARGET))
 
     def apply(self, decision):
         self.src = decision.src
 
-    def reward_batch(self):
-        batch = super().reward_batch()
-        self.offsets[int(batch["id"])] = self.noise.gauss(0.0, 0.5)
-        return batch
-
     def score_batch(self, batch=None):
-        batch = batch if batch is not None else self.reward_batch()
         mismatched = sum(root != target for root, target in zip(self.src, TARGET, strict=True))
-        return 3.0 + 2.0 / math.sqrt(1 + self.step) + self.offsets[int(batch["id"])] + 0.1 * mismatched
+        return 3.0 + 2.0 / math.sqrt(1 + self.step) + self.offset(batch) + 0.1 * mismatched
 
 
 def greedy_map(policy, src):
