@@ -208,13 +208,15 @@ def _hydra_main(cfg: DictConfig) -> float:
             restore_snapshot()
             fail(message, exit_code)
         log.error(message, exc_info=exit_code != EXIT_BAD_INPUT)
-        write_status(out_dir, "failed", error=message, exit_code=exit_code)
+        if is_main_process():  # rank 0 owns the folder: another rank's status could land before rank 0 claims it
+            write_status(out_dir, "failed", error=message, exit_code=exit_code)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             # The sweep goes on; tyingrun.sweep names every failed job once all have returned.
             print(f"tyingrun: job {out_dir} failed: {message}", flush=True)
             return math.nan
         fail(message, exit_code)
-    write_status(out_dir, "completed")
+    if is_main_process():
+        write_status(out_dir, "completed")
     return summary["val_loss"]
 
 
