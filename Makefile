@@ -7,9 +7,10 @@ TORCH_INDEX ?=
 HAS_NVIDIA_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
 
-# make ablations [SCALE=cpu|paper|learn|recursive] [SEEDS=0,1,2] [STEPS=n] [ABLATION_ARGS="key=value ..."]
+# make ablations [SCALE=cpu|paper|learn|recursive] [SEEDS=0,1,2] [JOBS=n] [STEPS=n] [ABLATION_ARGS="key=value ..."]
 SCALE ?= cpu
 SEEDS ?=
+JOBS ?=
 STEPS ?=
 ABLATION_ARGS ?=
 
@@ -54,7 +55,7 @@ lint: install
 # SCALE=recursive the conversion study (docs/method.md#the-conversion-study).
 ablations: install
 	$(if $(filter cpu learn recursive,$(SCALE)),$(OFFLINE)) $(PY) -m tyingrun.ablations --scale $(SCALE) \
-		$(if $(SEEDS),--seeds $(SEEDS)) \
+		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(JOBS),--jobs $(JOBS)) \
 		$(if $(STEPS),train.max_steps=$(STEPS)) $(ABLATION_ARGS)
 
 clean:

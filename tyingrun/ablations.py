@@ -6,7 +6,8 @@ dynamic_q learned in stage 1: (i) a conventional model with as many layers as dy
 (ii) dynamic_q's learned map (the seed with the best validation loss) retrained from scratch, and (vii)
 Takase's patterns with that many unique layers. Every arm compared with dynamic_q trains with its gradient
 mode (frozen_copy) unless the arm is about the gradient mode, and every arm is reported on the test split.
-Each arm is one ``tyingrun -m ... train.seed=...`` into ``<out>/<NN>_<arm>``; ``<out>/ablation_arms.json``
+Each arm runs once per seed, ``tyingrun ... train.seed=<seed>`` into ``<out>/<NN>_<arm>/<seed>`` (the same runs as
+the arm's sweep ``tyingrun -m ... train.seed=0,1,2``), several at a time on CPU; ``<out>/ablation_arms.json``
 records each arm's exact overrides, and the report covers ``<out>``.
 
 ``--scale learn`` is another study on the same machinery (docs/method.md#the-learning-study): whether a learned
@@ -19,7 +20,8 @@ parent; stage 2 converts each seed's parent into half as many unique blocks unde
 without LoRA and continues training each for the parent's steps, beside the parent continued for those steps and a
 model with as many layers as unique blocks trained from scratch for both spans together.
 
-    python -m tyingrun.ablations [--scale cpu|paper|learn|recursive] [--seeds 0,1,2] [--out DIR] [override ...]
+    python -m tyingrun.ablations [--scale cpu|paper|learn|recursive] [--seeds 0,1,2] [--jobs N] [--out DIR]
+                                 [override ...]
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import shlex
 import statistics
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -159,14 +163,21 @@ def recursive_stage_2(parent: Outcome) -> Arms:
 @dataclass(frozen=True)
 class Study:
     """What ``--scale`` runs: the experiment preset, the stage-1 arms, the stage-1 arm whose outcome stage 2 copies,
-    the stage-2 arms built from it, the default seeds, and environment variables for the runs (unless already set)."""
+    the stage-2 arms built from it, the default seeds, and whether each run gets one CPU thread (then the study runs
+    as many at once as there are cores) or the whole machine (one run at a time)."""
 
     experiment: str
     stage_1: Arms
     source: str
     stage_2: Callable[[Outcome], Arms]
     seeds: str = "0,1,2"
-    env: Dict[str, str] = field(default_factory=dict)
+    one_thread_per_run: bool = False
+
+    def default_jobs(self) -> int:
+        return (os.cpu_count() or 1) if self.one_thread_per_run else 1
+
+    def env(self) -> Dict[str, str]:
+        return {"OMP_NUM_THREADS": "1"} if self.one_thread_per_run else {}
 
 
 def _copying(build: Callable[[int, int, Path], Arms]) -> Callable[[Outcome], Arms]:
@@ -175,15 +186,16 @@ def _copying(build: Callable[[int, int, Path], Arms]) -> Callable[[Outcome], Arm
 
 
 PAPER_STAGE_1: Arms = {arm: (overrides, "") for arm, overrides in STAGE_1.items()}
+# The CPU studies give each run one thread and run one per core: at these widths a second thread mostly waits on the
+# first (per-operation overhead is as large as the arithmetic), so two one-thread runs finish well before two
+# two-thread runs one after the other.
 STUDIES = {
-    "cpu": Study("ablation_cpu", PAPER_STAGE_1, "dynamic_q", _copying(stage_2)),
+    "cpu": Study("ablation_cpu", PAPER_STAGE_1, "dynamic_q", _copying(stage_2), one_thread_per_run=True),
     "paper": Study("ablation_paper", PAPER_STAGE_1, "dynamic_q", _copying(stage_2)),
-    # One thread per run (learn, recursive): at these sizes threads mostly wait on each other, and on cores shared
-    # with other work a second thread made a step several times slower.
     "learn": Study("dlt_learning", LEARN_STAGE_1, "dynamic_q_learning", _copying(learn_stage_2),
-                   env={"OMP_NUM_THREADS": "1"}),
+                   one_thread_per_run=True),
     "recursive": Study("recursive_cpu", RECURSIVE_STAGE_1, "parent", recursive_stage_2, seeds="0,1",
-                       env={"OMP_NUM_THREADS": "1"}),
+                       one_thread_per_run=True),
 }
 
 
@@ -204,10 +216,33 @@ def arm_outcome(arm_dir: Path) -> Optional[Outcome]:
     return Outcome(arm_dir, summaries[best]["n_layer"], kept, summaries[best]["steps"], best)
 
 
-def sweep(arm_dir: Path, arm: str, overrides: List[str], env: Optional[Dict[str, str]] = None) -> int:
-    command = [sys.executable, "-m", "tyingrun.cli", "-m", *overrides, f"hydra.sweep.dir={hydra_string(str(arm_dir))}"]
-    print(f"\n== {arm}: tyingrun {shlex.join(command[3:])}", flush=True)
-    return subprocess.run(command, env={**(env or {}), **os.environ} if env else None).returncode
+@dataclass(frozen=True)
+class Job:
+    """One arm at one seed: ``tyingrun <overrides> train.seed=<seed>`` into ``<arm folder>/<seed>``."""
+
+    arm: str
+    folder: str
+    overrides: List[str]
+    seed: str
+
+    def command(self, out_dir: Path) -> List[str]:
+        run_dir = hydra_string(str(out_dir / self.folder / self.seed))
+        return [sys.executable, "-m", "tyingrun.cli", *self.overrides, f"train.seed={self.seed}",
+                f"hydra.run.dir={run_dir}"]
+
+    def log_path(self, out_dir: Path) -> Path:
+        return out_dir / "logs" / f"{self.folder}_seed{self.seed}.log"
+
+
+def run_job(job: Job, out_dir: Path, env: Dict[str, str], to_log: bool) -> int:
+    """Run one job, its output to the console or (when jobs run side by side) to its log file; its exit status."""
+    env = {**env, **os.environ} if env else None
+    if not to_log:
+        return subprocess.run(job.command(out_dir), env=env).returncode
+    job.log_path(out_dir).parent.mkdir(parents=True, exist_ok=True)
+    with job.log_path(out_dir).open("w") as log:
+        return subprocess.run(job.command(out_dir), env=env, stdout=log, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL).returncode
 
 
 def record_arm(out_dir: Path, arm: str, folder: str, overrides: List[str], note: str) -> None:
@@ -219,26 +254,46 @@ def record_arm(out_dir: Path, arm: str, folder: str, overrides: List[str], note:
     write_json_atomic(path, recorded)
 
 
-def run_stage(out_dir: Path, arms: Arms, first_index: int, common: List[str], seeds: str,
-              env: Optional[Dict[str, str]] = None) -> List[str]:
-    """Sweep each arm over ``seeds`` into a numbered folder (the report keeps the study's order); the failed arms."""
-    failed = []
+def run_stage(out_dir: Path, arms: Arms, first_index: int, common: List[str], seeds: str, jobs: int,
+              env: Dict[str, str]) -> List[str]:
+    """Run each arm at each of ``seeds`` into a numbered folder (the report keeps the study's order), ``jobs`` runs
+    at a time; the arms that had a failed run."""
+    queue = []
     for index, (arm, (specific, note)) in enumerate(arms.items(), first_index):
         # The arm's own keys come after the common ones, so they win (stage 2's layer count above all).
-        overrides = [*common, *specific, f"train.seed={seeds}"]
+        overrides = [*common, *specific]
         folder = f"{index:02d}_{arm}"
-        record_arm(out_dir, arm, folder, overrides, note)
-        if sweep(out_dir / folder, arm, overrides, env):
-            failed.append(arm)
-    return failed
+        record_arm(out_dir, arm, folder, [*overrides, f"train.seed={seeds}"], note)
+        queue += [Job(arm, folder, overrides, seed) for seed in seeds.split(",")]
+    failed: List[str] = []
+    side_by_side = jobs > 1
+
+    def run(job: Job) -> None:
+        print(f"\n== {job.arm}, seed {job.seed}: tyingrun {shlex.join(job.command(out_dir)[3:])}", flush=True)
+        started = time.monotonic()
+        status = run_job(job, out_dir, env, to_log=side_by_side)
+        if status and job.arm not in failed:
+            failed.append(job.arm)
+        where = f"; its output: {job.log_path(out_dir)}" if side_by_side else ""
+        outcome = f"failed (exit {status})" if status else "done"
+        print(f"== {job.arm}, seed {job.seed}: {outcome} in {time.monotonic() - started:.0f} s{where}", flush=True)
+
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
+        list(pool.map(run, queue))
+    finally:  # on a stop signal, start no further job; the running ones stop on the same signal
+        pool.shutdown(cancel_futures=True)
+    return [arm for arm in arms if arm in failed]
 
 
-def run_ablations(scale: str, seeds: str, out_dir: Path, extra: List[str]) -> int:
+def run_ablations(scale: str, seeds: Optional[str], out_dir: Path, extra: List[str],
+                  jobs: Optional[int] = None) -> int:
     """Both stages and the report; returns 0 when every job finished, 1 otherwise."""
     study = STUDIES[scale]
     common = [f"+experiment={study.experiment}", *extra]
     seeds = seeds or study.seeds
-    failed = run_stage(out_dir, study.stage_1, 1, common, seeds, study.env)
+    jobs = jobs or study.default_jobs()
+    failed = run_stage(out_dir, study.stage_1, 1, common, seeds, jobs, study.env())
     source = study.source
     outcome = arm_outcome(out_dir / f"{list(study.stage_1).index(source) + 1:02d}_{source}")
     if outcome is None:
@@ -247,7 +302,8 @@ def run_ablations(scale: str, seeds: str, out_dir: Path, extra: List[str]) -> in
     else:
         print(f"\n{source} kept {outcome.kept} of {outcome.n_layer} layers independent; best seed: {outcome.best}",
               flush=True)
-        failed += run_stage(out_dir, study.stage_2(outcome), len(study.stage_1) + 1, common, seeds, study.env)
+        failed += run_stage(out_dir, study.stage_2(outcome), len(study.stage_1) + 1, common, seeds, jobs,
+                            study.env())
     write_report([out_dir])
     if failed:
         print(f"ablations: jobs failed in {', '.join(failed)} (see above and {out_dir / 'report.md'})",
@@ -263,10 +319,14 @@ def main(argv: Optional[List[str]] = None) -> None:
                              "conversion study, an 8x128 GPT-2 parent on pydoc (~30 min on 2 cores)")
     parser.add_argument("--seeds", help="train.seed values, comma-separated (default 0,1,2; recursive: 0,1)")
     parser.add_argument("--out", type=Path, help="default: outputs/ablations/<scale>-<date>_<time>")
+    parser.add_argument("--jobs", type=int, help="runs at a time (default: cpu, learn, recursive: one per core, each "
+                                                 "with one thread, output in <out>/logs/; paper: 1)")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. train.max_steps=20")
     args = parser.parse_args(argv)
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: at least one run must run at a time; use --jobs 1 to run one at a time")
     out_dir = args.out or Path("outputs/ablations") / f"{args.scale}-{datetime.now():%Y-%m-%d_%H-%M-%S}"
-    sys.exit(run_ablations(args.scale, args.seeds, out_dir.resolve(), args.overrides))
+    sys.exit(run_ablations(args.scale, args.seeds, out_dir.resolve(), args.overrides, args.jobs))
 
 
 if __name__ == "__main__":
