@@ -60,7 +60,7 @@ class BatchContext:
 def test_new_keys_default_to_the_published_agent():
     defaults = PolicyConfig()
     assert (defaults.epsilon_schedule, defaults.reward_normalization, defaults.td_target, defaults.replay,
-            defaults.target_update) == ("episode", False, "same_layer", 0, 0)
+            defaults.target_update, defaults.q_lr_decay_updates) == ("episode", False, "same_layer", 0, 0, 0)
 
 
 # --- epsilon per decision -------------------------------------------------------------------------------------
@@ -255,6 +255,21 @@ def test_target_network_is_synced_every_m_updates_and_is_what_the_target_reads()
     assert learner.updates == 7
 
 
+def test_learning_rate_decay_takes_update_n_plus_1_at_lr_tau_over_tau_plus_n():
+    learner = QLearner(4, seed=3, lr_decay_updates=4)
+    network, optimizer = clone(learner)
+    experience = Experience([0, 1, 2, 3], 3, 2, 0.5, [0, 1, 2, 2], 1)
+    for n in range(6):
+        assert learner.learning_rate() == pytest.approx(1e-3 * 4 / (4 + n))
+        optimizer.param_groups[0]["lr"] = 1e-3 * 4 / (4 + n)
+        reference_step(network, optimizer, [experience])
+        learner.learn(experience, rng=None)
+        assert_same_parameters(learner.network, network)
+    assert learner.learning_rate() == pytest.approx(1e-3 * 0.4)  # after 6 updates: 4 / 10
+    # Off (0, the default): every update at 1e-3, whatever the count.
+    assert QLearner(4, seed=3).learning_rate() == 1e-3
+
+
 def test_faithful_update_is_unchanged_by_the_new_path():
     # QLearner.update (the published agent's update) is learn() with next_layer = the decided layer, bit for bit.
     a, b = QLearner(4, seed=0), QLearner(4, seed=0)
@@ -266,7 +281,7 @@ def test_faithful_update_is_unchanged_by_the_new_path():
         assert torch.equal(x, y)
 
 
-@pytest.mark.parametrize("key", ["replay", "target_update"])
+@pytest.mark.parametrize("key", ["replay", "target_update", "q_lr_decay_updates"])
 def test_negative_replay_or_target_update_is_bad_input(key):
     with pytest.raises(BadInput, match=key):
         build_policy(policy_config(**{key: -1}), n_layer=4)

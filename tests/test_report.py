@@ -61,6 +61,17 @@ def test_runs_differing_only_in_seed_form_one_group(runs_dir):
     assert [group.label for group in groups] == ["policy.steps_per_decision=10", "policy.reward=neg_loss", ""]
 
 
+def test_a_run_from_before_a_key_existed_groups_with_runs_at_its_default(tmp_path):
+    # Seed 2 was written by a tyingrun that has policy.q_lr_decay_updates (default 0), seeds 0 and 1 before it.
+    for seed in (0, 1):
+        make_run(tmp_path / str(seed), seed, summary(100.0, 1000))
+    make_run(tmp_path / "2", 2, summary(100.0, 1000), q_lr_decay_updates=0)
+    make_run(tmp_path / "3", 3, summary(100.0, 1000), q_lr_decay_updates=20)
+    groups = group_runs(find_runs([tmp_path]))
+    assert [sorted(run.seed for run in group.runs) for group in groups] == [[0, 1, 2], [3]]
+    assert [group.label for group in groups] == ["policy.q_lr_decay_updates=0", "policy.q_lr_decay_updates=20"]
+
+
 def test_labels_name_every_value_on_a_tie():
     family = {"model.name": "gpt2", "dataset.name": "pydoc", "policy.name": "none"}
     assert labels([{**family, "model.n_layer": 8}, {**family, "model.n_layer": 3}]) == ["model.n_layer=8",

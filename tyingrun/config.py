@@ -119,6 +119,9 @@ class PolicyConfig:
     replay: int = 0
     # dynamic_q: bootstrap from a target network, copied from the Q-network every `target_update` updates (0: off).
     target_update: int = 0
+    # dynamic_q: the Q-network's learning rate decays as 1e-3 * tau / (tau + n) after n updates, tau =
+    # q_lr_decay_updates (0: off, a constant 1e-3), so its estimates converge under noisy rewards (Robbins-Monro).
+    q_lr_decay_updates: int = 0
     # bandit: "ucb1" (upper confidence bound) or "thompson" (Gaussian Thompson sampling), one bandit per layer.
     bandit_algorithm: str = "ucb1"
     # recursive (docs/method.md#recursive-conversion): convert train.init_from into n_sets shared blocks laid out by
@@ -357,6 +360,7 @@ def check_numbers(cfg: Config) -> None:
     _in_range("policy.epsilon_decay_per_decision", p.epsilon_decay_per_decision, 0, 1, low_open=True)
     _in_range("policy.replay", p.replay, 0, inf, high_open=True)
     _in_range("policy.target_update", p.target_update, 0, inf, high_open=True)
+    _in_range("policy.q_lr_decay_updates", p.q_lr_decay_updates, 0, inf, high_open=True)
     if p.lora_alpha is not None:
         _in_range("policy.lora_alpha", p.lora_alpha, 0, inf, low_open=True, high_open=True)
     if p.seed is not None:

@@ -18,7 +18,7 @@ SHARE_KEYS = ("share", "share_norms")
 EPISODIC_KEYS = (*SHARE_KEYS, "grad", "steps_per_decision", "freeze_at_init", "reward", "param_penalty_weight", "seed")
 # The learning options (docs/method.md#learning-options): each learned policy reads those that apply to it.
 DYNAMIC_Q_KEYS = (*EPISODIC_KEYS, "epsilon_schedule", "epsilon_decay_per_decision", "reward_normalization",
-                  "td_target", "replay", "target_update")
+                  "td_target", "replay", "target_update", "q_lr_decay_updates")
 BANDIT_KEYS = (*EPISODIC_KEYS, "reward_normalization", "bandit_algorithm")
 # policy=recursive (docs/method.md#recursive-conversion): what the conversion reads, and the grad mode of the ties.
 RECURSIVE_KEYS = ("pattern", "n_sets", "init", "lora_rank", "lora_alpha", "grad")

@@ -132,16 +132,17 @@ class QLearner:
     ``replay`` > 0 keeps the last ``replay`` experiences and learns from a uniform sample of them at each update;
     ``target_update`` > 0 bootstraps from a target network, a copy of the Q-network synced (copied) after every
     ``target_update`` updates. Both 0 (the default): one update on the newest experience, bootstrapping from the
-    Q-network itself, as the authors' code does.
+    Q-network itself, as the authors' code does. ``lr_decay_updates`` = tau > 0 takes update n + 1 (n = 0, 1, ...)
+    at the learning rate ``Q_LR * tau / (tau + n)``; 0 keeps ``Q_LR``.
     """
 
-    def __init__(self, n_layer: int, seed: int, replay: int = 0, target_update: int = 0):
+    def __init__(self, n_layer: int, seed: int, replay: int = 0, target_update: int = 0, lr_decay_updates: int = 0):
         # Initialise from the policy's own stream without drawing from (or disturbing) the global RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(seed, "q_init"))
             self.network = nn.Sequential(nn.Linear(n_layer, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, n_actions(n_layer)))
         self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=Q_LR, weight_decay=Q_WEIGHT_DECAY)
-        self.replay, self.target_update = replay, target_update
+        self.replay, self.target_update, self.lr_decay_updates = replay, target_update, lr_decay_updates
         self.buffer: List[Experience] = []
         self.target = copy.deepcopy(self.network) if target_update > 0 else None
         self.updates = 0
@@ -159,6 +160,8 @@ class QLearner:
         """Store ``experience`` (with replay) and take one AdamW step on the mean squared TD error of a batch: the
         experience itself, or up to REPLAY_BATCH experiences drawn uniformly (with replacement) from the buffer by
         ``rng``. Then count the update and sync the target network when it is due."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate()
         if self.replay > 0:
             self.buffer = [*self.buffer, experience][-self.replay:]
             batch = [self.buffer[rng.randrange(len(self.buffer))] for _ in range(min(REPLAY_BATCH, len(self.buffer)))]
@@ -168,6 +171,12 @@ class QLearner:
         self.updates += 1
         if self.target is not None and self.updates % self.target_update == 0:
             self.target.load_state_dict(self.network.state_dict())
+
+    def learning_rate(self) -> float:
+        """The learning rate of the next update (from the count of updates, so it resumes exactly)."""
+        if self.lr_decay_updates == 0:
+            return Q_LR
+        return Q_LR * self.lr_decay_updates / (self.lr_decay_updates + self.updates)
 
     def _bootstrap(self) -> nn.Module:
         return self.target if self.target is not None else self.network
@@ -354,11 +363,11 @@ class DynamicQPolicy(EpisodicPolicy):
         super().__init__(cfg, n_layer, seed)
         if not 0.0 < cfg.epsilon_decay_per_decision <= 1.0:
             raise BadInput(f"policy.epsilon_decay_per_decision={cfg.epsilon_decay_per_decision} must be in (0, 1]")
-        for key in ("replay", "target_update"):
+        for key in ("replay", "target_update", "q_lr_decay_updates"):
             if getattr(cfg, key) < 0:
                 raise BadInput(f"policy.{key}={getattr(cfg, key)} must be at least 0 (0: off)")
         self.epsilon = EPSILON_START
-        self.learner = QLearner(n_layer, seed, cfg.replay, cfg.target_update)
+        self.learner = QLearner(n_layer, seed, cfg.replay, cfg.target_update, cfg.q_lr_decay_updates)
 
     def _choose(self, layer: int) -> Tuple[int, Optional[List[float]]]:
         q_values = self.learner.values(self.src, layer)

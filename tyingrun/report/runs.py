@@ -12,6 +12,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from omegaconf import OmegaConf
 
+from tyingrun.config import SECTION_SCHEMAS
 from tyingrun.errors import BadInput
 from tyingrun.files import ARMS_FILE, CONFIG_FILE, MAPS_FILE, SUMMARY_FILE, read_json, read_jsonl
 from tyingrun.run_status import read_status
@@ -114,6 +115,19 @@ def flatten(node: Any, prefix: str = "") -> Dict[str, Any]:
     return {prefix[:-1]: tuple(node) if isinstance(node, list) else node}
 
 
+def schema_defaults() -> Dict[str, Any]:
+    """Every config key of this tyingrun with its schema default, flattened."""
+    return flatten({section: OmegaConf.to_container(OmegaConf.structured(schema), resolve=False)
+                    for section, schema in SECTION_SCHEMAS.items()})
+
+
+def with_schema_defaults(config: Dict[str, Any]) -> Dict[str, Any]:
+    """``config`` (flattened) with each key that this tyingrun added after the run was written set to its default:
+    every new key defaults to the behaviour from before it existed, so an older run and a newer one that differ only
+    in such a key are runs of the same settings."""
+    return {**schema_defaults(), **config}
+
+
 def read_arms(root: Path) -> Optional[List[Dict[str, Any]]]:
     """The arms in ``root``'s ablation_arms.json (``arm``, ``folder``, ``overrides``, ``note``); None without it."""
     path = root / ARMS_FILE
@@ -135,7 +149,7 @@ def load_run(path: Path) -> Run:
         config = OmegaConf.to_container(OmegaConf.load(path / CONFIG_FILE), resolve=False)
         if not isinstance(config, dict):
             raise ValueError(f"{CONFIG_FILE} is not a mapping")
-        config = flatten(config)
+        config = with_schema_defaults(flatten(config))
     except Exception as err:  # noqa: BLE001 - a damaged folder is reported, not fatal
         return damaged(path, {}, f"{CONFIG_FILE} does not read back ({_first_line(err)})")
     try:
