@@ -89,3 +89,59 @@ def test_the_conversion_study_converts_each_seeds_parent_at_every_init_and_rank(
         else:
             assert (cfg.model.n_layer, cfg.train.max_steps) == (8, 100)
     assert arms["parent_continued"][0][-1] == next(iter(conversions.values()))[-1]
+
+
+def test_a_stage_runs_every_arm_at_every_seed_into_its_folder_jobs_at_a_time(tmp_path, monkeypatch):
+    import threading
+
+    from tyingrun import ablations
+
+    started, pairs = [], threading.Barrier(2, timeout=10)
+
+    def fake_run_job(job, out_dir, env, to_log):
+        started.append((job.arm, job.seed, job.command(out_dir)[3:], to_log, env))
+        pairs.wait()  # two jobs at a time, or this times out
+        return 1 if (job.arm, job.seed) == ("b", "1") else 0
+
+    monkeypatch.setattr(ablations, "run_job", fake_run_job)
+    arms = {"a": (["policy=none"], "note a"), "b": (["policy=cyclic"], "note b")}
+    failed = ablations.run_stage(tmp_path, arms, 3, ["+experiment=ablation_cpu"], "0,1", 2, {"OMP_NUM_THREADS": "1"})
+    assert failed == ["b"]
+    assert sorted((arm, seed) for arm, seed, *_ in started) == [("a", "0"), ("a", "1"), ("b", "0"), ("b", "1")]
+    commands = {(arm, seed): command for arm, seed, command, *_ in started}
+    assert commands["b", "1"] == ["+experiment=ablation_cpu", "policy=cyclic", "train.seed=1",
+                                  f"hydra.run.dir={tmp_path}/04_b/1"]
+    assert all(to_log and env == {"OMP_NUM_THREADS": "1"} for *_, to_log, env in started)
+    recorded = json.loads((tmp_path / "ablation_arms.json").read_text())["arms"]
+    assert [(arm["folder"], arm["overrides"][-1]) for arm in recorded] == [("03_a", "train.seed=0,1"),
+                                                                           ("04_b", "train.seed=0,1")]
+
+
+def test_a_stop_signal_starts_no_further_job(tmp_path, monkeypatch):
+    import signal
+    import time
+
+    from tyingrun import ablations
+
+    started = []
+
+    def interrupted(job, out_dir, env, to_log):
+        # Ctrl-C reaches the driver (its main thread) and the running child, which stops as a run does.
+        started.append(job.seed)
+        signal.raise_signal(signal.SIGINT)
+        time.sleep(0.5)
+        return 130
+
+    monkeypatch.setattr(ablations, "run_job", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ablations.run_stage(tmp_path, {"a": (["policy=none"], "")}, 1, [], "0,1,2", 1, {})
+    assert started == ["0"]
+
+
+def test_cpu_studies_run_one_single_thread_run_per_core(monkeypatch):
+    from tyingrun.ablations import STUDIES
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    for scale in ("cpu", "learn", "recursive"):
+        assert STUDIES[scale].default_jobs() == 2 and STUDIES[scale].env() == {"OMP_NUM_THREADS": "1"}
+    assert STUDIES["paper"].default_jobs() == 1 and STUDIES["paper"].env() == {}

@@ -26,7 +26,8 @@ from tyingrun.tying import maps
 # The option set of the learning study's dynamic_q_learning arm (docs/method.md#the-learning-study), without its K
 # (tests/test_learning_study.py keeps the two equal).
 BEST = dict(reward="paired_improvement", reward_normalization=True, epsilon_schedule="decision",
-            epsilon_decay_per_decision=0.985, td_target="next_decision", replay=256, target_update=20)
+            epsilon_decay_per_decision=0.985, td_target="next_decision", replay=256, target_update=20,
+            q_lr_decay_updates=20)
 
 
 def policy_config(name="dynamic_q", **keys):

@@ -21,7 +21,7 @@ def composed(overrides):
 def test_the_default_studies_are_unchanged():
     for scale in ("cpu", "paper"):
         study = STUDIES[scale]
-        assert study.experiment == f"ablation_{scale}" and study.source == "dynamic_q" and not study.env
+        assert study.experiment == f"ablation_{scale}" and study.source == "dynamic_q"
         assert {arm: overrides for arm, (overrides, _) in study.stage_1.items()} == STAGE_1
 
 
@@ -33,7 +33,8 @@ def test_every_learning_arm_composes_and_passes_the_preflight(arm):
     assert note and cfg.model.n_layer == 6 and cfg.dataset.name == "pydoc"
 
 
-@pytest.mark.parametrize("arm", ["dynamic_q", "dynamic_q_learning", "bandit", "random"])
+@pytest.mark.parametrize("arm", ["dynamic_q", "dynamic_q_learning", "dynamic_q_learning_neg_loss",
+                                 "dynamic_q_learning_paper_reward", "bandit", "random"])
 def test_each_learned_run_takes_300_decisions_and_reaches_the_epsilon_floor(arm):
     cfg = composed(LEARN_STAGE_1[arm][0])
     steps, k, layers = cfg.train.max_steps, cfg.policy.steps_per_decision, cfg.model.n_layer
@@ -55,6 +56,10 @@ def test_the_learning_arm_runs_the_option_set_the_tests_check():
 
     policy = composed(LEARN_STAGE_1["dynamic_q_learning"][0]).policy
     assert {key: getattr(policy, key) for key in BEST} == BEST
+    for arm, reward in (("dynamic_q_learning_neg_loss", "neg_loss"), ("dynamic_q_learning_paper_reward", "paper")):
+        variant = composed(LEARN_STAGE_1[arm][0]).policy
+        assert variant.reward == reward and {key: getattr(variant, key) for key in BEST if key != "reward"} == {
+            key: value for key, value in BEST.items() if key != "reward"}
     bandit = composed(LEARN_STAGE_1["bandit"][0]).policy
     assert (bandit.reward, bandit.reward_normalization) == (BEST["reward"], BEST["reward_normalization"])
 

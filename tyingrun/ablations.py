@@ -33,6 +33,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -62,20 +63,35 @@ Arms = Dict[str, Tuple[List[str], str]]  # arm -> (its own overrides, a note for
 
 # The learning study (--scale learn, +experiment=dlt_learning). Its learned arms decide every 2 steps (the preset
 # cannot set the key: fixed policies refuse it); the learning-option arm is the published agent plus every option of
-# docs/method.md#learning-options, chosen on a one-seed pilot by validation loss and the learning diagnostics.
+# docs/method.md#learning-options, chosen on the stub environment of tests/test_learning_options.py (where it finds
+# the map the reward favours) and a one-seed pilot by validation loss and the learning diagnostics. Two more arms
+# change only its reward: to a level reward (neg_loss), and back to the paper's (the control: no signal to learn).
 LEARN_K = "policy.steps_per_decision=2"
 LEARNED_REWARD = ["policy.reward=paired_improvement", "policy.reward_normalization=true"]
 LEARNING_OPTIONS = [
-    *LEARNED_REWARD, "policy.epsilon_schedule=decision", "policy.epsilon_decay_per_decision=0.985",
-    "policy.td_target=next_decision", "policy.replay=256", "policy.target_update=20",
+    "policy.reward_normalization=true", "policy.epsilon_schedule=decision", "policy.epsilon_decay_per_decision=0.985",
+    "policy.td_target=next_decision", "policy.replay=256", "policy.target_update=20", "policy.q_lr_decay_updates=20",
 ]
+
+
+def learning_arm(reward: str) -> List[str]:
+    """dynamic_q at the study's K with every learning option, on ``reward``."""
+    return ["policy=dynamic_q", LEARN_K, f"policy.reward={reward}", *LEARNING_OPTIONS]
+
+
 LEARN_STAGE_1: Arms = {
     "none": (["policy=none"], "conventional training: the reference"),
     "dynamic_q": (["policy=dynamic_q", LEARN_K], "dynamic_q as published (paper reward, epsilon per episode, one "
                                                  "same-layer TD update per decision)"),
-    "dynamic_q_learning": (["policy=dynamic_q", LEARN_K, *LEARNING_OPTIONS],
+    "dynamic_q_learning": (learning_arm("paired_improvement"),
                            "dynamic_q with every learning option: paired reward, normalised, epsilon per decision, "
-                           "next-decision TD target, replay and a target network"),
+                           "next-decision TD target, replay, a target network and a decaying learning rate"),
+    "dynamic_q_learning_neg_loss": (learning_arm("neg_loss"),
+                                    "every learning option, but the reward is the level -CE after the K steps "
+                                    "(normalised) instead of the paired improvement"),
+    "dynamic_q_learning_paper_reward": (learning_arm("paper"),
+                                        "every learning option on the paper's clipped reward: the control, a "
+                                        "reward with nothing to learn from at this scale"),
     "bandit": (["policy=bandit", LEARN_K, *LEARNED_REWARD],
                "one UCB1 bandit per layer on the same rewards: no bootstrapping, no state"),
     "random": (["policy=random", LEARN_K], "the same schedule with uniformly random actions: the no-learning control"),
@@ -216,6 +232,10 @@ def arm_outcome(arm_dir: Path) -> Optional[Outcome]:
     return Outcome(arm_dir, summaries[best]["n_layer"], kept, summaries[best]["steps"], best)
 
 
+# A run's exit status after SIGINT (Ctrl-C) or SIGTERM: the study is being stopped, so no further run starts.
+STOPPED_BY_SIGNAL = (130, 143)
+
+
 @dataclass(frozen=True)
 class Job:
     """One arm at one seed: ``tyingrun <overrides> train.seed=<seed>`` into ``<arm folder>/<seed>``."""
@@ -267,11 +287,16 @@ def run_stage(out_dir: Path, arms: Arms, first_index: int, common: List[str], se
         queue += [Job(arm, folder, overrides, seed) for seed in seeds.split(",")]
     failed: List[str] = []
     side_by_side = jobs > 1
+    stopping = threading.Event()
 
     def run(job: Job) -> None:
+        if stopping.is_set():
+            return
         print(f"\n== {job.arm}, seed {job.seed}: tyingrun {shlex.join(job.command(out_dir)[3:])}", flush=True)
         started = time.monotonic()
         status = run_job(job, out_dir, env, to_log=side_by_side)
+        if status in STOPPED_BY_SIGNAL:
+            stopping.set()
         if status and job.arm not in failed:
             failed.append(job.arm)
         where = f"; its output: {job.log_path(out_dir)}" if side_by_side else ""
@@ -326,7 +351,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.jobs is not None and args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: at least one run must run at a time; use --jobs 1 to run one at a time")
     out_dir = args.out or Path("outputs/ablations") / f"{args.scale}-{datetime.now():%Y-%m-%d_%H-%M-%S}"
-    sys.exit(run_ablations(args.scale, args.seeds, out_dir.resolve(), args.overrides, args.jobs))
+    try:
+        sys.exit(run_ablations(args.scale, args.seeds, out_dir.resolve(), args.overrides, args.jobs))
+    except KeyboardInterrupt:
+        print(f"ablations: stopped; no further run was started, and each run that was under way stopped as a run "
+              f"does (its folder in {out_dir} says how to resume it)", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
