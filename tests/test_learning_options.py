@@ -439,20 +439,21 @@ def greedy_map(policy, src):
 
 @pytest.mark.slow
 def test_the_best_option_set_finds_the_map_the_reward_favours():
-    """400 decisions (80 episodes of 5) on three seeds: on two the agent ends on TARGET, and on every seed its greedy
-    map is a fixed point (a greedy episode from the final map keeps it) at most one slot from TARGET."""
-    exact = 0
+    """400 decisions (80 episodes of 5) on three seeds: on every seed the agent ends on TARGET, its greedy map is a
+    fixed point there (a greedy episode from it keeps it), and most layers kept their greedy action over the last
+    episodes (all of them on two seeds)."""
+    stabilities = []
     for seed in range(3):
         policy = build_policy(policy_config(steps_per_decision=2, **BEST), n_layer=len(TARGET), seed=seed)
         context = MapContext(seed)
         drive(policy, context, 400)
-        exact += context.src == TARGET
+        assert context.src == TARGET
         assert greedy_map(policy, context.src) == context.src
-        assert sum(root != target for root, target in zip(context.src, TARGET, strict=True)) <= 1
         found = policy.diagnostics()
         assert found["final_epsilon"] == 0.01 and found["greedy_fraction_last20"] >= 0.95
-        assert found["greedy_map_stability"] >= 0.4 and found["q_spread_min"] > 0.1
-    assert exact >= 2
+        assert found["q_spread_min"] > 0.5
+        stabilities.append(found["greedy_map_stability"])
+    assert min(stabilities) >= 0.6 and stabilities.count(1.0) >= 2
 
 
 @pytest.mark.slow
