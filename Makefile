@@ -30,16 +30,21 @@ endif
 demo: install
 	$(OFFLINE) $(VENV)/bin/tyingrun model=gpt2 dataset=pydoc policy=cyclic hardware=cpu
 
-# torch.compile tests cost ~30 s of compilation each on a cold cache: test-all includes them.
+# One test process per core (TEST_WORKERS=n to choose), each on one thread: much of the suite is starting
+# subprocesses and small models, where a second process gains far more than a second thread (on 2 cores: 8.7
+# minutes against 13). torch.compile tests cost ~30 s of compilation each on a cold cache: test-all includes them.
+TEST_WORKERS ?= auto
+PYTEST := $(OFFLINE) OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS)
+
 test: install
-	$(OFFLINE) $(PY) -m pytest -q -m "not compile" --durations=15
+	$(PYTEST) -m "not compile" --durations=15
 
 # The inner loop (about a minute on 2 cores): also skips the slow tests, those that train for seconds or more.
 test-fast: install
-	$(OFFLINE) $(PY) -m pytest -q -m "not slow and not compile"
+	$(PYTEST) -m "not slow and not compile"
 
 test-all: install
-	$(OFFLINE) $(PY) -m pytest -q
+	$(PYTEST)
 
 # Loop overhead, memory against the physical limit, frozen_copy speed-up, dynamic_q's decision cost, tokens/s
 # (MFU on a GPU) -> benchmarks/results.json. BENCH_ARGS="--n-layer 48 --d-model 1600 ..." for other sizes.
