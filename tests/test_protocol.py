@@ -1,14 +1,16 @@
 """The evaluation protocol: no evaluation scores an untrained decision, a final evaluation on the whole val and
 test splits, rewards paired with their own decisions in maps.jsonl, and independent random streams."""
 
+import copy
 import json
+import shutil
 
 import pytest
 import torch
 
-from tests.conftest import small_lm_config
+from tests.conftest import run_folder, small_lm_config
 from tyingrun.data.lm import BlockSampler
-from tyingrun.metrics.sinks import JsonlFile
+from tyingrun.metrics.sinks import JsonlFile, decided_before, logged_by
 from tyingrun.run import build_data, build_model, run
 from tyingrun.seeding import derive_seed
 from tyingrun.train.trainer import Trainer
@@ -125,11 +127,47 @@ def test_streams_are_keyed_by_seed_name_and_rank():
     assert derive_seed(3, "dropout", 1) == derive_seed(3, "dropout", 1)
 
 
-def test_resume_keeps_only_the_map_rows_written_by_the_checkpoint(tmp_path):
-    """A learned decision's row is written when its reward is measured: a checkpoint at step 10 holds the decision
-    of step 8 as unrewarded (its row, written at 12, would otherwise appear twice after resuming)."""
+@pytest.mark.parametrize("resume_step, kept", [(10, 2), (8, 1), (14, 3)])
+def test_resume_keeps_only_the_map_rows_written_by_the_checkpoint(tmp_path, resume_step, kept):
+    """K=4 in a run of 14 steps. A learned decision's row is written when its reward is measured, by the decision
+    taken after the step it is measured at, which comes after that step's checkpoint; the last decision (12) is
+    written unrewarded when the run ends. So a checkpoint at step 10 holds the decision of step 8 as unrewarded (its
+    row, written after step 12, would otherwise appear twice), one at step 8 holds the decision of step 4 (written
+    after step 8), and resuming the finished run at 14 to extend it takes its last decision again, rewarded."""
     path = tmp_path / "maps.jsonl"
-    rows = [{"step": 0}, {"step": 4, "reward_step": 8}, {"step": 8, "reward_step": 12}]
+    rows = [{"step": 0}, {"step": 4, "reward": 1.0, "reward_step": 8}, {"step": 8, "reward": 2.0, "reward_step": 12},
+            {"step": 12, "reward": None, "reward_step": None}]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    JsonlFile(path, keep_through_step=10).close()
+    JsonlFile(path, decided_before(resume_step)).close()
+    assert read_jsonl(path) == rows[:kept]
+
+
+def test_resume_keeps_the_metrics_rows_through_the_checkpoint_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": step, "train_loss": 1.0} for step in (5, 10, 15)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    JsonlFile(path, logged_by(10)).close()
     assert read_jsonl(path) == rows[:2]
+
+
+
+
+@pytest.mark.slow
+def test_a_resume_at_a_decision_step_writes_every_map_row_once(tmp_path, data_cache):
+    """K=1: a decision follows every step, so the checkpoint at step 3 comes just before the decision that writes
+    the row of step 2's decision. A run killed later, its logs left as they were, resumes to the same maps.jsonl."""
+    cfg = small_lm_config("dynamic_q", max_steps=6, policy_keys={"steps_per_decision": 1, "reward": "neg_loss"},
+                          train_keys={"checkpoint_interval": 3, "keep_checkpoints": 2})
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TYINGRUN_CACHE", str(data_cache))
+        run_folder(cfg, whole)
+        shutil.copytree(whole, resumed)
+        shutil.rmtree(resumed / "checkpoints" / "step_00000006")
+        (resumed / "summary.json").unlink()
+        resumed_cfg = copy.deepcopy(cfg)
+        resumed_cfg.train.resume = str(resumed)
+        run(resumed_cfg, resumed)
+    decisions = [row["step"] for row in read_jsonl(resumed / "maps.jsonl")]
+    assert decisions == [0, 1, 2, 3, 4, 5]
+    assert read_jsonl(resumed / "maps.jsonl") == read_jsonl(whole / "maps.jsonl")

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -47,11 +47,28 @@ def check_jsonl(path: Path) -> None:
             _step_of(path, line)
 
 
+def logged_by(step: int) -> Callable[[Path, str], bool]:
+    """metrics.jsonl: a row at step s was written before the checkpoint at s."""
+    return lambda path, line: _step_of(path, line) <= step
+
+
+def decided_before(step: int) -> Callable[[Path, str], bool]:
+    """maps.jsonl: a row was written by a decision taken after the step it is written at (``_step_of``), which
+    comes after that step's checkpoint, so the checkpoint at ``step`` holds only rows written at earlier steps. A
+    learned decision with no ``reward_step`` is the run's last one, written when the run ended: a resumed run
+    (even one extended past that end) takes it again."""
+    def kept(path: Path, line: str) -> bool:
+        written = _step_of(path, line)
+        row = json.loads(line)
+        return written < step and not ("reward" in row and row.get("reward_step") is None)
+    return kept
+
+
 class JsonlFile:
-    def __init__(self, path: Path, keep_through_step: Optional[int] = None):
-        if keep_through_step is not None and path.exists():
+    def __init__(self, path: Path, keep: Optional[Callable[[Path, str], bool]] = None):
+        if keep is not None and path.exists():
             # A resumed run continues from its checkpoint: drop what the interrupted run logged after it.
-            rows = [line for line in path.read_text().splitlines() if _step_of(path, line) <= keep_through_step]
+            rows = [line for line in path.read_text().splitlines() if keep(path, line)]
             path.write_text("".join(f"{row}\n" for row in rows))
         self._handle = path.open("a")
 
@@ -164,8 +181,9 @@ class RunSinks:
         self.out_dir = out_dir
         self.console = console
         self.wandb = wandb
-        self._metrics = JsonlFile(out_dir / METRICS_FILE, resume_step)
-        self._maps = JsonlFile(out_dir / MAPS_FILE, resume_step)
+        resumed = resume_step is not None
+        self._metrics = JsonlFile(out_dir / METRICS_FILE, logged_by(resume_step) if resumed else None)
+        self._maps = JsonlFile(out_dir / MAPS_FILE, decided_before(resume_step) if resumed else None)
 
     def metrics(self, row: Dict[str, Any]) -> None:
         self._metrics.write(row)
@@ -201,7 +219,8 @@ class RankSinks:
         self.out_dir = out_dir
         self.console = ConsoleSink("lines", 0, quiet=True)
         (out_dir / RANKS_DIR).mkdir(parents=True, exist_ok=True)
-        self._maps = JsonlFile(out_dir / RANKS_DIR / f"rank{rank}_maps.jsonl", resume_step)
+        self._maps = JsonlFile(out_dir / RANKS_DIR / f"rank{rank}_maps.jsonl",
+                               decided_before(resume_step) if resume_step is not None else None)
 
     def metrics(self, row: Dict[str, Any]) -> None:
         """Rank 0 records the metrics."""
