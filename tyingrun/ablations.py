@@ -341,7 +341,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--scale", choices=tuple(STUDIES), default="cpu",
                         help="cpu: 8x128 GPT-2 on pydoc (~22 min on 2 cores); paper: 48x1600 on WikiText-2 (GPUs); "
                              "learn: the learning study, 6x64 GPT-2 on pydoc (~15 min on 2 cores); recursive: the "
-                             "conversion study, an 8x128 GPT-2 parent on pydoc (~30 min on 2 cores)")
+                             "conversion study, an 8x128 GPT-2 parent on pydoc (~21 min on 2 cores)")
     parser.add_argument("--seeds", help="train.seed values, comma-separated (default 0,1,2; recursive: 0,1)")
     parser.add_argument("--out", type=Path, help="default: outputs/ablations/<scale>-<date>_<time>")
     parser.add_argument("--jobs", type=int, help="runs at a time (default: cpu, learn, recursive: one per core, each "
