@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from tyingrun.config import CHOICES
 from tyingrun.files import ARMS_FILE, SUMMARY_FILE, read_json, write_json_atomic
@@ -285,7 +285,7 @@ def run_stage(out_dir: Path, arms: Arms, first_index: int, common: List[str], se
         folder = f"{index:02d}_{arm}"
         record_arm(out_dir, arm, folder, [*overrides, f"train.seed={seeds}"], note)
         queue += [Job(arm, folder, overrides, seed) for seed in seeds.split(",")]
-    failed: List[str] = []
+    failed: Set[str] = set()
     side_by_side = jobs > 1
     stopping = threading.Event()
 
@@ -297,8 +297,8 @@ def run_stage(out_dir: Path, arms: Arms, first_index: int, common: List[str], se
         status = run_job(job, out_dir, env, to_log=side_by_side)
         if status in STOPPED_BY_SIGNAL:
             stopping.set()
-        if status and job.arm not in failed:
-            failed.append(job.arm)
+        if status:
+            failed.add(job.arm)
         where = f"; its output: {job.log_path(out_dir)}" if side_by_side else ""
         outcome = f"failed (exit {status})" if status else "done"
         print(f"== {job.arm}, seed {job.seed}: {outcome} in {time.monotonic() - started:.0f} s{where}", flush=True)

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -27,9 +27,9 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _step_of(path: Path, line: str) -> int:
-    """The step at which a row was written: a learned decision's maps.jsonl row (``step``: the decision) is
-    written when its reward is measured, at ``reward_step``."""
+def _read_row(path: Path, line: str) -> Tuple[Dict[str, Any], int]:
+    """The row and the step at which it was written: a learned decision's maps.jsonl row (``step``: the decision)
+    is written when its reward is measured, at ``reward_step``."""
     try:
         row = json.loads(line)
         step = row["step"] if row.get("reward_step") is None else row["reward_step"]
@@ -37,29 +37,28 @@ def _step_of(path: Path, line: str) -> int:
         step = None
     if not isinstance(step, int) or isinstance(step, bool):
         raise BadInput(f"{path}: a row without a step ({line[:60]!r}); the file is damaged - repair or remove it")
-    return step
+    return row, step
 
 
 def check_jsonl(path: Path) -> None:
     """BadInput naming ``path`` unless each of its rows is a JSON object with a step (a missing file is fine)."""
     if path.is_file():
         for line in path.read_text().splitlines():
-            _step_of(path, line)
+            _read_row(path, line)
 
 
 def logged_by(step: int) -> Callable[[Path, str], bool]:
     """metrics.jsonl: a row at step s was written before the checkpoint at s."""
-    return lambda path, line: _step_of(path, line) <= step
+    return lambda path, line: _read_row(path, line)[1] <= step
 
 
 def decided_before(step: int) -> Callable[[Path, str], bool]:
-    """maps.jsonl: a row was written by a decision taken after the step it is written at (``_step_of``), which
+    """maps.jsonl: a row was written by a decision taken after the step it is written at (``_read_row``), which
     comes after that step's checkpoint, so the checkpoint at ``step`` holds only rows written at earlier steps. A
     learned decision with no ``reward_step`` is the run's last one, written when the run ended: a resumed run
     (even one extended past that end) takes it again."""
     def kept(path: Path, line: str) -> bool:
-        written = _step_of(path, line)
-        row = json.loads(line)
+        row, written = _read_row(path, line)
         return written < step and not ("reward" in row and row.get("reward_step") is None)
     return kept
 

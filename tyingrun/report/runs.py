@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import statistics
@@ -115,8 +116,9 @@ def flatten(node: Any, prefix: str = "") -> Dict[str, Any]:
     return {prefix[:-1]: tuple(node) if isinstance(node, list) else node}
 
 
+@functools.cache
 def schema_defaults() -> Dict[str, Any]:
-    """Every config key of this tyingrun with its schema default, flattened."""
+    """Every config key of this tyingrun with its schema default, flattened (built once; callers copy it)."""
     return flatten({section: OmegaConf.to_container(OmegaConf.structured(schema), resolve=False)
                     for section, schema in SECTION_SCHEMAS.items()})
 
