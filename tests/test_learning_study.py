@@ -62,6 +62,8 @@ def test_the_learning_arm_runs_the_option_set_the_tests_check():
             key: value for key, value in BEST.items() if key != "reward"}
     bandit = composed(LEARN_STAGE_1["bandit"][0]).policy
     assert (bandit.reward, bandit.reward_normalization) == (BEST["reward"], BEST["reward_normalization"])
+    # random ignores its rewards, but logs the learners' reward: its separation measures that reward's signal.
+    assert composed(LEARN_STAGE_1["random"][0]).policy.reward == BEST["reward"]
 
 
 def test_learn_stage_2_is_the_fixed_maps_at_the_learned_count(tmp_path):

@@ -94,7 +94,9 @@ LEARN_STAGE_1: Arms = {
                                         "reward with nothing to learn from at this scale"),
     "bandit": (["policy=bandit", LEARN_K, *LEARNED_REWARD],
                "one UCB1 bandit per layer on the same rewards: no bootstrapping, no state"),
-    "random": (["policy=random", LEARN_K], "the same schedule with uniformly random actions: the no-learning control"),
+    "random": (["policy=random", LEARN_K, "policy.reward=paired_improvement"],
+               "the same schedule with uniformly random actions: the no-learning control; it ignores its rewards (the "
+               "learners' paired reward), whose separation shows whether that reward tells the actions apart at all"),
 }
 
 

@@ -13,6 +13,7 @@ from rich.console import Console
 from tyingrun.errors import BadInput
 from tyingrun.files import CONFIG_FILE, MAPS_FILE
 from tyingrun.report.plots import plot_map_history, plot_memory, plot_quality_vs_flops, plot_quality_vs_params
+from tyingrun.report.rewards import SEPARATION_T
 from tyingrun.report.runs import (
     QUALITY_KINDS,
     Group,
@@ -113,6 +114,10 @@ def paired_notes(groups: List[Group], references: Dict[Tuple[str, str], Group], 
 
 
 def diagnostics_notes(rows: List[Dict[str, Any]]) -> List[str]:
+    return decision_notes(rows) + separation_notes(rows)
+
+
+def decision_notes(rows: List[Dict[str, Any]]) -> List[str]:
     if not any("decisions" in row for row in rows):
         return []
     return ["decisions, final ε, clipped rewards: means over seeds of what the learned policies report: decisions "
@@ -120,6 +125,17 @@ def diagnostics_notes(rows: List[Dict[str, Any]]) -> List[str]:
             f"value at which the agent could not have learned (more than {CLIPPED_LIMIT:.0%} of the rewards clipped, "
             f"or epsilon never below {EPSILON_LIMIT}): such a group's quality says nothing about what the agent "
             "would have found."]
+
+
+def separation_notes(rows: List[Dict[str, Any]]) -> List[str]:
+    if not any(row.get("separable_layers") is not None for row in rows):
+        return []
+    return [f"best action separable (docs/method.md#reward-separation): per run, from its maps.jsonl, the share of "
+            "the layers 1..L-1 whose best action (highest mean reward, each reward taken relative to its episode's "
+            f"mean) is at least {SEPARATION_T:g} standard errors (Welch's t) above every other action taken at least "
+            "twice; the mean over seeds, and the lowest seed. On a policy that picks uniformly (random, given the "
+            "learners' reward) it measures whether the reward can tell the actions apart at all; on a learner it "
+            "reads low, because a learner that exploits rarely tries the other actions."]
 
 
 def arms_section(paths: Sequence[Path], groups: List[Group]) -> List[str]:

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from tyingrun.config import SECTION_SCHEMAS
 from tyingrun.errors import BadInput
 from tyingrun.files import ARMS_FILE, CONFIG_FILE, MAPS_FILE, SUMMARY_FILE, read_json, read_jsonl
+from tyingrun.report.rewards import reward_separation
 from tyingrun.run_status import read_status
 
 # Keys that do not change what a run measures: runs differing only in these are seeds of one group.
@@ -146,7 +147,8 @@ LARGEST_NUMBER = 1e100
 
 
 def load_run(path: Path) -> Run:
-    """The run in ``path``; a folder whose files do not read back is a run that did not finish, with the reason."""
+    """The run in ``path``, its summary with the reward separation its maps.jsonl shows (report/rewards.py); a folder
+    whose files do not read back is a run that did not finish, with the reason."""
     try:
         config = OmegaConf.to_container(OmegaConf.load(path / CONFIG_FILE), resolve=False)
         if not isinstance(config, dict):
@@ -163,7 +165,7 @@ def load_run(path: Path) -> Run:
         if summary is not None:
             check_summary(summary)
             if (path / MAPS_FILE).is_file():
-                read_jsonl(path / MAPS_FILE)
+                summary = {**summary, **reward_separation(read_jsonl(path / MAPS_FILE), config["model.n_layer"])}
     except Exception as err:  # noqa: BLE001
         return damaged(path, config, _first_line(err))
     return Run(path, config, summary, status)

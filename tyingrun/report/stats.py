@@ -1,4 +1,5 @@
-"""Statistics over seeds: mean, sample std and a two-sided 95% t-interval; paired differences on shared seeds."""
+"""Statistics: over seeds, mean, sample std and a two-sided 95% t-interval, and paired differences on shared seeds;
+between two samples, Welch's t."""
 
 from __future__ import annotations
 
@@ -54,3 +55,14 @@ def estimate(values: Sequence[float]) -> Estimate:
 def paired_differences(values: Mapping[Hashable, float], reference: Mapping[Hashable, float]) -> List[float]:
     """``values[key] - reference[key]`` for every key both have (the seeds they share), in key order."""
     return [values[key] - reference[key] for key in sorted(values.keys() & reference.keys())]
+
+
+def welch_t(first: Sequence[float], second: Sequence[float]) -> Optional[float]:
+    """Welch's t-statistic of mean(first) - mean(second) (each at least two values): the difference over
+    sqrt(var1 / n1 + var2 / n2) with sample variances. Without any variance: +-inf for different means, None for
+    equal ones."""
+    difference = statistics.fmean(first) - statistics.fmean(second)
+    spread = math.sqrt(statistics.variance(first) / len(first) + statistics.variance(second) / len(second))
+    if spread > 0:
+        return difference / spread
+    return None if difference == 0 else math.copysign(math.inf, difference)

@@ -24,9 +24,11 @@ AVERAGED = (
     "decisions", "final_epsilon", "clipped_reward_fraction",
     # Evidence that a learned policy learned (docs/method.md#learning-diagnostics).
     "q_spread_min", "q_spread_mean", "greedy_fraction_last20", "greedy_map_stability",
+    # Whether the rewards told the actions apart (docs/method.md#reward-separation; from maps.jsonl).
+    "separable_layers",
 )
 # Learning diagnostics that must hold on every seed: the CSV also holds their lowest value over seeds (<key>_lowest).
-LOWEST_OVER_SEEDS = ("q_spread_min", "greedy_map_stability")
+LOWEST_OVER_SEEDS = ("q_spread_min", "greedy_map_stability", "separable_layers")
 PAIRED = ("paired_reference", "paired_metric", "paired_n", "paired_diff_mean", "paired_diff_ci_low",
           "paired_diff_ci_high", "paired_diff_contains_zero")
 # A learned policy whose rewards mostly sat at the floor, or that mostly acted at random, could not have learned.
@@ -270,6 +272,7 @@ QUALITY: Tuple[Column, ...] = (
     ("greedy, last 20%", "greedy_fraction_last20", lambda r: f"{r['greedy_fraction_last20']:.0%}"),
     ("greedy map stable", "greedy_map_stability",
      lambda r: _with_lowest(r, "greedy_map_stability", "{:.0%}".format, STABILITY_LIMIT)),
+    ("best action separable", "separable_layers", lambda r: _with_lowest(r, "separable_layers", "{:.0%}".format)),
 )
 COST: Tuple[Column, ...] = (
     ("trainable params (end/mean)", "trainable_params", lambda r: _pair(r, "trainable_params", human_count)),
