@@ -10,7 +10,7 @@ import torch
 
 from tests.conftest import run_folder, small_lm_config
 from tyingrun.data.lm import BlockSampler
-from tyingrun.metrics.sinks import JsonlFile, decided_before, logged_by
+from tyingrun.metrics.sinks import JsonlFile, decided_before
 from tyingrun.run import build_data, build_model, run
 from tyingrun.seeding import derive_seed
 from tyingrun.train.trainer import Trainer
@@ -138,7 +138,7 @@ def test_resume_keeps_only_the_map_rows_written_by_the_checkpoint(tmp_path, resu
     rows = [{"step": 0}, {"step": 4, "reward": 1.0, "reward_step": 8}, {"step": 8, "reward": 2.0, "reward_step": 12},
             {"step": 12, "reward": None, "reward_step": None}]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    JsonlFile(path, decided_before(resume_step)).close()
+    JsonlFile(path, resume_step, decided_before).close()
     assert read_jsonl(path) == rows[:kept]
 
 
@@ -146,7 +146,7 @@ def test_resume_keeps_the_metrics_rows_through_the_checkpoint_step(tmp_path):
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": step, "train_loss": 1.0} for step in (5, 10, 15)]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    JsonlFile(path, logged_by(10)).close()
+    JsonlFile(path, 10).close()
     assert read_jsonl(path) == rows[:2]
 
 

@@ -67,9 +67,11 @@ Arms = Dict[str, Tuple[List[str], str]]  # arm -> (its own overrides, a note for
 # the map the reward favours) and a one-seed pilot by validation loss and the learning diagnostics. Two more arms
 # change only its reward: to a level reward (neg_loss), and back to the paper's (the control: no signal to learn).
 LEARN_K = "policy.steps_per_decision=2"
-LEARNED_REWARD = ["policy.reward=paired_improvement", "policy.reward_normalization=true"]
+PAIRED_REWARD = "policy.reward=paired_improvement"
+NORMALISED_REWARD = "policy.reward_normalization=true"
+LEARNED_REWARD = [PAIRED_REWARD, NORMALISED_REWARD]
 LEARNING_OPTIONS = [
-    "policy.reward_normalization=true", "policy.epsilon_schedule=decision", "policy.epsilon_decay_per_decision=0.985",
+    NORMALISED_REWARD, "policy.epsilon_schedule=decision", "policy.epsilon_decay_per_decision=0.985",
     "policy.td_target=next_decision", "policy.replay=256", "policy.target_update=20", "policy.q_lr_decay_updates=20",
 ]
 
@@ -94,7 +96,7 @@ LEARN_STAGE_1: Arms = {
                                         "reward with nothing to learn from at this scale"),
     "bandit": (["policy=bandit", LEARN_K, *LEARNED_REWARD],
                "one UCB1 bandit per layer on the same rewards: no bootstrapping, no state"),
-    "random": (["policy=random", LEARN_K, "policy.reward=paired_improvement"],
+    "random": (["policy=random", LEARN_K, PAIRED_REWARD],
                "the same schedule with uniformly random actions: the no-learning control; it ignores its rewards (the "
                "learners' paired reward), whose separation shows whether that reward tells the actions apart at all"),
 }

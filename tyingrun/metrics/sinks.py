@@ -64,9 +64,14 @@ def decided_before(step: int) -> Callable[[Path, str], bool]:
 
 
 class JsonlFile:
-    def __init__(self, path: Path, keep: Optional[Callable[[Path, str], bool]] = None):
-        if keep is not None and path.exists():
-            # A resumed run continues from its checkpoint: drop what the interrupted run logged after it.
+    """A JSONL log that rows are appended to. Given ``resume_step`` (the run resumes from its checkpoint at that
+    step), it first drops what the interrupted run logged after the checkpoint: the rows ``kept_on_resume(step)``
+    rejects."""
+
+    def __init__(self, path: Path, resume_step: Optional[int] = None,
+                 kept_on_resume: Callable[[int], Callable[[Path, str], bool]] = logged_by):
+        if resume_step is not None and path.exists():
+            keep = kept_on_resume(resume_step)
             rows = [line for line in path.read_text().splitlines() if keep(path, line)]
             path.write_text("".join(f"{row}\n" for row in rows))
         self._handle = path.open("a")
@@ -180,9 +185,8 @@ class RunSinks:
         self.out_dir = out_dir
         self.console = console
         self.wandb = wandb
-        resumed = resume_step is not None
-        self._metrics = JsonlFile(out_dir / METRICS_FILE, logged_by(resume_step) if resumed else None)
-        self._maps = JsonlFile(out_dir / MAPS_FILE, decided_before(resume_step) if resumed else None)
+        self._metrics = JsonlFile(out_dir / METRICS_FILE, resume_step)
+        self._maps = JsonlFile(out_dir / MAPS_FILE, resume_step, decided_before)
 
     def metrics(self, row: Dict[str, Any]) -> None:
         self._metrics.write(row)
@@ -218,8 +222,7 @@ class RankSinks:
         self.out_dir = out_dir
         self.console = ConsoleSink("lines", 0, quiet=True)
         (out_dir / RANKS_DIR).mkdir(parents=True, exist_ok=True)
-        self._maps = JsonlFile(out_dir / RANKS_DIR / f"rank{rank}_maps.jsonl",
-                               decided_before(resume_step) if resume_step is not None else None)
+        self._maps = JsonlFile(out_dir / RANKS_DIR / f"rank{rank}_maps.jsonl", resume_step, decided_before)
 
     def metrics(self, row: Dict[str, Any]) -> None:
         """Rank 0 records the metrics."""
