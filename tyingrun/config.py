@@ -38,6 +38,18 @@ class ModelConfig:
     causal: bool = False
     # vit: side of the square patches; it must divide the dataset's image size.
     patch_size: int = 4
+    # llama (docs/llama.md): key/value heads of grouped-query attention (null: n_head; it must divide n_head),
+    # width of one head (null: d_model / n_head), the SwiGLU MLP's hidden width (null: 4 * d_model), RoPE's base,
+    # RMSNorm's epsilon, a per-head RMSNorm of queries and keys before RoPE (Qwen3), and biases on the four attention
+    # projections and on the MLP's three matrices (model.bias is GPT-2's, BERT's and ViT's).
+    n_kv_head: Optional[int] = None
+    head_dim: Optional[int] = None
+    d_ff: Optional[int] = None
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    qk_norm: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
 
 
 @dataclass
@@ -289,8 +301,9 @@ def check(cfg: Config) -> None:
             raise BadInput(f"{key}={value} must be at least 1")
     check_numbers(cfg)
     check_eval_batches(t.eval_batches)
-    if m.d_model % m.n_head:
+    if m.head_dim is None and m.d_model % m.n_head:
         raise BadInput(f"model.n_head={m.n_head} does not divide model.d_model={m.d_model}; pick a divisor of it")
+    check_llama_keys(m)
     if d.block_size > m.max_positions:
         raise BadInput(
             f"dataset.block_size={d.block_size} exceeds the model's {m.max_positions} positions; "
@@ -300,6 +313,32 @@ def check(cfg: Config) -> None:
         raise BadInput(f"model.dropout={m.dropout} must be in [0, 1)")
     check_freeze(m)
     check_hardware(cfg)
+
+
+# The model=llama keys, at their defaults (which another model must leave them at).
+LLAMA_ONLY = {"n_kv_head": None, "head_dim": None, "d_ff": None, "rope_theta": 10000.0, "norm_eps": 1e-5,
+              "qk_norm": False, "attention_bias": False, "mlp_bias": False}
+
+
+def check_llama_keys(m: ModelConfig) -> None:
+    """The grouped-query and head-width keys of model=llama fit together; other models leave them unset."""
+    if m.name != "llama":
+        for key, unset in LLAMA_ONLY.items():
+            if getattr(m, key) != unset:
+                raise BadInput(f"model.{key} is a key of model=llama; model={m.name} does not use it")
+        return
+    for key in ("n_kv_head", "head_dim", "d_ff"):
+        value = getattr(m, key)
+        if value is not None and (isinstance(value, bool) or value < 1):
+            raise BadInput(f"model.{key}={value} must be at least 1 (or null)")
+    if m.n_kv_head is not None and m.n_head % m.n_kv_head:
+        raise BadInput(f"model.n_kv_head={m.n_kv_head} does not divide model.n_head={m.n_head}; each key/value "
+                       f"head serves a whole group of query heads")
+    head_dim = m.head_dim or m.d_model // m.n_head
+    if head_dim % 2:
+        raise BadInput(f"model.head_dim={head_dim} is odd; RoPE rotates pairs of features, so it must be even")
+    _in_range("model.rope_theta", m.rope_theta, 0, math.inf, low_open=True, high_open=True)
+    _in_range("model.norm_eps", m.norm_eps, 0, 1, low_open=True)
 
 
 def check_hardware(cfg: Config) -> None:

@@ -10,6 +10,7 @@ from torch import nn
 from tyingrun.config import ModelConfig
 from tyingrun.models.bert import BERT
 from tyingrun.models.gpt2 import GPT2
+from tyingrun.models.llama import Llama
 from tyingrun.models.vit import ViT
 
 
@@ -23,6 +24,8 @@ class ModelSpec:
 
 MODELS = {
     "gpt2": ModelSpec(lambda cfg, data, grad_mode: GPT2(cfg, cfg.vocab_size or data.vocab_size, grad_mode), GPT2.task),
+    "llama": ModelSpec(
+        lambda cfg, data, grad_mode: Llama(cfg, cfg.vocab_size or data.vocab_size, grad_mode), Llama.task),
     "bert": ModelSpec(lambda cfg, data, grad_mode: BERT(cfg, cfg.vocab_size or data.vocab_size, grad_mode), BERT.task),
     "vit": ModelSpec(
         lambda cfg, data, grad_mode: ViT(cfg, data.image_size, data.channels, data.n_classes, grad_mode), ViT.task),

@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import List
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from tyingrun.contracts import LossResult
 
 # The state-dict name of the LM head in tyingrun's language models (each keeps its TokenEmbedding as ``tokens``).
 LM_HEAD_WEIGHT = "tokens.lm_head.weight"
@@ -42,3 +45,8 @@ class TokenEmbedding(nn.Module):
 def embedding_tables(model: nn.Module) -> List[nn.Parameter]:
     """The weights of every nn.Embedding (token, position, token type); a tied LM head is one of them."""
     return [module.weight for module in model.modules() if isinstance(module, nn.Embedding)]
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> LossResult:
+    """Mean next-token cross-entropy (in fp32) over the batch, and the number of predicted tokens."""
+    return LossResult(F.cross_entropy(logits.float().flatten(0, 1), labels.flatten()), labels.numel())

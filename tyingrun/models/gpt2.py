@@ -6,13 +6,12 @@ import math
 from typing import Dict
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tyingrun.config import ModelConfig
 from tyingrun.contracts import LossResult
 from tyingrun.models.blocks import PreLNBlock, init_normal
-from tyingrun.models.embeddings import TokenEmbedding
+from tyingrun.models.embeddings import TokenEmbedding, next_token_loss
 from tyingrun.tying.stack import TiedStack
 
 
@@ -42,6 +41,4 @@ class GPT2(nn.Module):
 
     def loss(self, batch: Dict[str, torch.Tensor]) -> LossResult:
         """Mean next-token cross-entropy over the batch, and the number of predicted tokens."""
-        logits = self(batch["input_ids"])
-        labels = batch["labels"]
-        return LossResult(F.cross_entropy(logits.float().flatten(0, 1), labels.flatten()), labels.numel())
+        return next_token_loss(self(batch["input_ids"]), batch["labels"])
