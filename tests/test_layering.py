@@ -18,7 +18,7 @@ PACKAGE = ROOT / "tyingrun"
 LAYERS: Dict[str, int] = {
     # 0: neutral - the facts everyone shares (errors, contracts, files, seeds, config, a run's status)
     "tyingrun.errors": 0, "tyingrun.contracts": 0, "tyingrun.files": 0, "tyingrun.seeding": 0,
-    "tyingrun.config": 0, "tyingrun.run_status": 0,
+    "tyingrun.config": 0, "tyingrun.run_status": 0, "tyingrun.hub": 0,
     # 1: the tying map and stack, the data, the report (neither data nor report knows models or training)
     "tyingrun.tying": 1, "tyingrun.data": 1, "tyingrun.report": 1,
     # 2: models, measurements, policies
@@ -48,6 +48,7 @@ ALLOWED: Dict[str, FrozenSet[str]] = {
     "tyingrun.config": _units("errors"),
     "tyingrun.files": _units("errors"),
     "tyingrun.run_status": _units("files"),
+    "tyingrun.hub": _units("errors"),
     "tyingrun.tying": NEUTRAL,
     "tyingrun.data": NEUTRAL,
     "tyingrun.report": NEUTRAL,
@@ -66,7 +67,8 @@ ALLOWED: Dict[str, FrozenSet[str]] = {
 }
 # The arrows within one layer that ALLOWED grants on purpose.
 SAME_LAYER = {("tyingrun.config", "tyingrun.errors"), ("tyingrun.files", "tyingrun.errors"),
-              ("tyingrun.run_status", "tyingrun.files"), ("tyingrun.data_cli", "tyingrun.cli")}
+              ("tyingrun.run_status", "tyingrun.files"), ("tyingrun.hub", "tyingrun.errors"),
+              ("tyingrun.data_cli", "tyingrun.cli")}
 
 
 def module_name(path: Path) -> str:

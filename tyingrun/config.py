@@ -75,7 +75,8 @@ class DatasetConfig:
     hf_name: Optional[str] = None
     hf_config: Optional[str] = None
     # "bpe": byte-level BPE trained on the corpus and cached (model=bert trains WordPiece instead);
-    # "wordpiece": BERT's WordPiece trained on the corpus and cached; "gpt2": the GPT-2 tokenizer.
+    # "wordpiece": BERT's WordPiece trained on the corpus and cached; "gpt2": the GPT-2 tokenizer; "from_model": the
+    # tokenizer.json of the Hugging Face model that train.init_from names (docs/llama.md).
     tokenizer: str = "bpe"
     # A local tokenizer.json to use instead of training or downloading one.
     tokenizer_path: Optional[str] = None
@@ -241,7 +242,7 @@ CHOICES = {
     "hardware.precision": ("bf16", "fp32"),
     "train.schedule": ("cosine", "constant"),
     "log.progress": ("auto", "bar", "lines"),
-    "dataset.tokenizer": ("bpe", "gpt2", "wordpiece"),
+    "dataset.tokenizer": ("bpe", "gpt2", "wordpiece", "from_model"),
     "dataset.variant": ("raw", "v1"),
 }
 
@@ -304,6 +305,9 @@ def check(cfg: Config) -> None:
     if m.head_dim is None and m.d_model % m.n_head:
         raise BadInput(f"model.n_head={m.n_head} does not divide model.d_model={m.d_model}; pick a divisor of it")
     check_llama_keys(m)
+    if d.tokenizer == "from_model" and not t.init_from:
+        raise BadInput("dataset.tokenizer=from_model reads the tokenizer of the model train.init_from names; set "
+                       "train.init_from= a Hugging Face model folder or hf:<repo id>")
     if d.block_size > m.max_positions:
         raise BadInput(
             f"dataset.block_size={d.block_size} exceeds the model's {m.max_positions} positions; "

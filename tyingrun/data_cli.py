@@ -27,6 +27,7 @@ from tyingrun.data.build import TEXT_DATASETS, build_dataset
 from tyingrun.data.lm import LMData
 from tyingrun.data.splits import leaked_fraction
 from tyingrun.data.text import Corpus, load_corpus
+from tyingrun.data.tokenizer import with_model_tokenizer
 from tyingrun.errors import BadInput, fail
 from tyingrun.preflight import preflight
 
@@ -79,7 +80,7 @@ def describe_splits(cfg: Config, dump: Optional[Path]) -> List[str]:
         data = build_dataset(cfg.dataset, cfg.model)
         return [f"{name} {split}: {data.eval_items(split):,} images" for split in SPLITS]
     corpus = load_corpus(cfg.dataset)
-    data = build_dataset(cfg.dataset, cfg.model, corpus)
+    data = build_dataset(with_model_tokenizer(cfg.dataset, cfg.train.init_from), cfg.model, corpus)
     if dump is not None:
         write_dump(corpus, dump)
     return [_text_split_line(corpus, data, split) for split in SPLITS]

@@ -81,9 +81,9 @@ def check_recursive(cfg: Config) -> None:
     policy = cfg.policy
     if not cfg.train.init_from:
         raise BadInput("policy=recursive converts a trained model; set train.init_from= a finished run, a checkpoint "
-                       "or a Hugging Face GPT-2 folder")
-    if cfg.model.name != "gpt2":
-        raise BadInput(f"policy=recursive converts GPT-2 models, not model={cfg.model.name}")
+                       "or a Hugging Face GPT-2, Llama or Qwen3 folder")
+    if cfg.model.name not in ("gpt2", "llama"):
+        raise BadInput(f"policy=recursive converts GPT-2 and Llama models, not model={cfg.model.name}")
     if isinstance(policy.lora_rank, bool) or not isinstance(policy.lora_rank, int) or not (
             0 <= policy.lora_rank <= cfg.model.d_model):
         raise BadInput(f"policy.lora_rank={policy.lora_rank!r} must be an integer from 0 (strict tying) to the full "

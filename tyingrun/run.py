@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from tyingrun.config import Config, HardwareConfig, ModelConfig
 from tyingrun.contracts import Sink, TiedModel, TrainingData
 from tyingrun.data.build import build_dataset
+from tyingrun.data.tokenizer import with_model_tokenizer
 from tyingrun.errors import BadInput
 from tyingrun.files import (
     CONFIG_FILE,
@@ -85,7 +86,7 @@ def load_run_config(run_dir: Path) -> Config:
 
 def build_data(cfg: Config) -> TrainingData:
     """The data the model trains on (the preflight has checked that the two suit each other)."""
-    return build_dataset(cfg.dataset, cfg.model)
+    return build_dataset(with_model_tokenizer(cfg.dataset, cfg.train.init_from), cfg.model)
 
 
 def build_model(model_cfg: ModelConfig, data: Optional[TrainingData], grad_mode: str, share: str = "block",

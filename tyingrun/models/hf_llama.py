@@ -137,8 +137,8 @@ def hf_config(model: Llama) -> Dict[str, Any]:
     cfg = architecture(model)
     kind = "qwen3" if cfg.qk_norm else "llama"
     if cfg.qk_norm and cfg.mlp_bias:
-        raise BadInput("model.qk_norm=true with model.mlp_bias=true is neither a Llama (no QK-norm) nor a Qwen3 (no MLP "
-                       "biases); transformers has no class that loads it")
+        raise BadInput("model.qk_norm=true with model.mlp_bias=true is neither a Llama (no QK-norm) nor a Qwen3 (no "
+                       "MLP biases); transformers has no class that loads it")
     config = {
         "model_type": kind,
         "architectures": [ARCHITECTURES[kind]],

@@ -1,7 +1,8 @@
 """``train.init_from``: start a run from earlier weights instead of a random init.
 
-The source is a tyingrun run folder (its newest checkpoint), a checkpoint folder, or a local Hugging Face GPT-2
-folder. A checkpoint's saved tying map is applied first, so its ties come back as shared storage; the run's
+The source is a tyingrun run folder (its newest checkpoint), a checkpoint folder, a local Hugging Face GPT-2,
+Llama or Qwen3 folder (tyingrun.train.hf_import), or ``hf:<repo id>`` (tyingrun.hub).
+A checkpoint's saved tying map is applied first, so its ties come back as shared storage; the run's
 policy then decides as usual. A head that the source ties to the embedding but the model keeps apart starts as
 a copy of the tied matrix; the reverse (two trained matrices into one) is refused.
 """
@@ -17,10 +18,12 @@ from torch import nn
 from tyingrun.config import ModelConfig
 from tyingrun.errors import BadInput
 from tyingrun.files import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE, copy_weights, read_tensors
+from tyingrun.hub import model_folder
 from tyingrun.models.embeddings import LM_HEAD_WEIGHT
 from tyingrun.models.gpt2 import GPT2
 from tyingrun.models.hf_gpt2 import HF_CONFIG, architecture, read_hf_config, read_hf_weights
 from tyingrun.train.checkpoint import latest_checkpoint, read_state
+from tyingrun.train.hf_import import is_llama_folder, llama_weights
 
 # The architecture keys a Hugging Face GPT-2 fixes.
 HF_ARCHITECTURE = ("n_layer", "n_head", "d_model", "max_positions", "vocab_size", "bias")
@@ -28,7 +31,7 @@ HF_ARCHITECTURE = ("n_layer", "n_head", "d_model", "max_positions", "vocab_size"
 
 def init_source(path: str) -> Path:
     """The checkpoint folder or Hugging Face folder that ``train.init_from=path`` names."""
-    folder = Path(path).expanduser()
+    folder = model_folder(path)
     if (folder / STATE_FILE).is_file() or (folder / HF_CONFIG).is_file():
         return folder
     if (folder / CONFIG_FILE).is_file():
@@ -37,15 +40,16 @@ def init_source(path: str) -> Path:
             raise BadInput(f"train.init_from={path} is a run folder without checkpoints; pick a finished run")
         return checkpoint
     raise BadInput(f"train.init_from={path} is neither a tyingrun run or checkpoint folder nor a Hugging Face "
-                   f"GPT-2 folder (config.json + model.safetensors)")
+                   f"GPT-2, Llama or Qwen3 folder (config.json + model.safetensors) nor hf:<repo id>")
 
 
 def init_from(model: nn.Module, source: Path) -> None:
     """Load the weights (and, from a checkpoint, the tying map) of ``source`` (see init_source) into ``model``."""
     label = f"train.init_from={source}"
     if (source / HF_CONFIG).is_file():
-        hf_cfg = _matching_hf_config(model, source)
-        _copy_keeping_head_apart(model, read_hf_weights(source, hf_cfg.tie_embeddings), label)
+        weights = (llama_weights(model, source) if is_llama_folder(source)
+                   else read_hf_weights(source, _matching_hf_config(model, source).tie_embeddings))
+        _copy_keeping_head_apart(model, weights, label)
         return
     _, state = read_state(source)
     # The checkpoint's ties come back under what they shared when it was saved (older checkpoints: whole

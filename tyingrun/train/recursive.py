@@ -22,8 +22,10 @@ from tyingrun.config import PolicyConfig
 from tyingrun.errors import BadInput
 from tyingrun.files import WEIGHTS_FILE, read_tensors
 from tyingrun.models.hf_gpt2 import HF_CONFIG, read_hf_config
+from tyingrun.models.hf_llama import read_hf_config as read_hf_llama_config
 from tyingrun.policies import recursive_map, stack_sharing  # noqa: F401 (export reads it here)
 from tyingrun.train.checkpoint import read_state
+from tyingrun.train.hf_import import is_llama_folder
 from tyingrun.train.init_from import init_from
 from tyingrun.tying import maps
 from tyingrun.tying.stack import lora_key
@@ -47,12 +49,13 @@ def prepare(model: nn.Module, cfg: PolicyConfig) -> None:
 def source_shape(source: Path) -> Dict[str, int]:
     """Depth, width and vocabulary of a train.init_from source, read from its files."""
     if (source / HF_CONFIG).is_file():
-        hf_cfg, _ = read_hf_config(source)
+        hf_cfg = read_hf_llama_config(source) if is_llama_folder(source) else read_hf_config(source)[0]
         return {"n_layer": hf_cfg.n_layer, "d_model": hf_cfg.d_model, "vocab_size": hf_cfg.vocab_size}
     tensors = read_tensors(source / WEIGHTS_FILE)
     wte = tensors.get("tokens.wte.weight")
     if wte is None:
-        raise BadInput(f"train.init_from={source} holds no token embedding; policy=recursive converts a GPT-2")
+        raise BadInput(f"train.init_from={source} holds no token embedding; policy=recursive converts a GPT-2 or a "
+                       f"Llama")
     _, state = read_state(source)
     return {"n_layer": len(state["map"]), "d_model": wte.shape[1], "vocab_size": wte.shape[0]}
 
@@ -60,7 +63,7 @@ def source_shape(source: Path) -> Dict[str, int]:
 def check_source(model: nn.Module, source: Path, cfg: PolicyConfig) -> None:
     """One line naming the key, for a source the conversion cannot use."""
     shape = source_shape(source)
-    ours = {"n_layer": len(model.stack), "d_model": model.wpe.embedding_dim,
+    ours = {"n_layer": len(model.stack), "d_model": model.tokens.wte.embedding_dim,
             "vocab_size": model.tokens.wte.num_embeddings}
     if shape["vocab_size"] != ours["vocab_size"]:
         raise BadInput(f"policy=recursive: train.init_from={source} has a vocabulary of {shape['vocab_size']} tokens "
