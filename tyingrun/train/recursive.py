@@ -109,7 +109,12 @@ def _svd_factors(delta: torch.Tensor, rank: int, scale: float):
     """B, A with scale * B @ A the best rank-``rank`` approximation of ``delta``; directions with no singular
     value get A random and B zero (as plain LoRA starts), so that they still learn."""
     u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+    # A rank above the matrix's smaller side (a grouped-query key or value projection is narrower than the model)
+    # gets the missing directions as directions without a singular value.
+    missing = max(0, rank - s.numel())
+    u = torch.cat((u[:, :rank], u.new_zeros(u.shape[0], missing)), dim=1)
+    s = torch.cat((s[:rank], s.new_zeros(missing)))
+    vh = torch.cat((vh[:rank], vh.new_zeros(missing, vh.shape[1])))
     root = (s / scale).sqrt()
     b, a = u * root, root[:, None] * vh
     dead = s <= s.max().clamp_min(1e-30) * 1e-7 if s.numel() else s.bool()
