@@ -38,9 +38,10 @@ def test_every_rank_holds_rank_zeros_map_after_every_decision(tmp_path, cli):
 
 
 @pytest.mark.slow
-def test_data_parallel_losses_match_one_process_with_the_same_global_batch(tmp_path, cli):
-    single = rows(run(cli, tmp_path / "single") / "metrics.jsonl")
-    parallel = rows(run(cli, tmp_path / "ddp", ranks=2) / "metrics.jsonl")
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+def test_data_parallel_losses_match_one_process_with_the_same_global_batch(tmp_path, cli, model):
+    single = rows(run(cli, tmp_path / "single", f"model={model}") / "metrics.jsonl")
+    parallel = rows(run(cli, tmp_path / "ddp", f"model={model}", ranks=2) / "metrics.jsonl")
     assert [row["step"] for row in parallel] == [row["step"] for row in single]
     for key in ("train_loss", "val_loss"):
         ours = [row[key] for row in parallel if key in row]

@@ -22,6 +22,7 @@ POLICIES = {
     "cyclic": ["policy=cyclic"],  # grad=shared: a tied slot runs its root's block
     "from_file": ["policy=from_file", "policy.map=[0,0,2,2]", "policy.grad=frozen_copy"],
     "dynamic_q": ["policy=dynamic_q", "policy.steps_per_decision=1"],  # its preset's grad=frozen_copy; K=1
+    "llama_cyclic": ["model=llama", "policy=cyclic"],  # grouped-query attention, RoPE tables passed through the stack
 }
 TIMING_KEYS = ("tokens_per_s", "wall_time_s", "peak_memory_bytes")
 

@@ -308,11 +308,12 @@ def test_an_export_that_does_not_reproduce_the_run_is_refused_and_leaves_no_fold
 @pytest.mark.slow
 def test_a_hugging_face_llama_in_the_cache_starts_a_run_offline(cli, tmp_path, hf_folder):
     hub = tmp_path / "hub" / "models--someone--tiny-llama"
-    snapshot = hub / "snapshots" / "0" * 40
+    commit = "0" * 40
+    snapshot = hub / "snapshots" / commit
     snapshot.parent.mkdir(parents=True)
-    shutil.copytree(hf_folder, snapshot / "")
+    shutil.copytree(hf_folder, snapshot)
     (hub / "refs").mkdir()
-    (hub / "refs" / "main").write_text("0" * 40)
+    (hub / "refs" / "main").write_text(commit)
     run_dir = tmp_path / "run"
     cli(*TINY_RUN, "model=llama", "train.init_from=hf:someone/tiny-llama", "dataset.tokenizer=from_model",
         "policy=cyclic", "train.max_steps=2", "train.eval_batches=2", "hardware=cpu", f"hydra.run.dir={run_dir}",

@@ -81,6 +81,11 @@ def reloaded(folder: Path, fmt: Format) -> tuple[Callable[[torch.Tensor], torch.
     except ImportError:
         model = fmt.read(folder).eval()
         return model, "tyingrun's own reader (transformers is not installed)"
+    from transformers.utils import logging as hf_logging
+
+    # The export's own line is its whole output: no loading bars or notes from transformers.
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     return (lambda ids: hf(ids).logits), f"transformers' {type(hf).__name__}"
 
