@@ -174,7 +174,7 @@ def test_the_presets_pass_the_checks_and_build_their_attention(preset, heads, kv
     attention = block.self_attn
     assert (attention.n_head, attention.n_kv_head, attention.head_dim, block.mlp.up_proj.out_features) == (
         heads, kv_heads, head_dim, d_ff)
-    assert hasattr(attention, "q_norm") == (preset == "qwen3_0_6b") and keys["tie_embeddings"] == tied
+    assert hasattr(attention, "q_norm") == (preset == "qwen3_0_6b") and ModelConfig(**keys).tie_embeddings == tied
 
 
 def test_the_policy_test_below_names_every_policy():
@@ -237,6 +237,22 @@ def test_a_saved_llama_converts_with_its_own_tokenizer_and_full_rank_lora_reprod
     result = summary(run_dir)
     assert result["converted_val_loss"] == pytest.approx(result["source_val_loss"], abs=1e-4)
     assert result["converted_test_loss"] == pytest.approx(result["source_test_loss"], abs=1e-4)
+    # The trained recursive model exports as a plain Llama (LoRA merged, ties copied) that checks itself.
+    exported = cli(str(run_dir), str(tmp_path / "hf"), entry=("-m", "tyingrun.export"), expect=0)
+    assert ("(Llama, 4 layers, tie_word_embeddings=True); reloaded with transformers' LlamaForCausalLM"
+            in exported.stdout)
+
+
+@pytest.mark.slow
+def test_the_data_tool_shows_the_splits_under_the_model_s_tokenizer(cli, tmp_path, hf_folder):
+    shown = cli("model=llama", f"train.init_from={hf_folder}", "dataset.tokenizer=from_model", "--dump",
+                str(tmp_path / "dump"), entry=("-m", "tyingrun.data_cli"), expect=0)
+    bpe = cli("model=llama", entry=("-m", "tyingrun.data_cli"), expect=0)
+    # The same documents in more tokens: the model's 300-token vocabulary against the default 4096 trained on pydoc.
+    tokens_in = [int(line.split(" tokens")[0].split()[-1].replace(",", "")) for line in shown.stdout.splitlines()]
+    default = [int(line.split(" tokens")[0].split()[-1].replace(",", "")) for line in bpe.stdout.splitlines()]
+    assert len(tokens_in) == 3 and all(ours > 1.5 * theirs for ours, theirs in zip(tokens_in, default, strict=True))
+    assert (tmp_path / "dump" / "train.txt").is_file()
 
 
 def test_full_rank_recursive_conversion_reproduces_the_source_logits(hf_folder):
