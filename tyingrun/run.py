@@ -29,7 +29,6 @@ from tyingrun.files import (
     SUMMARY_FILE,
     WEIGHTS_FILE,
     read_json,
-    read_tensors,
     write_json_atomic,
 )
 from tyingrun.metrics.meters import peak_memory, reset_peak_memory
@@ -48,6 +47,7 @@ from tyingrun.train.init_from import init_from, init_source
 from tyingrun.train.signals import RunInterrupted
 from tyingrun.train.trainer import Trainer
 from tyingrun.tying.counts import total_params
+from tyingrun.tying.weights import read_tensors
 
 
 def seed_stream(seed: int, name: str, *keys: int) -> None:

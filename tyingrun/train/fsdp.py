@@ -35,10 +35,10 @@ from torch.utils.checkpoint import checkpoint
 
 from tyingrun.config import HardwareConfig
 from tyingrun.contracts import TiedModel
-from tyingrun.files import local_view, placed_like
 from tyingrun.models.embeddings import TokenEmbedding
 from tyingrun.tying import maps
 from tyingrun.tying.stack import SlotStorage, TiedStack
+from tyingrun.tying.weights import local_view, placed_like
 
 # The methods through which a model calls its TokenEmbedding: each gathers the group like a forward.
 TOKEN_METHODS = ("embed", "project")

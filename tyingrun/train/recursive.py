@@ -20,13 +20,14 @@ from torch import nn
 
 from tyingrun.config import PolicyConfig
 from tyingrun.errors import BadInput
-from tyingrun.files import WEIGHTS_FILE, read_tensors
+from tyingrun.files import WEIGHTS_FILE
 from tyingrun.models.hf_gpt2 import HF_CONFIG, read_hf_config
 from tyingrun.policies import recursive_map, stack_sharing  # noqa: F401 (export reads it here)
 from tyingrun.train.checkpoint import read_state
 from tyingrun.train.init_from import init_from
 from tyingrun.tying import maps
 from tyingrun.tying.stack import lora_key
+from tyingrun.tying.weights import read_tensors
 
 
 def lora_slots(src: List[int]) -> List[int]:

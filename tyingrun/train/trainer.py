@@ -15,7 +15,7 @@ from torch import nn
 
 from tyingrun.config import Config
 from tyingrun.contracts import Batch, Sink, TiedModel, TrainingData, perplexity
-from tyingrun.files import WEIGHTS_FILE, unique_weights
+from tyingrun.files import WEIGHTS_FILE
 from tyingrun.metrics.meters import RunningMean, Throughput, model_counts
 from tyingrun.metrics.tensor_memory import TensorMemoryTracker, training_state
 from tyingrun.policies.base import Decision, Policy
@@ -39,6 +39,7 @@ from tyingrun.train.signals import RunInterrupted, StopSignals
 from tyingrun.tying.counts import train_state_bytes
 from tyingrun.tying.flops import sequence_length, train_flops_per_token, unique_blocks
 from tyingrun.tying.stack import TiedStack
+from tyingrun.tying.weights import unique_weights
 
 MEANS = ("trainable_params", "independent_layers", "trainable_layers")
 # What rank 0 broadcasts to the other ranks while its policy decides: a batch to score, then the decision.
