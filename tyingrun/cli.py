@@ -33,6 +33,7 @@ from tyingrun.config import (
 )
 from tyingrun.errors import EXIT_BAD_INPUT, EXIT_FAILED, BadInput, fail
 from tyingrun.files import CONFIG_FILE, NOT_RUN_FILES, OVERRIDES_FILE, FolderInUse, lock_folder
+from tyingrun.overrides import hydra_value
 from tyingrun.run_status import write_status
 from tyingrun.sweep import unstarted_notice
 from tyingrun.train.launch import launched_by_torchrun
@@ -237,8 +238,6 @@ def override_key(arg: str) -> str:
 
 
 def hydra_path(path: Any) -> str:
-    from tyingrun.run import hydra_value
-
     return hydra_value(str(path))
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
 import shlex
 import sys
 from dataclasses import asdict, dataclass, replace
@@ -34,6 +33,7 @@ from tyingrun.files import (
 from tyingrun.metrics.meters import peak_memory, reset_peak_memory
 from tyingrun.metrics.sinks import ConsoleSink, RankSinks, RunSinks, WandbSink, check_jsonl
 from tyingrun.models import MODELS
+from tyingrun.overrides import hydra_value
 from tyingrun.policies import build_policy, stack_sharing
 from tyingrun.policies.base import Policy
 from tyingrun.preflight import preflight
@@ -137,18 +137,6 @@ def load_checkpointed_model(run_dir: Path, purpose: str) -> Tuple[Config, Path, 
 def check_config(cfg: Config) -> None:
     """Every check of ``cfg`` that needs no data and no device (the preflight)."""
     preflight(cfg)
-
-
-UNQUOTED = re.compile(r"[A-Za-z0-9_./+:@%~-]+")
-
-
-def hydra_value(text: str) -> str:
-    """``text`` as a Hydra override value: as it is where Hydra reads it so, else single-quoted."""
-    if UNQUOTED.fullmatch(text):
-        return text
-    # Hydra reads a backslash as an escape only before a quote or at the end of the value.
-    escaped = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), text)
-    return f"'{escaped}'"
 
 
 def resume_argument(out_dir: Path) -> str:
