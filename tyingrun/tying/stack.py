@@ -35,11 +35,12 @@ from typing import Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from tyingrun.config import CHOICES
 from tyingrun.tying import maps
 
-GRAD_MODES = ("frozen_copy", "shared")
+GRAD_MODES = CHOICES["policy.grad"]
 # "matrices" (internal, policy=recursive with LoRA): ties share every weight matrix; biases and norms stay per slot.
-SHARE_MODES = ("block", "attention", "mlp", "matrices")
+SHARE_MODES = (*CHOICES["policy.share"], "matrices")
 
 
 def shared_names(block: nn.Module, share: str = "block", share_norms: bool = False) -> FrozenSet[str]:
