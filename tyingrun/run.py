@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tyingrun.config import Config, HardwareConfig, ModelConfig
-from tyingrun.contracts import Sink, TiedModel, TrainingData
+from tyingrun.contracts import Sink, TiedModule, TrainingData
 from tyingrun.data.build import build_dataset
 from tyingrun.errors import BadInput
 from tyingrun.files import (
@@ -89,7 +89,7 @@ def build_data(cfg: Config) -> TrainingData:
 
 
 def build_model(model_cfg: ModelConfig, data: Optional[TrainingData], grad_mode: str, share: str = "block",
-                share_norms: bool = False) -> TiedModel:
+                share_norms: bool = False) -> TiedModule:
     """The model, its TiedStack set to ``grad_mode`` and to what a tie shares (policy.share, policy.share_norms)."""
     vocab_size = getattr(data, "vocab_size", None)
     if model_cfg.vocab_size is not None and vocab_size is not None and model_cfg.vocab_size < vocab_size:
@@ -114,7 +114,7 @@ def checkpoint_shapes(stored: Dict[str, torch.Tensor], checkpoint: Path) -> Simp
                    f"of a tyingrun model")
 
 
-def load_checkpointed_model(run_dir: Path, purpose: str) -> Tuple[Config, Path, TiedModel, Dict[str, Any]]:
+def load_checkpointed_model(run_dir: Path, purpose: str) -> Tuple[Config, Path, TiedModule, Dict[str, Any]]:
     """A run's config, newest checkpoint, model as that checkpoint left it (map, flags, weights; no data is built)
     and the checkpoint's state, for tools that read finished runs (``purpose``: what they do, for the message)."""
     cfg = load_run_config(run_dir)
@@ -187,11 +187,11 @@ class RunParts:
     mesh: Mesh
     device: torch.device
     data: TrainingData
-    model: TiedModel
+    model: TiedModule
     policy: Policy
     checkpoint: Optional[Path]  # the checkpoint a resumed run continues from
     conversion: Optional[Dict[str, Any]] = None  # policy=recursive: what the conversion did (a new run only)
-    source_model: Optional[TiedModel] = None  # policy=recursive: the source, measured beside the converted model
+    source_model: Optional[TiedModule] = None  # policy=recursive: the source, measured beside the converted model
 
 
 def build_parts(cfg: Config, out_dir: Path, data: Optional[TrainingData] = None) -> RunParts:

@@ -162,6 +162,8 @@ class QLearner:
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate()
         if self.replay > 0:
+            if rng is None:
+                raise ValueError("a learner with replay draws its batches with rng; pass one")
             self.buffer = [*self.buffer, experience][-self.replay:]
             batch = [self.buffer[rng.randrange(len(self.buffer))] for _ in range(min(REPLAY_BATCH, len(self.buffer)))]
             self._step_batch(batch)
@@ -256,15 +258,15 @@ class EpisodicPolicy(Policy):
             # the model as it is now, before the new action.
             reward = None
             if self.pending is not None:
-                reward = self._reward_pending(context.score_batch(self.pending.batch), context.counts())
+                reward = self._reward_pending(self.pending, context.score_batch(self.pending.batch), context.counts())
             batch = context.reward_batch()
             return self._decide(context.score_batch(batch), reward, batch)
         loss = context.score_batch()
-        reward = self._reward_pending(loss, context.counts()) if self.pending is not None else None
+        reward = self._reward_pending(self.pending, loss, context.counts()) if self.pending is not None else None
         return self._decide(loss, reward)
 
-    def _reward_pending(self, loss: float, counts: Dict[str, int]) -> float:
-        outcome = Outcome(self.pending.loss_at_decision, loss, counts["trainable_layers"] / self.n_layer)
+    def _reward_pending(self, pending: Transition, loss: float, counts: Dict[str, int]) -> float:
+        outcome = Outcome(pending.loss_at_decision, loss, counts["trainable_layers"] / self.n_layer)
         reward = REWARDS[self.cfg.reward](outcome, self.cfg)
         self.rewards += 1
         self.clipped_rewards += int(reward <= REWARD_FLOORS.get(self.cfg.reward, float("-inf")))
@@ -273,7 +275,7 @@ class EpisodicPolicy(Policy):
         else:
             self.reward_stats.add(reward)
             learned = reward
-        self._learn(self.pending, learned)
+        self._learn(pending, learned)
         return reward
 
     def _decide(self, loss: float, reward: Optional[float],
@@ -353,6 +355,7 @@ class DynamicQPolicy(EpisodicPolicy):
     the options of docs/method.md#learning-options."""
 
     name = "dynamic_q"
+    epsilon: float
 
     def __init__(self, cfg: PolicyConfig, n_layer: int, seed: int):
         super().__init__(cfg, n_layer, seed)
