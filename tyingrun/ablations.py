@@ -253,12 +253,12 @@ class Job:
 
 def run_job(job: Job, out_dir: Path, env: Dict[str, str], to_log: bool) -> int:
     """Run one job, its output to the console or (when jobs run side by side) to its log file; its exit status."""
-    env = {**env, **os.environ} if env else None
+    environment = {**env, **os.environ} if env else None
     if not to_log:
-        return subprocess.run(job.command(out_dir), env=env).returncode
+        return subprocess.run(job.command(out_dir), env=environment).returncode
     job.log_path(out_dir).parent.mkdir(parents=True, exist_ok=True)
     with job.log_path(out_dir).open("w") as log:
-        return subprocess.run(job.command(out_dir), env=env, stdout=log, stderr=subprocess.STDOUT,
+        return subprocess.run(job.command(out_dir), env=environment, stdout=log, stderr=subprocess.STDOUT,
                               stdin=subprocess.DEVNULL).returncode
 
 

@@ -278,7 +278,7 @@ def reject_unknown_keys(cfg: DictConfig) -> None:
     """``+key=value`` can add keys that no schema declares; refuse them instead of silently ignoring them."""
     for section in cfg:
         declared = {f.name for f in fields(SECTION_SCHEMAS[section])} if section in SECTION_SCHEMAS else set()
-        unknown = [key for key in cfg[section] if key not in declared] if declared else [""]
+        unknown = [str(key) for key in cfg[section] if key not in declared] if declared else [""]
         if unknown:
             raise BadInput(unknown_key_message(f"{section}.{unknown[0]}".rstrip(".")))
 
