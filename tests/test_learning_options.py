@@ -23,7 +23,7 @@ from tyingrun.preflight import check_policy, preflight
 from tyingrun.run import run
 from tyingrun.tying import maps
 
-# The option set of the learning study's dynamic_q_learning arm (docs/method.md#the-learning-study), without its K
+# The option set of the learning study's dynamic_q_learning arm (docs/studies.md#the-learning-study), without its K
 # (tests/test_learning_study.py keeps the two equal).
 BEST = dict(reward="paired_improvement", reward_normalization=True, epsilon_schedule="decision",
             epsilon_decay_per_decision=0.985, td_target="next_decision", replay=256, target_update=20,

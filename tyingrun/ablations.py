@@ -1,4 +1,4 @@
-"""``make ablations``: the paper's ablations (docs/method.md, "Ablations") as Hydra sweeps over seeds, then
+"""``make ablations``: the paper's ablations (docs/studies.md#ablations) as Hydra sweeps over seeds, then
 the report.
 
 Stage 1 sweeps every arm that needs nothing from another run. Stage 2 sweeps the arms built from what
@@ -10,12 +10,12 @@ Each arm runs once per seed, ``tyingrun ... train.seed=<seed>`` into ``<out>/<NN
 the arm's sweep ``tyingrun -m ... train.seed=0,1,2``), several at a time on CPU; ``<out>/ablation_arms.json``
 records each arm's exact overrides, and the report covers ``<out>``.
 
-``--scale learn`` is another study on the same machinery (docs/method.md#the-learning-study): whether a learned
+``--scale learn`` is another study on the same machinery (docs/studies.md#the-learning-study): whether a learned
 tying policy learns at all within a single-machine budget. Stage 1: none, dynamic_q as published, dynamic_q with
 the learning options, a per-layer bandit and the random control; stage 2: the fixed maps (the learned map from
 file, cyclic, sequential) at as many independent layers as the learning-option dynamic_q kept.
 
-``--scale recursive`` is the recursive-conversion study (docs/method.md#the-conversion-study): stage 1 trains the
+``--scale recursive`` is the recursive-conversion study (docs/studies.md#the-conversion-study): stage 1 trains the
 parent; stage 2 converts each seed's parent into half as many unique blocks under every ``policy.init`` with and
 without LoRA and continues training each for the parent's steps, beside the parent continued for those steps and a
 model with as many layers as unique blocks trained from scratch for both spans together.

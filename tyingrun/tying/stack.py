@@ -4,9 +4,11 @@ Every slot keeps a block module so that a state dict always names every layer. W
 parameters are depends on the map:
 
 * an independent slot owns its Parameters (``requires_grad`` = its trainable flag);
-* a tied slot's Parameters are aliases of its root's: other Parameter objects over the same storage,
-  with ``requires_grad=False``, so the slot stores nothing, holds no ``.grad`` and the optimizer never
-  sees it. Optimizer updates are in place, so an alias always reads the root's current values.
+* a tied slot's shared Parameters are aliases of its root's: other Parameter objects over the same storage,
+  with ``requires_grad=False``, so the slot stores nothing of them, holds no ``.grad`` for them and the
+  optimizer never sees them (under ``policy.share=block`` that is every tensor of the slot; under ``attention``
+  or ``mlp`` the other sublayer stays the slot's own). Optimizer updates are in place, so an alias always reads
+  the root's current values.
 
 Gradient modes (docs/method.md#gradient-modes):
 
