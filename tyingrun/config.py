@@ -276,7 +276,8 @@ def unknown_key_message(full_key: str) -> str:
 
 def reject_unknown_keys(cfg: DictConfig) -> None:
     """``+key=value`` can add keys that no schema declares; refuse them instead of silently ignoring them."""
-    for section in cfg:
+    for entry in cfg:
+        section = str(entry)
         declared = {f.name for f in fields(SECTION_SCHEMAS[section])} if section in SECTION_SCHEMAS else set()
         unknown = [str(key) for key in cfg[section] if key not in declared] if declared else [""]
         if unknown:

@@ -94,7 +94,9 @@ class Sink(Protocol):
     """Where a rank records its run (RunSinks on rank 0, RankSinks on the others)."""
 
     out_dir: Path  # the run folder, where checkpoints go too
-    console: Console
+
+    @property
+    def console(self) -> Console: ...
 
     def metrics(self, row: Dict[str, Any]) -> None: ...
 
