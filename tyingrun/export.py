@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tyingrun.config import Config
-from tyingrun.contracts import Batch, TiedModel
+from tyingrun.contracts import Batch, TiedModule
 from tyingrun.errors import EXIT_FAILED, BadInput, fail
 from tyingrun.models import hf_gpt2, hf_llama
 from tyingrun.run import build_data, load_checkpointed_model
@@ -58,7 +58,7 @@ class ExportMismatch(Exception):
     """The written folder does not compute what the run computes."""
 
 
-def load_for_export(run_dir: Path) -> tuple[Config, Path, TiedModel, dict]:
+def load_for_export(run_dir: Path) -> tuple[Config, Path, TiedModule, dict]:
     """The run's config, newest checkpoint, model (its weights and tying map, LoRA corrections merged) and state."""
     cfg, checkpoint, model, state = load_checkpointed_model(run_dir, "export")
     if cfg.model.name not in FORMATS:
@@ -69,7 +69,7 @@ def load_for_export(run_dir: Path) -> tuple[Config, Path, TiedModel, dict]:
     return cfg, checkpoint, model, state
 
 
-def load_run_model(run_dir: Path) -> TiedModel:
+def load_run_model(run_dir: Path) -> TiedModule:
     """The run's model as ``tyingrun-export`` writes it (load_for_export)."""
     return load_for_export(run_dir)[2]
 
@@ -144,7 +144,7 @@ def export_run(run_dir: Path, out_dir: Path) -> str:
             f"{checked['loss_theirs']:.4f} as the run's {checked['loss_ours']:.4f}")
 
 
-def _readme(cfg: Config, run_dir: Path, checkpoint: Path, state: dict, model: TiedModel, fmt: Format,
+def _readme(cfg: Config, run_dir: Path, checkpoint: Path, state: dict, model: TiedModule, fmt: Format,
             checked: dict) -> str:
     architecture = hf_llama.hf_config(model)["architectures"][0] if cfg.model.name == "llama" else "GPT2LMHeadModel"
     return FOLDER_README.format(

@@ -17,9 +17,10 @@ from safetensors.torch import save_file
 
 from tyingrun.config import ModelConfig
 from tyingrun.errors import BadInput
-from tyingrun.files import copy_weights, read_json, read_tensors
+from tyingrun.files import read_json
 from tyingrun.models.embeddings import LM_HEAD_WEIGHT
 from tyingrun.models.llama import Llama, head_width, kv_heads
+from tyingrun.tying.weights import copy_weights, read_tensors
 
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"

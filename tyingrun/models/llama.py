@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tyingrun.config import ModelConfig
-from tyingrun.contracts import LossResult
+from tyingrun.contracts import LossResult, TiedModule
 from tyingrun.models.blocks import init_normal
 from tyingrun.models.embeddings import TokenEmbedding, next_token_loss
 from tyingrun.tying.stack import TiedStack
@@ -126,7 +126,7 @@ def head_width(cfg: ModelConfig) -> int:
     return cfg.head_dim or cfg.d_model // cfg.n_head
 
 
-class Llama(nn.Module):
+class Llama(TiedModule):
     task = "lm"
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, grad_mode: str = "shared"):
