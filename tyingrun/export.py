@@ -9,7 +9,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional
+from typing import Any, Callable, Iterable, List, Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,9 @@ from torch import nn
 from tyingrun.config import Config
 from tyingrun.contracts import Batch, TiedModule
 from tyingrun.errors import EXIT_FAILED, BadInput, fail
+from tyingrun.files import read_json
 from tyingrun.models import hf_gpt2, hf_llama
+from tyingrun.models.hf_llama import HF_CONFIG
 from tyingrun.run import build_data, load_checkpointed_model
 
 PROGRAM = "tyingrun-export"
@@ -45,7 +47,7 @@ largest logit difference {logit_diff:.2e}, loss {loss_ours:.6f} (run) vs {loss_t
 
 @dataclass(frozen=True)
 class Format:
-    write: Callable[[nn.Module, Path], None]
+    write: Callable[[Any, Path], None]
     read: Callable[[Path], nn.Module]  # tyingrun's own reader, when transformers is not installed
     family: str
 
@@ -124,7 +126,7 @@ def export_run(run_dir: Path, out_dir: Path) -> str:
     shutil.rmtree(staging, ignore_errors=True)
     try:
         fmt.write(model, staging)
-        data.tokenizer.save(str(staging / "tokenizer.json"))
+        cast(Any, data).tokenizer.save(str(staging / "tokenizer.json"))  # LMData: GPT-2 and Llama train on text
         checked = compare(model, staging, fmt, data.eval_batches("val", cfg.train.batch_size, VERIFY_BATCHES))
         loss_gap = abs(checked["loss_ours"] - checked["loss_theirs"])
         if checked["logit_diff"] > LOGIT_TOLERANCE or loss_gap > LOSS_TOLERANCE:
@@ -133,25 +135,28 @@ def export_run(run_dir: Path, out_dir: Path) -> str:
                 f"differ by up to {checked['logit_diff']:.2e} (relative) and its validation loss is "
                 f"{checked['loss_theirs']:.6f} against the run's {checked['loss_ours']:.6f}; nothing was written "
                 f"to {out_dir}")
-        (staging / "README.md").write_text(_readme(cfg, run_dir, checkpoint, state, model, fmt, checked))
+        written = read_json(staging / HF_CONFIG)
+        (staging / "README.md").write_text(_readme(cfg, run_dir, checkpoint, state, written, fmt, checked))
         if out_dir.exists():
             out_dir.rmdir()
         staging.rename(out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return (f"wrote {out_dir} ({fmt.family}, {len(model.stack)} layers, tie_word_embeddings={model.tokens.tied}); "
+    return (f"wrote {out_dir} ({fmt.family}, {len(model.stack)} layers, "
+            f"tie_word_embeddings={written['tie_word_embeddings']}); "
             f"reloaded with {checked['reader']}: logits within {checked['logit_diff']:.1e}, val loss "
             f"{checked['loss_theirs']:.4f} as the run's {checked['loss_ours']:.4f}")
 
 
-def _readme(cfg: Config, run_dir: Path, checkpoint: Path, state: dict, model: TiedModule, fmt: Format,
+def _readme(cfg: Config, run_dir: Path, checkpoint: Path, state: dict, written: dict, fmt: Format,
             checked: dict) -> str:
-    architecture = hf_llama.hf_config(model)["architectures"][0] if cfg.model.name == "llama" else "GPT2LMHeadModel"
+    """The folder's README.md, from the run and the folder's config.json (``written``)."""
     return FOLDER_README.format(
         name=f"{cfg.model.name} {cfg.model.n_layer}x{cfg.model.d_model}", run=run_dir, checkpoint=checkpoint.name,
-        architecture=architecture, n_layer=len(model.stack), family=fmt.family, unique=len(set(state["map"])),
-        map=state["map"],
-        tie="one tied matrix (tie_word_embeddings=true)" if model.tokens.tied else "two matrices", **checked)
+        architecture=written["architectures"][0], n_layer=len(state["map"]), family=fmt.family,
+        unique=len(set(state["map"])), map=state["map"],
+        tie="one tied matrix (tie_word_embeddings=true)" if written["tie_word_embeddings"] else "two matrices",
+        **checked)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

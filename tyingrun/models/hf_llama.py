@@ -19,7 +19,7 @@ from tyingrun.config import ModelConfig
 from tyingrun.errors import BadInput
 from tyingrun.files import read_json
 from tyingrun.models.embeddings import LM_HEAD_WEIGHT
-from tyingrun.models.llama import Llama, head_width, kv_heads
+from tyingrun.models.llama import Llama, head_width, kv_heads, mlp_width
 from tyingrun.tying.weights import copy_weights, read_tensors
 
 HF_CONFIG = "config.json"
@@ -116,6 +116,7 @@ def read_hf_weights(folder: Path, tied: bool) -> Dict[str, torch.Tensor]:
 def from_hf(folder: Path) -> Llama:
     """tyingrun's Llama with the weights of a local Hugging Face folder (every layer slot independent)."""
     cfg = read_hf_config(folder)
+    assert cfg.vocab_size is not None  # read_hf_config always sets it
     model = Llama(cfg, cfg.vocab_size)
     copy_weights(model, read_hf_weights(folder, cfg.tie_embeddings), f"Hugging Face model {folder}")
     return model
@@ -126,7 +127,7 @@ def architecture(model: Llama) -> ModelConfig:
     cfg = model.cfg
     return ModelConfig(
         name="llama", n_layer=len(model.stack), d_model=cfg.d_model, n_head=cfg.n_head, n_kv_head=kv_heads(cfg),
-        head_dim=head_width(cfg), d_ff=model.stack.blocks[0].mlp.up_proj.out_features, rope_theta=cfg.rope_theta,
+        head_dim=head_width(cfg), d_ff=mlp_width(cfg), rope_theta=cfg.rope_theta,
         norm_eps=cfg.norm_eps, qk_norm=cfg.qk_norm, attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias,
         dropout=cfg.dropout, max_positions=cfg.max_positions, tie_embeddings=model.tokens.tied,
         vocab_size=model.tokens.wte.num_embeddings,

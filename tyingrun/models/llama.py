@@ -91,7 +91,7 @@ class SwiGLU(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        hidden = cfg.d_ff or 4 * cfg.d_model
+        hidden = mlp_width(cfg)
         self.gate_proj = nn.Linear(cfg.d_model, hidden, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.d_model, hidden, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(hidden, cfg.d_model, bias=cfg.mlp_bias)
@@ -124,6 +124,10 @@ def kv_heads(cfg: ModelConfig) -> int:
 
 def head_width(cfg: ModelConfig) -> int:
     return cfg.head_dim or cfg.d_model // cfg.n_head
+
+
+def mlp_width(cfg: ModelConfig) -> int:
+    return cfg.d_ff or 4 * cfg.d_model
 
 
 class Llama(TiedModule):

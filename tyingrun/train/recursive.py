@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple, cast
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from torch import nn
 from tyingrun.config import PolicyConfig, registry_of
 from tyingrun.errors import BadInput
 from tyingrun.files import WEIGHTS_FILE
+from tyingrun.models.embeddings import TokenEmbedding
 from tyingrun.models.hf_gpt2 import HF_CONFIG, read_hf_config
 from tyingrun.models.hf_llama import read_hf_config as read_hf_llama_config
 from tyingrun.policies import recursive_map, stack_sharing  # noqa: F401 (export reads it here)
@@ -64,8 +65,8 @@ def source_shape(source: Path) -> Dict[str, int]:
 def check_source(model: nn.Module, source: Path, cfg: PolicyConfig) -> None:
     """One line naming the key, for a source the conversion cannot use."""
     shape = source_shape(source)
-    ours = {"n_layer": len(model.stack), "d_model": model.tokens.wte.embedding_dim,
-            "vocab_size": model.tokens.wte.num_embeddings}
+    tokens = cast(TokenEmbedding, model.tokens)
+    ours = {"n_layer": len(model.stack), "d_model": tokens.wte.embedding_dim, "vocab_size": tokens.wte.num_embeddings}
     if shape["vocab_size"] != ours["vocab_size"]:
         raise BadInput(f"policy=recursive: train.init_from={source} has a vocabulary of {shape['vocab_size']} tokens "
                        f"but this run's is {ours['vocab_size']}; use the dataset and tokenizer the source trained on")
