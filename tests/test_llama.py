@@ -125,7 +125,6 @@ def test_a_folder_of_another_shape_names_every_key_to_set(tmp_path):
     ("rope_parameters", {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
     ("rope_scaling", {"type": "dynamic", "factor": 2.0}),
     ("use_sliding_window", True),
-    ("sliding_window", 4096),
     ("num_experts", 8),
     ("hidden_act", "gelu"),
     ("model_type", "qwen3_moe"),
@@ -143,6 +142,14 @@ def test_a_config_the_block_cannot_compute_is_one_line_naming_the_key(tmp_path, 
     message = str(err.value)
     assert message.startswith(f"{tmp_path / 'config.json'}: {key}=") and "\n" not in message
     assert "is not implemented by tyingrun's Llama block" in message
+
+
+def test_a_window_size_that_no_layer_uses_is_accepted(tmp_path):
+    hf = hf_model("qwen3-head_dim24-gqa2")
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "sliding_window": 4096, "use_sliding_window": False}))
+    assert max_diff(from_hf(tmp_path), hf, tokens()) <= PARITY
 
 
 @pytest.mark.parametrize("tie, qk_norm", [(True, False), (False, False), (True, True)])
@@ -341,6 +348,21 @@ def test_a_hugging_face_llama_in_the_cache_starts_a_run_offline(cli, tmp_path, h
     assert missing.stderr.strip().splitlines() == [
         "tyingrun: error: train.init_from=hf:someone/absent: someone/absent is not in the Hugging Face cache and the "
         "hub cannot be reached; run once with internet (or huggingface-cli download someone/absent) to cache it"]
+
+
+@pytest.mark.slow
+def test_a_folder_asking_for_rope_scaling_exits_2_with_one_line_before_any_data(cli, tmp_path, hf_folder):
+    folder = tmp_path / "scaled"
+    shutil.copytree(hf_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    (folder / "config.json").write_text(json.dumps(config))
+    result = cli(*TINY_RUN, "model=llama", f"train.init_from={folder}", "dataset.tokenizer=from_model",
+                 "dataset=text_files", "dataset.files=[/nonexistent.txt]", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"tyingrun: error: {folder / 'config.json'}: rope_parameters={json.dumps(config['rope_parameters'])} is not "
+        f"implemented by tyingrun's Llama block (it needs no rope scaling: rope_type \"default\")"]
 
 
 EVERY_POLICY = ["none", "sequential", "cyclic", "cycle_rev", "middle_cycle", "middle_sequence", "random", "dynamic_q",

@@ -33,11 +33,11 @@ NAME_PREFIXES = (
     ("stack.blocks.", "model.layers."),
     ("norm.", "model.norm."),
 )
-# Keys whose value, when set, asks for something the block does not compute: key -> what it must be.
+# Keys whose value, when set, asks for something the block does not compute: key -> what it must be. (A window size
+# alone, sliding_window, is inert: Qwen3 files carry one with use_sliding_window false; layer_types is checked too.)
 UNSUPPORTED = {
     "hidden_act": ("silu",),
     "use_sliding_window": (False, None),
-    "sliding_window": (None,),
     "num_experts": (None, 0),
     "num_local_experts": (None, 0),
     "moe_intermediate_size": (None,),

@@ -22,6 +22,7 @@ from tyingrun.hub import model_folder
 from tyingrun.models.embeddings import LM_HEAD_WEIGHT
 from tyingrun.models.gpt2 import GPT2
 from tyingrun.models.hf_gpt2 import HF_CONFIG, architecture, read_hf_config, read_hf_weights
+from tyingrun.models.hf_llama import read_hf_config as read_hf_llama_config
 from tyingrun.train.checkpoint import latest_checkpoint, read_state
 from tyingrun.train.hf_import import is_llama_folder, llama_weights
 from tyingrun.tying.weights import copy_weights, read_tensors
@@ -33,6 +34,8 @@ HF_ARCHITECTURE = ("n_layer", "n_head", "d_model", "max_positions", "vocab_size"
 def init_source(path: str) -> Path:
     """The checkpoint folder or Hugging Face folder that ``train.init_from=path`` names."""
     folder = model_folder(path)
+    if (folder / HF_CONFIG).is_file() and is_llama_folder(folder):
+        read_hf_llama_config(folder)  # a config the block cannot compute is refused before any data is built
     if (folder / STATE_FILE).is_file() or (folder / HF_CONFIG).is_file():
         return folder
     if (folder / CONFIG_FILE).is_file():
