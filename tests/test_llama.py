@@ -121,6 +121,15 @@ def test_a_folder_of_another_shape_names_every_key_to_set(tmp_path):
                               f"model.head_dim=24 model.d_ff=96 model.rope_theta=500.0 model.qk_norm=true")
 
 
+def test_a_folder_of_another_vocabulary_points_to_the_model_s_tokenizer(tmp_path):
+    hf_model("llama-gqa4-tied").save_pretrained(tmp_path)
+    cfg = read_hf_config(tmp_path)
+    with pytest.raises(BadInput) as err:
+        init_from(Llama(cfg, 4096), tmp_path)
+    assert str(err.value).endswith("set model.vocab_size=100, and dataset.tokenizer=from_model for the model's own "
+                                   "vocabulary")
+
+
 @pytest.mark.parametrize("key, value", [
     ("rope_parameters", {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
     ("rope_scaling", {"type": "dynamic", "factor": 2.0}),

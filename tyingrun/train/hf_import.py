@@ -47,5 +47,7 @@ def llama_weights(model: nn.Module, source: Path) -> Dict[str, torch.Tensor]:
         needed = " ".join(f"model.{key}={_override(getattr(theirs, key))}" for key in differ)
         preset = PRESETS.get((theirs.n_layer, theirs.d_model))
         hint = f" (or model={preset})" if preset else ""
+        if "vocab_size" in differ:
+            hint += ", and dataset.tokenizer=from_model for the model's own vocabulary"
         raise BadInput(f"train.init_from={source} is a Llama of another shape; set {needed}{hint}")
     return read_hf_weights(source, theirs.tie_embeddings)

@@ -69,7 +69,8 @@ def check_source(model: nn.Module, source: Path, cfg: PolicyConfig) -> None:
     ours = {"n_layer": len(model.stack), "d_model": tokens.wte.embedding_dim, "vocab_size": tokens.wte.num_embeddings}
     if shape["vocab_size"] != ours["vocab_size"]:
         raise BadInput(f"policy=recursive: train.init_from={source} has a vocabulary of {shape['vocab_size']} tokens "
-                       f"but this run's is {ours['vocab_size']}; use the dataset and tokenizer the source trained on")
+                       f"but this run's is {ours['vocab_size']}; use the dataset and tokenizer the source trained on "
+                       f"(dataset.tokenizer=from_model for a Hugging Face model)")
     if shape["d_model"] != ours["d_model"]:
         raise BadInput(f"policy=recursive: train.init_from={source} has width {shape['d_model']} but "
                        f"model.d_model={ours['d_model']}; set model.d_model={shape['d_model']}")
