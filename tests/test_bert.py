@@ -16,8 +16,7 @@ from tyingrun.errors import BadInput
 from tyingrun.models.bert import BERT
 from tyingrun.run import build_data
 
-from .conftest import lm_batch, mlm_batch, tiny_bert
-from .test_cli import SUMMARY_KEYS
+from .helpers import SUMMARY_KEYS, lm_batch, mlm_batch, tiny_bert
 
 VOCAB = 1000
 SPECIAL = torch.tensor([0, 1, 2, 3, 4])

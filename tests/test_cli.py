@@ -8,17 +8,9 @@ import zipfile
 
 import pytest
 
-SUMMARY_KEYS = {
-    "status", "model", "dataset", "policy", "steps", "n_layer", "final_map", "independent_layers",
-    "trainable_layers", "independent_layers_mean", "val_loss", "val_ppl", "total_params", "trainable_params",
-    "trainable_params_mean", "stored_params", "train_state_bytes", "peak_memory_bytes", "peak_memory_kind",
-    "wall_time_s", "tokens_per_s", "seed",
-}
+from .helpers import SUMMARY_KEYS, read_jsonl
+
 SMALL = ["model.d_model=64", "dataset.block_size=64", "train.batch_size=8", "train.eval_batches=4"]
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +120,7 @@ def test_from_file_retrains_a_saved_map(tmp_path, cli, cyclic_and_none):
 
 
 @pytest.mark.slow
+@pytest.mark.cli
 def test_wheel_ships_the_config_tree(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), "."],

@@ -178,6 +178,7 @@ HUB_LOAD_IN_FRESH_PYTHON = textwrap.dedent(
 
 
 @pytest.mark.slow
+@pytest.mark.cli
 @pytest.mark.parametrize("target, fix", [("wiki2", "dataset.path="), ("gpt2", "dataset.tokenizer_path=")])
 @pytest.mark.parametrize("network", ["offline-env", "no-network"])
 def test_hub_download_not_cached_fails_fast_with_one_clean_line(tmp_path, network, target, fix):

@@ -4,43 +4,22 @@ import json
 
 import pytest
 
-TINY = [
-    "model.n_layer=4", "model.d_model=64", "dataset.block_size=64", "train.batch_size=8", "train.eval_batches=4",
-    "train.max_steps=12", "train.log_interval=1", "train.eval_interval=6", "log.progress=lines",
-]
-
-
-LAUNCHER = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node")
-
-
-def run(cli, run_dir, *overrides, ranks=1, parallel="ddp"):
-    """A TINY run on the CPU: one process, or ``ranks`` gloo ranks under hardware=``parallel`` (ddp or fsdp). Each
-    process computes on one thread, as torchrun sets it for its ranks: a run's time does not depend on what else
-    keeps the cores busy (a spinning second thread of one process is slow on a busy machine)."""
-    launcher = (*LAUNCHER, str(ranks)) if ranks > 1 else ()
-    hardware = f"hardware={parallel}" if ranks > 1 else "hardware=cpu"
-    cli(*TINY, hardware, *overrides, f"hydra.run.dir={run_dir}", entry=(*launcher, "-m", "tyingrun.cli"), expect=0,
-        env={"OMP_NUM_THREADS": "1"})
-    return run_dir
-
-
-def rows(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+from .helpers import LAUNCHER, parallel_run, read_jsonl
 
 
 @pytest.mark.slow
 def test_every_rank_holds_rank_zeros_map_after_every_decision(tmp_path, cli):
-    run_dir = run(cli, tmp_path / "ddp", "policy=dynamic_q", "policy.steps_per_decision=1", ranks=2)
-    rank0 = [(row["step"], row["map"], row["trainable"]) for row in rows(run_dir / "maps.jsonl")]
-    rank1 = [(row["step"], row["map"], row["trainable"]) for row in rows(run_dir / "ranks" / "rank1_maps.jsonl")]
+    run_dir = parallel_run(cli, tmp_path / "ddp", "policy=dynamic_q", "policy.steps_per_decision=1", ranks=2)
+    rank0 = [(row["step"], row["map"], row["trainable"]) for row in read_jsonl(run_dir / "maps.jsonl")]
+    rank1 = [(row["step"], row["map"], row["trainable"]) for row in read_jsonl(run_dir / "ranks" / "rank1_maps.jsonl")]
     assert len(rank0) == 12 and rank1 == rank0  # the start, then a decision after each step but the last
     assert json.loads((run_dir / "summary.json").read_text())["final_map"] == rank0[-1][1]
 
 
 @pytest.mark.slow
 def test_data_parallel_losses_match_one_process_with_the_same_global_batch(tmp_path, cli):
-    single = rows(run(cli, tmp_path / "single") / "metrics.jsonl")
-    parallel = rows(run(cli, tmp_path / "ddp", ranks=2) / "metrics.jsonl")
+    single = read_jsonl(parallel_run(cli, tmp_path / "single") / "metrics.jsonl")
+    parallel = read_jsonl(parallel_run(cli, tmp_path / "ddp", ranks=2) / "metrics.jsonl")
     assert [row["step"] for row in parallel] == [row["step"] for row in single]
     for key in ("train_loss", "val_loss"):
         ours = [row[key] for row in parallel if key in row]

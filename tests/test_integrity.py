@@ -11,20 +11,15 @@ import pytest
 
 from tyingrun.files import lock_folder
 
-from .conftest import TINY_RUN
+from .helpers import TINY_RUN, assert_one_line
 
 TINY = [*TINY_RUN, "train.eval_batches=2", "train.log_interval=5", "train.eval_interval=10",
         "train.checkpoint_interval=10", "hardware=cpu"]
-REPORT = ("-m", "tyingrun.cli")
 
 
-def one_line(result, code, *words):
-    assert result.returncode == code, result.stderr[-2000:]
-    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("tyingrun: warning:")]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
+def one_line(result, code, *words, program="tyingrun"):
+    """One error line (warnings aside) naming every one of ``words``, exit ``code``, no traceback."""
+    return assert_one_line(result, code, *words, program=program, ignore_warnings=True)
 
 
 def snapshot(folder):
@@ -255,7 +250,8 @@ def test_report_lists_a_damaged_run_and_goes_on(cli, tmp_path, finished):
     out = tmp_path / "afile"
     out.write_text("x")
     one_line(cli(str(tmp_path / "runs"), "--out", str(out),
-                 entry=("-c", "from tyingrun.cli import report_main; report_main()")), 2, "tyingrun-report")
+                 entry=("-c", "from tyingrun.cli import report_main; report_main()")), 2, "tyingrun-report",
+             program="tyingrun-report")
 
 
 @pytest.mark.slow
@@ -263,12 +259,12 @@ def test_export_to_a_file_or_from_a_damaged_state_is_one_line(cli, tmp_path, fin
     export = ("-c", "from tyingrun.export import main; main()")
     out = tmp_path / "afile"
     out.write_text("x")
-    one_line(cli(str(finished), str(out), entry=export), 2, "tyingrun-export")
+    one_line(cli(str(finished), str(out), entry=export), 2, "tyingrun-export", program="tyingrun-export")
     damaged = tmp_path / "damaged"
     shutil.copytree(finished, damaged)
     for state in (damaged / "checkpoints").glob("step_*/state.json"):
         state.write_text('{"format": 1, "step": "x"}')
-    one_line(cli(str(damaged), str(tmp_path / "out"), entry=export), 2, "tyingrun-export")
+    one_line(cli(str(damaged), str(tmp_path / "out"), entry=export), 2, "tyingrun-export", program="tyingrun-export")
 
 
 # A damaged data cache is detected by its content hash and rebuilt.

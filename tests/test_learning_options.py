@@ -12,8 +12,6 @@ import statistics
 import pytest
 import torch
 
-from tests.conftest import run_folder, small_lm_config
-from tests.test_dynamic_q import run_steps
 from tyingrun.config import PolicyConfig
 from tyingrun.errors import BadInput
 from tyingrun.policies import build_policy
@@ -22,6 +20,8 @@ from tyingrun.policies.learning import STABILITY_EPISODES, GreedyRecord, Running
 from tyingrun.preflight import check_policy
 from tyingrun.run import run
 from tyingrun.tying import maps
+
+from .helpers import run_folder, run_steps, small_lm_config
 
 # The option set of the learning study's dynamic_q_learning arm (docs/method.md#the-learning-study), without its K
 # (tests/test_learning_study.py keeps the two equal).

@@ -6,15 +6,16 @@ import math
 import pytest
 from omegaconf import OmegaConf
 
-from tests.test_ablations import compose_config
 from tyingrun.ablations import LEARN_STAGE_1, STAGE_1, STUDIES, learn_stage_2
 from tyingrun.config import Config
 from tyingrun.policies.dynamic_q import EPSILON_DECAY, EPSILON_FLOOR
 from tyingrun.preflight import preflight
 
+from .helpers import compose
+
 
 def composed(overrides):
-    cfg = compose_config(["+experiment=dlt_learning", *overrides])
+    cfg = compose(["+experiment=dlt_learning", *overrides])
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
 
 

@@ -8,7 +8,7 @@ from tyingrun.policies import build_policy
 from tyingrun.preflight import preflight
 from tyingrun.tying import maps
 
-from .conftest import small_lm_config
+from .helpers import small_lm_config
 
 
 def test_middle_patterns_of_the_issue():

@@ -17,7 +17,7 @@ from tyingrun.train.optim import build_optimizer, sync_optimizer
 from tyingrun.tying import counts
 from tyingrun.tying.flops import train_flops_per_token
 
-from .conftest import counted_flops_per_token, lm_batch, small_lm_config, tiny_gpt2
+from .helpers import counted_flops_per_token, lm_batch, small_lm_config, tiny_gpt2
 
 CPU = torch.device("cpu")
 N_LAYER, WIDTH = 6, 32
@@ -227,7 +227,7 @@ def test_n_sets_the_pattern_cannot_use_with_the_source_depth(source):
 @pytest.fixture(scope="module")
 def parent_and_child(tmp_path_factory, data_cache):
     """A 4-layer parent run on pydoc, and its recursive child (2 blocks, LoRA rank 8), both with checkpoints."""
-    from .conftest import run_folder
+    from .helpers import run_folder
     parent, child = tmp_path_factory.mktemp("parent"), tmp_path_factory.mktemp("child")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("TYINGRUN_CACHE", str(data_cache))

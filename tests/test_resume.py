@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from .conftest import TINY_RUN
+from .helpers import TINY_RUN, read_jsonl
 
 TINY = [*TINY_RUN, "train.eval_batches=2", "train.max_steps=120", "train.checkpoint_interval=20",
         "train.log_interval=5", "train.eval_interval=20"]
@@ -24,10 +24,6 @@ def start_and_wait_for_checkpoint(cli, run_dir, *args):
     return process
 
 
-def rows(path):
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in path.open()]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["none", "dynamic_q"])
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, cli, policy):
@@ -42,7 +38,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, cli, po
     resumed = cli(f"train.resume={killed}")
     assert resumed.returncode == 0, resumed.stderr
     for name in ("metrics.jsonl", "maps.jsonl"):
-        assert rows(killed / name) == rows(whole / name)
+        assert read_jsonl(killed / name, drop=TIMING_KEYS) == read_jsonl(whole / name, drop=TIMING_KEYS)
     summaries = [json.loads((folder / "summary.json").read_text()) for folder in (whole, killed)]
     for summary in summaries:
         for key in ("wall_time_s", "peak_memory_bytes", *TIMING_KEYS):
@@ -66,7 +62,8 @@ def test_sigterm_checkpoints_and_exits_143_then_resumes_to_completion(tmp_path, 
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 120 and summary["final_map"] == [0, 1, 0, 1]
-    assert [row["step"] for row in rows(run_dir / "metrics.jsonl") if "val_loss" in row] == list(range(0, 121, 20))
+    evaluated = [row["step"] for row in read_jsonl(run_dir / "metrics.jsonl") if "val_loss" in row]
+    assert evaluated == list(range(0, 121, 20))
 
 
 @pytest.fixture(scope="module")

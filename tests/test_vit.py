@@ -11,8 +11,7 @@ from tyingrun.policies.dynamic_q import REWARDS, Outcome
 from tyingrun.preflight import check_model_and_dataset
 from tyingrun.run import build_data, build_model, run
 
-from .conftest import image_batch, tiny_vit
-from .test_cli import SUMMARY_KEYS
+from .helpers import SUMMARY_KEYS, image_batch, tiny_vit
 
 VISION_SUMMARY_KEYS = (SUMMARY_KEYS - {"val_ppl", "tokens_per_s"}) | {"val_acc", "samples_per_s"}
 
