@@ -11,7 +11,7 @@ import pytest
 
 from tyingrun.files import lock_folder
 
-from .helpers import TINY_RUN, assert_one_line
+from .helpers import TINY_RUN, assert_one_line, bad_input_line
 
 TINY = [*TINY_RUN, "train.eval_batches=2", "train.log_interval=5", "train.eval_interval=10",
         "train.checkpoint_interval=10", "hardware=cpu"]
@@ -132,16 +132,15 @@ def test_no_checkpoint_holds_non_finite_weights(cli, tmp_path):
     "train.beta1=1.5", "train.seed=-1", "train.seed=9223372036854775808", "train.keep_checkpoints=0",
     "train.eval_batches=0", "model.dropout=1.5", "train.grad_clip=inf",
 ])
-@pytest.mark.slow
-def test_nonsense_numbers_are_refused_with_their_range(cli, tmp_path, override):
+def test_nonsense_numbers_are_refused_with_their_range(tmp_path, override):
     key = override.split("=")[0]
-    one_line(cli(*TINY, override, f"hydra.run.dir={tmp_path / 'run'}"), 2, key)
+    assert key in bad_input_line([*TINY, override], tmp_path / "run")
 
 
-@pytest.mark.slow
-def test_nan_reward_weight_is_refused(cli, tmp_path):
-    one_line(cli(*TINY, "policy=dynamic_q", "policy.reward=param_penalty", "policy.param_penalty_weight=nan",
-                 f"hydra.run.dir={tmp_path}"), 2, "policy.param_penalty_weight")
+def test_nan_reward_weight_is_refused(tmp_path):
+    line = bad_input_line([*TINY, "policy=dynamic_q", "policy.reward=param_penalty", "policy.param_penalty_weight=nan"],
+                          tmp_path / "run")
+    assert "policy.param_penalty_weight" in line
 
 
 # 9: a FIFO among dataset.files never hangs the run.
@@ -217,9 +216,8 @@ def test_read_only_run_dir_is_one_line(cli, tmp_path):
     one_line(cli(*TINY, f"hydra.run.dir={target}"), 2, "hydra.run.dir", "writable")
 
 
-@pytest.mark.slow
-def test_self_referencing_interpolation_is_one_line_naming_the_key(cli, tmp_path):
-    one_line(cli(*TINY, "train.lr=${train.lr}", f"hydra.run.dir={tmp_path / 'run'}"), 2, "train.lr")
+def test_self_referencing_interpolation_is_one_line_naming_the_key(tmp_path):
+    assert "train.lr" in bad_input_line([*TINY, "train.lr=${train.lr}"], tmp_path / "run")
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
@@ -232,9 +230,8 @@ def test_run_dir_that_is_a_file_or_too_long_is_one_line(cli, tmp_path):
     one_line(cli(f"train.resume={tmp_path / ('y' * 300)}"), 2, "train.resume")
 
 
-@pytest.mark.slow
-def test_missing_env_interpolation_names_the_key(cli, tmp_path):
-    one_line(cli(*TINY, "train.lr=${oc.env:TYINGRUN_NO_SUCH_VARIABLE}", f"hydra.run.dir={tmp_path}"), 2, "train.lr")
+def test_missing_env_interpolation_names_the_key(tmp_path):
+    assert "train.lr" in bad_input_line([*TINY, "train.lr=${oc.env:TYINGRUN_NO_SUCH_VARIABLE}"], tmp_path / "run")
 
 
 # Tracebacks: report and export.
