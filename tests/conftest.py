@@ -1,3 +1,4 @@
+import fcntl
 import os
 import subprocess
 import sys
@@ -21,9 +22,26 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(scope="session")
-def data_cache(tmp_path_factory):
-    """One tokenizer and token cache for the whole session, as a user's ~/.cache/tyingrun would be."""
-    return tmp_path_factory.mktemp("tyingrun-cache")
+def data_cache(tmp_path_factory, worker_id):
+    """One corpus, tokenizer and token cache for the whole test run, as a user's ~/.cache/tyingrun would be: the
+    xdist workers of one run share it (the cache's writes are atomic), so each corpus is built once per run."""
+    if worker_id == "master":
+        return tmp_path_factory.mktemp("tyingrun-cache")
+    shared = tmp_path_factory.getbasetemp().parent / "tyingrun-cache"
+    shared.mkdir(exist_ok=True)
+    return shared
+
+
+@pytest.fixture(scope="session")
+def pydoc_corpus_file(data_cache):
+    """The pydoc corpus in the shared data cache, built by the first worker that asks while the others wait."""
+    from tyingrun.data.text import pydoc_documents
+
+    with open(data_cache / ".pydoc.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        pydoc_documents(data_cache)
+    (path,) = (data_cache / "corpora").glob("pydoc-*.json")
+    return path
 
 
 @pytest.fixture(autouse=True)

@@ -107,7 +107,7 @@ def test_stratified_split_keeps_class_shares_and_ignores_no_seed_but_its_own():
 
 
 @pytest.fixture(scope="module")
-def pydoc_corpus():
+def pydoc_corpus(pydoc_corpus_file):
     return load_corpus(DatasetConfig(name="pydoc"))
 
 
