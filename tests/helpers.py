@@ -4,11 +4,13 @@ here, never from each other; conftest.py holds only fixtures."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional
+from unittest import mock
 
 import torch
 from omegaconf import OmegaConf
@@ -259,14 +261,19 @@ def run_summary(test_ppl=None, val_ppl=None, **extra):
     return {**values, **extra}
 
 
-def report(root, out, reference="none"):
-    """Write the report of ``root`` into ``out``; its CSV rows by group name, report.md and the console output."""
+def report(root, out, reference="none", figures=False):
+    """Write the report of ``root`` into ``out``; its CSV rows by group name, report.md and the console output.
+
+    Without ``figures`` no PNG is drawn (a second each): the tables and notes are what these tests read; the
+    figures have tests of their own (test_report, test_peak_memory, test_sweeps)."""
     from rich.console import Console
 
     from tyingrun.report import write_report
 
     console = Console(file=io.StringIO(), width=400)
-    write_report([root], out, console, reference=reference)
+    drawing = contextlib.nullcontext() if figures else mock.patch("tyingrun.report.write_figures", return_value=[])
+    with drawing:
+        write_report([root], out, console, reference=reference)
     rows = {" ".join(filter(None, (row["policy"], row["label"]))): row
             for row in csv.DictReader((out / "report.csv").open())}
     return rows, (out / "report.md").read_text(), console.file.getvalue()
