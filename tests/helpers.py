@@ -8,6 +8,7 @@ import contextlib
 import csv
 import io
 import json
+import subprocess
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional
 from unittest import mock
@@ -95,6 +96,19 @@ def bad_input_line(overrides: List[str], out_dir: Optional[Path] = None) -> str:
     return f"tyingrun: error: {message}"
 
 
+def call_main(main: Callable[[List[str]], None], argv: List[str], capsys: Any) -> subprocess.CompletedProcess:
+    """Call an entry point that takes its argv (``report_main``, ``export.main``, ``data_cli.main``) in-process, as
+    its console script would: its exit status (0 unless it exits) and what it printed, in a CompletedProcess."""
+    capsys.readouterr()
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
+
+
 # ---- tiny models and batches ----
 
 
@@ -176,6 +190,15 @@ def run_folder(cfg, folder):
     (folder / ".hydra").mkdir()
     OmegaConf.save(OmegaConf.structured(cfg), folder / ".hydra" / "config.yaml")
     return summary
+
+
+def compose_and_run(overrides: List[str], folder: Path) -> Dict[str, Any]:
+    """Run what `tyingrun *overrides hydra.run.dir=folder` runs, in-process: the CLI's composition and checks, then
+    the run; leaves the folder's files but Hydra's own (.hydra/, run.log). Returns the summary."""
+    from tyingrun.data_cli import compose_config
+    from tyingrun.run import run
+
+    return run(compose_config(list(overrides)), folder)
 
 
 def run_steps(policy, context, steps):

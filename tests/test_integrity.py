@@ -9,9 +9,11 @@ import time
 
 import pytest
 
+from tyingrun import export
+from tyingrun.cli import report_main
 from tyingrun.files import lock_folder
 
-from .helpers import TINY_RUN, assert_one_line, bad_input_line
+from .helpers import TINY_RUN, assert_one_line, bad_input_line, call_main
 
 TINY = [*TINY_RUN, "train.eval_batches=2", "train.log_interval=5", "train.eval_interval=10",
         "train.checkpoint_interval=10", "hardware=cpu"]
@@ -236,32 +238,31 @@ def test_missing_env_interpolation_names_the_key(tmp_path):
 
 # Tracebacks: report and export.
 @pytest.mark.slow
-def test_report_lists_a_damaged_run_and_goes_on(cli, tmp_path, finished):
+def test_report_lists_a_damaged_run_and_goes_on(capsys, tmp_path, finished):
     good, bad = tmp_path / "runs" / "good", tmp_path / "runs" / "bad"
     shutil.copytree(finished, good)
     shutil.copytree(finished, bad)
     (bad / "summary.json").write_text('{"val_loss": 1e308, "policy": "none"}')
-    result = cli(str(tmp_path / "runs"), entry=("-c", "from tyingrun.cli import report_main; report_main()"))
+    result = call_main(report_main, [str(tmp_path / "runs")], capsys)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     assert "damaged" in result.stdout and (tmp_path / "runs" / "report.md").is_file()
     out = tmp_path / "afile"
     out.write_text("x")
-    one_line(cli(str(tmp_path / "runs"), "--out", str(out),
-                 entry=("-c", "from tyingrun.cli import report_main; report_main()")), 2, "tyingrun-report",
+    one_line(call_main(report_main, [str(tmp_path / "runs"), "--out", str(out)], capsys), 2, "tyingrun-report",
              program="tyingrun-report")
 
 
 @pytest.mark.slow
-def test_export_to_a_file_or_from_a_damaged_state_is_one_line(cli, tmp_path, finished):
-    export = ("-c", "from tyingrun.export import main; main()")
+def test_export_to_a_file_or_from_a_damaged_state_is_one_line(capsys, tmp_path, finished):
     out = tmp_path / "afile"
     out.write_text("x")
-    one_line(cli(str(finished), str(out), entry=export), 2, "tyingrun-export", program="tyingrun-export")
+    one_line(call_main(export.main, [str(finished), str(out)], capsys), 2, "tyingrun-export", program="tyingrun-export")
     damaged = tmp_path / "damaged"
     shutil.copytree(finished, damaged)
     for state in (damaged / "checkpoints").glob("step_*/state.json"):
         state.write_text('{"format": 1, "step": "x"}')
-    one_line(cli(str(damaged), str(tmp_path / "out"), entry=export), 2, "tyingrun-export", program="tyingrun-export")
+    one_line(call_main(export.main, [str(damaged), str(tmp_path / "out")], capsys), 2, "tyingrun-export",
+             program="tyingrun-export")
 
 
 # A damaged data cache is detected by its content hash and rebuilt.
