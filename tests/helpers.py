@@ -220,14 +220,20 @@ PARALLEL_RUN = [
 
 
 def parallel_run(cli, run_dir, *overrides, ranks=1, parallel="ddp"):
-    """A PARALLEL_RUN on the CPU through the `cli` fixture: one process, or ``ranks`` gloo ranks under
-    hardware=``parallel`` (ddp or fsdp). Each process computes on one thread, as torchrun sets it for its ranks: a
-    run's time does not depend on what else keeps the cores busy (a spinning second thread of one process is slow
-    on a busy machine)."""
-    launcher = (*LAUNCHER, str(ranks)) if ranks > 1 else ()
-    hardware = f"hardware={parallel}" if ranks > 1 else "hardware=cpu"
-    cli(*PARALLEL_RUN, hardware, *overrides, f"hydra.run.dir={run_dir}", entry=(*launcher, "-m", "tyingrun.cli"),
-        expect=0, env={"OMP_NUM_THREADS": "1"})
+    """A PARALLEL_RUN on the CPU: ``ranks`` gloo ranks under torchrun and hardware=``parallel`` (ddp or fsdp), or
+    with ``ranks=1`` the one-process run they are compared with, in-process (compose_and_run). Every process
+    computes on one thread, as torchrun sets it for its ranks: a run's time does not depend on what else keeps the
+    cores busy (a spinning second thread of one process is slow on a busy machine)."""
+    if ranks == 1:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            compose_and_run([*PARALLEL_RUN, "hardware=cpu", *overrides], run_dir)
+        finally:
+            torch.set_num_threads(threads)
+        return run_dir
+    cli(*PARALLEL_RUN, f"hardware={parallel}", *overrides, f"hydra.run.dir={run_dir}",
+        entry=(*LAUNCHER, str(ranks), "-m", "tyingrun.cli"), expect=0, env={"OMP_NUM_THREADS": "1"})
     return run_dir
 
 

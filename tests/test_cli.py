@@ -9,7 +9,7 @@ import zipfile
 
 import pytest
 
-from .helpers import SUMMARY_KEYS, assert_one_line, bad_input_line, read_jsonl
+from .helpers import SUMMARY_KEYS, assert_one_line, bad_input_line, compose_and_run, read_jsonl
 
 SMALL = ["model.d_model=64", "dataset.block_size=64", "train.batch_size=8", "train.eval_batches=4"]
 
@@ -111,13 +111,10 @@ def test_from_file_rejects_a_map_of_the_wrong_length(tmp_path):
 
 
 @pytest.mark.slow
-def test_from_file_retrains_a_saved_map(tmp_path, cli, cyclic_and_none):
+def test_from_file_retrains_a_saved_map(tmp_path, cyclic_and_none):
     saved = cyclic_and_none["cyclic"] / "maps.jsonl"
-    result = cli(
-        "policy=from_file", f"policy.path={saved}", "model.n_layer=4", "train.max_steps=2", *SMALL,
-        f"hydra.run.dir={tmp_path}",
-    )
-    assert result.returncode == 0, result.stderr
+    compose_and_run(["policy=from_file", f"policy.path={saved}", "model.n_layer=4", "train.max_steps=2", *SMALL],
+                    tmp_path)
     assert json.loads((tmp_path / "summary.json").read_text())["final_map"] == [0, 1, 0, 1]
 
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from .helpers import TINY_RUN, bad_input_line, read_jsonl
+from .helpers import TINY_RUN, bad_input_line, compose_and_run, read_jsonl
 
 TINY = [*TINY_RUN, "train.eval_batches=2", "train.max_steps=120", "train.checkpoint_interval=20",
         "train.log_interval=5", "train.eval_interval=20"]
@@ -28,7 +28,7 @@ def start_and_wait_for_checkpoint(cli, run_dir, *args):
 @pytest.mark.parametrize("policy", ["none", "dynamic_q"])
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, cli, policy):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert cli(*TINY, f"policy={policy}", f"hydra.run.dir={whole}").returncode == 0
+    compose_and_run([*TINY, f"policy={policy}"], whole)  # in-process: the CLI's config, one run without a stop
 
     process = start_and_wait_for_checkpoint(cli, killed, f"policy={policy}")
     process.send_signal(signal.SIGKILL)
