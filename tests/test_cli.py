@@ -16,15 +16,12 @@ SMALL = ["model.d_model=64", "dataset.block_size=64", "train.batch_size=8", "tra
 
 @pytest.fixture(scope="module")
 def cyclic_and_none(tmp_path_factory, cli):
-    runs = {}
-    for policy in ("cyclic", "none"):
-        run_dir = tmp_path_factory.mktemp(policy)
-        result = cli(
-            "model=gpt2", "dataset=pydoc", f"policy={policy}", "policy.n_sets=2", "model.n_layer=4",
-            "train.max_steps=12", "train.eval_interval=6", "train.log_interval=3", *SMALL, f"hydra.run.dir={run_dir}",
-        )
-        assert result.returncode == 0, result.stderr
-        runs[policy] = run_dir
+    """A cyclic run by the real command, and the policy=none run it is compared with (in-process, same config)."""
+    schedule = ["model=gpt2", "dataset=pydoc", "model.n_layer=4", "train.max_steps=12", "train.eval_interval=6",
+                "train.log_interval=3", *SMALL]
+    runs = {policy: tmp_path_factory.mktemp(policy) for policy in ("cyclic", "none")}
+    cli(*schedule, "policy=cyclic", "policy.n_sets=2", f"hydra.run.dir={runs['cyclic']}", expect=0)
+    compose_and_run([*schedule, "policy=none"], runs["none"])
     return runs
 
 

@@ -6,26 +6,36 @@ import pytest
 
 from .helpers import LAUNCHER, bad_input_line, parallel_run, read_jsonl
 
+# dynamic_q deciding after every step: the ranks must agree on every map, and their losses on one process's.
+DECIDING = ["policy=dynamic_q", "policy.steps_per_decision=1"]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, cli):
+    return parallel_run(cli, tmp_path_factory.mktemp("ddp"), *DECIDING, ranks=2)
+
 
 @pytest.mark.slow
-def test_every_rank_holds_rank_zeros_map_after_every_decision(tmp_path, cli):
-    run_dir = parallel_run(cli, tmp_path / "ddp", "policy=dynamic_q", "policy.steps_per_decision=1", ranks=2)
-    rank0 = [(row["step"], row["map"], row["trainable"]) for row in read_jsonl(run_dir / "maps.jsonl")]
-    rank1 = [(row["step"], row["map"], row["trainable"]) for row in read_jsonl(run_dir / "ranks" / "rank1_maps.jsonl")]
+def test_every_rank_holds_rank_zeros_map_after_every_decision(ddp_run):
+    rank0 = [(row["step"], row["map"], row["trainable"]) for row in read_jsonl(ddp_run / "maps.jsonl")]
+    rank1 = [(row["step"], row["map"], row["trainable"]) for row in read_jsonl(ddp_run / "ranks" / "rank1_maps.jsonl")]
     assert len(rank0) == 12 and rank1 == rank0  # the start, then a decision after each step but the last
-    assert json.loads((run_dir / "summary.json").read_text())["final_map"] == rank0[-1][1]
+    assert json.loads((ddp_run / "summary.json").read_text())["final_map"] == rank0[-1][1]
 
 
 @pytest.mark.slow
-def test_data_parallel_losses_match_one_process_with_the_same_global_batch(tmp_path, cli):
-    single = read_jsonl(parallel_run(cli, tmp_path / "single") / "metrics.jsonl")
-    parallel = read_jsonl(parallel_run(cli, tmp_path / "ddp", ranks=2) / "metrics.jsonl")
+def test_data_parallel_losses_match_one_process_with_the_same_global_batch(tmp_path, cli, ddp_run):
+    single = read_jsonl(parallel_run(cli, tmp_path / "single", *DECIDING) / "metrics.jsonl")
+    parallel = read_jsonl(ddp_run / "metrics.jsonl")
     assert [row["step"] for row in parallel] == [row["step"] for row in single]
     for key in ("train_loss", "val_loss"):
         ours = [row[key] for row in parallel if key in row]
         theirs = [row[key] for row in single if key in row]
         assert len(ours) == len(theirs) > 1
         assert ours == pytest.approx(theirs, abs=1e-5)
+    ours, theirs = ([(row["step"], row["map"]) for row in read_jsonl(run / "maps.jsonl")]
+                    for run in (ddp_run, tmp_path / "single"))
+    assert ours == theirs
 
 
 def test_ddp_without_torchrun_is_one_clear_line(tmp_path):

@@ -27,10 +27,12 @@ def start_and_wait_for_checkpoint(cli, run_dir, *args):
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["none", "dynamic_q"])
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, cli, policy):
+    # 60 steps: killed soon after the checkpoint at 20 (40 steps to spare), resumed from it to the end.
+    schedule = [f"policy={policy}", "train.max_steps=60"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    compose_and_run([*TINY, f"policy={policy}"], whole)  # in-process: the CLI's config, one run without a stop
+    compose_and_run([*TINY, *schedule], whole)  # in-process: the CLI's config, one run without a stop
 
-    process = start_and_wait_for_checkpoint(cli, killed, f"policy={policy}")
+    process = start_and_wait_for_checkpoint(cli, killed, *schedule)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (killed / "summary.json").exists()
