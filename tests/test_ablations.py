@@ -67,12 +67,11 @@ def test_the_conversion_study_converts_each_seeds_parent_at_every_init_and_rank(
     conversions = {arm: overrides for arm, (overrides, _) in arms.items() if arm.startswith("recursive_")}
     assert len(conversions) == len(CHOICES["policy.init"]) * 2
     for arm, (overrides, note) in {**RECURSIVE_STAGE_1, **arms}.items():
-        hydra_cfg = compose([f"+experiment={study.experiment}", *overrides, "train.seed=1"],
-                                   return_hydra_config=True)
+        hydra_cfg = compose([f"+experiment={study.experiment}", *overrides, "train.seed=1"], return_hydra_config=True)
         assert hydra_cfg.hydra.sweep.subdir == "1" and note
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config),
                                                   compose([f"+experiment={study.experiment}", *overrides,
-                                                                  "train.seed=1"])))
+                                                           "train.seed=1"])))
         preflight(cfg)
         if arm in conversions:
             # Seed 1's conversion reads seed 1's parent, into half as many unique blocks.

@@ -13,7 +13,7 @@ from tyingrun import export
 from tyingrun.cli import report_main
 from tyingrun.files import lock_folder
 
-from .helpers import TINY_RUN, assert_one_line, bad_input_line, call_main
+from .helpers import TINY_RUN, assert_one_line, bad_input_line, call_main, compose_and_run
 
 TINY = [*TINY_RUN, "train.eval_batches=2", "train.log_interval=5", "train.eval_interval=10",
         "train.checkpoint_interval=10", "hardware=cpu"]
@@ -267,23 +267,30 @@ def test_export_to_a_file_or_from_a_damaged_state_is_one_line(capsys, tmp_path, 
 
 # A damaged data cache is detected by its content hash and rebuilt.
 @pytest.mark.slow
-def test_damaged_caches_are_rebuilt_to_the_same_run(cli, tmp_path, data_cache):
+def test_damaged_caches_are_rebuilt_to_the_same_run(cli, tmp_path, data_cache, capsys, monkeypatch):
     """A cut-short corpus, and token ids with one flipped byte (which load without error and would train on other
     tokens): the content hashes catch both, both are built again, and the run is the one an intact cache gives."""
-    runs, cache = {}, tmp_path / "cache"
-    shutil.copytree(data_cache, cache)
-    for name in ("intact", "damaged"):
-        if name == "damaged":  # the intact run has cached the corpus and every split's ids
-            for corpus in (cache / "corpora").glob("pydoc-*.json"):
-                corpus.write_text("[[\"a\"")
-            # Every train split's ids (the shared cache also holds those of other tokenizers): the run reads one.
-            for tokens in (cache / "tokens").glob("pydoc-train-*.npy"):
-                data = bytearray(tokens.read_bytes())
-                data[-5] ^= 0x01
-                tokens.write_bytes(bytes(data))
-        result = cli(*TINY, "train.max_steps=2", f"hydra.run.dir={tmp_path / name}", env={"TYINGRUN_CACHE": str(cache)})
-        assert result.returncode == 0, result.stderr[-2000:]
-        warnings = [line for line in result.stderr.splitlines() if "damaged (its content hash differs)" in line]
-        assert len(warnings) == (2 if name == "damaged" else 0), result.stderr[-2000:]
-        runs[name] = json.loads((tmp_path / name / "summary.json").read_text())
+    def damage_warnings(stderr):
+        return [line for line in stderr.splitlines() if "damaged (its content hash differs)" in line]
+
+    cache = tmp_path / "cache"
+    # The run's shared cache, without the temporary files of writes still under way in other test processes.
+    shutil.copytree(data_cache, cache, ignore=shutil.ignore_patterns("*.tmp", "*.lock"))
+    monkeypatch.setenv("TYINGRUN_CACHE", str(cache))
+    capsys.readouterr()
+    compose_and_run([*TINY, "train.max_steps=2"], tmp_path / "intact")  # in-process; caches the corpus and ids
+    stderr = capsys.readouterr().err
+    assert damage_warnings(stderr) == [], stderr[-2000:]
+    for corpus in (cache / "corpora").glob("pydoc-*.json"):
+        corpus.write_text("[[\"a\"")
+    # Every train split's ids (the shared cache also holds those of other tokenizers): the run reads one.
+    for tokens in (cache / "tokens").glob("pydoc-train-*.npy"):
+        data = bytearray(tokens.read_bytes())
+        data[-5] ^= 0x01
+        tokens.write_bytes(bytes(data))
+    result = cli(*TINY, "train.max_steps=2", f"hydra.run.dir={tmp_path / 'damaged'}",
+                 env={"TYINGRUN_CACHE": str(cache)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(damage_warnings(result.stderr)) == 2, result.stderr[-2000:]
+    runs = {name: json.loads((tmp_path / name / "summary.json").read_text()) for name in ("intact", "damaged")}
     assert runs["damaged"]["test_loss"] == runs["intact"]["test_loss"]
