@@ -322,7 +322,7 @@ def test_the_command_refuses_with_one_line(tmp_path, overrides, expected):
 
 
 def test_the_command_refuses_a_source_of_another_width_with_one_line(tmp_path, source):
-    _, folder = source  # 6 layers, width 32, 64 tokens: the pydoc run's vocabulary differs first
+    _, folder = source  # 6 layers, width 32, 64 tokens: the pydoc run's vocabulary (512, of 40 documents) differs first
     line = bad_input_line(["policy=recursive", f"train.init_from={folder}", "model.n_layer=6", "model.d_model=32",
-                           "model.n_head=2"], tmp_path / "run")
+                           "model.n_head=2", "dataset.vocab_size=512", "dataset.max_documents=40"], tmp_path / "run")
     assert "has a vocabulary of 64 tokens but this run's is" in line

@@ -266,6 +266,7 @@ def attention_run(tmp_path_factory, data_cache):
     return folder, summary
 
 
+@pytest.mark.slow
 def test_a_run_reports_unique_blocks_flops_and_its_sharing(attention_run, capsys):
     import json
 
