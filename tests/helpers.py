@@ -37,6 +37,11 @@ from tyingrun.models.vit import ViT
 TINY_RUN = ["model.n_layer=4", "model.d_model=64", "dataset.block_size=64", "train.batch_size=8", "log.progress=lines"]
 # `python -m torch.distributed.run` for N local ranks: entry=(*LAUNCHER, "2", "-m", "tyingrun.cli").
 LAUNCHER = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node")
+# The option set of the learning study's dynamic_q_learning arm (docs/studies.md#the-learning-study), without its K
+# (tests/test_learning_study.py keeps the two equal).
+BEST = dict(reward="paired_improvement", reward_normalization=True, epsilon_schedule="decision",
+            epsilon_decay_per_decision=0.985, td_target="next_decision", replay=256, target_update=20,
+            q_lr_decay_updates=20)
 SUMMARY_KEYS = {
     "status", "model", "dataset", "policy", "steps", "n_layer", "final_map", "independent_layers",
     "trainable_layers", "independent_layers_mean", "val_loss", "val_ppl", "total_params", "trainable_params",

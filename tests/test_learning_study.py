@@ -11,7 +11,7 @@ from tyingrun.config import Config
 from tyingrun.policies.dynamic_q import EPSILON_DECAY, EPSILON_FLOOR
 from tyingrun.preflight import preflight
 
-from .helpers import compose
+from .helpers import BEST, compose
 
 
 def composed(overrides):
@@ -53,8 +53,6 @@ def test_each_learned_run_takes_300_decisions_and_reaches_the_epsilon_floor(arm)
 
 
 def test_the_learning_arm_runs_the_option_set_the_tests_check():
-    from tests.test_learning_options import BEST
-
     policy = composed(LEARN_STAGE_1["dynamic_q_learning"][0]).policy
     assert {key: getattr(policy, key) for key in BEST} == BEST
     for arm, reward in (("dynamic_q_learning_neg_loss", "neg_loss"), ("dynamic_q_learning_paper_reward", "paper")):
