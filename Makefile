@@ -30,18 +30,20 @@ endif
 demo: install
 	$(OFFLINE) $(VENV)/bin/tyingrun model=gpt2 dataset=pydoc policy=cyclic hardware=cpu
 
-# One test process per core (TEST_WORKERS=n to choose), each on one thread: much of the suite is starting
-# subprocesses and small models, where a second process gains far more than a second thread (on 2 cores: 8.7
-# minutes against 13). torch.compile tests cost ~30 s of compilation each on a cold cache: test-all includes them.
+# One test process per core (TEST_WORKERS=n to choose), each on one thread: a second process gains far more than
+# a second thread on small models. Tests marked `cli` start fresh interpreters (the tyingrun command, torchrun):
+# they check the exit status, the one stderr line and the files a real process leaves. torch.compile tests cost
+# ~30 s of compilation each on a cold cache: test-all includes them.
 TEST_WORKERS ?= auto
 PYTEST := $(OFFLINE) OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS)
 
 test: install
 	$(PYTEST) -m "not compile" --durations=15
 
-# The inner loop (under a minute on 2 cores): also skips the slow tests, those that train for seconds or more.
+# The inner loop (under a minute on 2 cores): in-process only, no tests that start interpreters (cli) or train for
+# seconds or more (slow).
 test-fast: install
-	$(PYTEST) -m "not slow and not compile"
+	$(PYTEST) -m "not slow and not compile and not cli"
 
 test-all: install
 	$(PYTEST)

@@ -26,7 +26,7 @@ from tyingrun.train.optim import build_optimizer, optimizer_parameters, sync_opt
 from tyingrun.tying import maps
 from tyingrun.tying.counts import trainable_parameters
 
-from .conftest import lm_batch, small_lm_config, tiny_gpt2
+from .helpers import lm_batch, run_steps, small_lm_config, tiny_gpt2
 
 
 class ScriptedContext:
@@ -48,16 +48,6 @@ class ScriptedContext:
 
 def policy_config(name="dynamic_q", **keys):
     return PolicyConfig(name=name, grad="frozen_copy", **keys)
-
-
-def run_steps(policy, context, steps):
-    decisions = []
-    for _ in range(steps):
-        context.step += 1
-        decision = policy.after_step(context)
-        if decision is not None:
-            decisions.append(decision)
-    return decisions
 
 
 @pytest.mark.parametrize("n_layer", range(1, 9))

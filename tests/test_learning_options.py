@@ -12,8 +12,6 @@ import statistics
 import pytest
 import torch
 
-from tests.conftest import run_folder, small_lm_config
-from tests.test_dynamic_q import run_steps
 from tyingrun.config import PolicyConfig
 from tyingrun.errors import BadInput
 from tyingrun.policies import build_policy
@@ -23,11 +21,7 @@ from tyingrun.preflight import check_policy, preflight
 from tyingrun.run import run
 from tyingrun.tying import maps
 
-# The option set of the learning study's dynamic_q_learning arm (docs/studies.md#the-learning-study), without its K
-# (tests/test_learning_study.py keeps the two equal).
-BEST = dict(reward="paired_improvement", reward_normalization=True, epsilon_schedule="decision",
-            epsilon_decay_per_decision=0.985, td_target="next_decision", replay=256, target_update=20,
-            q_lr_decay_updates=20)
+from .helpers import BEST, run_folder, run_steps, small_lm_config
 
 
 def policy_config(name="dynamic_q", **keys):

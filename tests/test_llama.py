@@ -24,7 +24,7 @@ from tyingrun.train.init_from import init_from
 from tyingrun.tying import counts, maps
 from tyingrun.tying.flops import train_flops_per_token
 
-from .conftest import TINY_RUN, counted_flops_per_token, run_folder, small_lm_config
+from .helpers import TINY_RUN, counted_flops_per_token, run_folder, small_lm_config
 
 transformers = pytest.importorskip("transformers")
 

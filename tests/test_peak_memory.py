@@ -17,9 +17,8 @@ from tyingrun.run import run
 from tyingrun.train import trainer as trainer_module
 from tyingrun.train.checkpoint import latest_checkpoint, list_checkpoints, read_state
 
-from .conftest import run_folder, small_lm_config
-from .test_report import make_run
-from .test_report import summary as report_summary
+from .helpers import make_run, run_folder, small_lm_config
+from .helpers import summary as report_summary
 
 MIB = 2**20
 
