@@ -188,6 +188,9 @@ class TrainConfig:
     # Start from earlier weights: a run folder (its newest checkpoint), a checkpoint folder, or a local
     # Hugging Face GPT-2 folder (config.json + model.safetensors). Ignored when resuming.
     init_from: Optional[str] = None
+    # train.init_from (and policy=recursive) refuse a checkpoint trained with another tokenizer than this run's (its
+    # embedding rows would stand for other tokens); true accepts it (docs/reliability-notes.md#source-identity).
+    allow_other_tokenizer: bool = False
     # Weight-decay the embedding tables (and so a tied head, once) like other matrices, as nanoGPT does now.
     decay_embeddings: bool = True
 

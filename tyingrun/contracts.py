@@ -66,6 +66,7 @@ class TrainingData(Protocol):
     """A dataset's three splits as the trainer and run use them (LMData, VisionData)."""
 
     unit: str  # what items_in counts, for throughput and split sizes: "tokens" or "samples"
+    tokenizer_sha256: Optional[str]  # what a token id means (text data; None for images), recorded in checkpoints
 
     def train_sampler(self, batch_size: int, seed: int) -> Sampler: ...
 

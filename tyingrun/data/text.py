@@ -37,7 +37,7 @@ from tyingrun.data.splits import (
     without_leaks,
 )
 from tyingrun.errors import BadInput
-from tyingrun.files import atomic_path
+from tyingrun.files import atomic_path, file_sha256
 
 T = TypeVar("T")
 
@@ -105,14 +105,6 @@ def atomic_output(path: Path) -> Iterator[Path]:
 CONTENT_HASH_SUFFIX = ".sha256"
 
 
-def _content_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_cached(path: Path, load: Callable[[Path], T], what: str) -> Optional[T]:
     """``load(path)`` when the cache holds ``path`` with the content hash ``write_cached`` saved beside it; None
     when it must be built (again): not there, without its hash (written before hashes, or cut short before its
@@ -123,7 +115,7 @@ def read_cached(path: Path, load: Callable[[Path], T], what: str) -> Optional[T]
     if not hash_path.is_file():
         log.info("the cached %s %s has no content hash; building it again", what, path)
         return None
-    if _content_hash(path) != hash_path.read_text().strip():
+    if file_sha256(path) != hash_path.read_text().strip():
         sys.stderr.write(f"tyingrun: warning: the cached {what} {path} is damaged (its content hash differs); "
                          f"building it again\n")
         return None
@@ -135,7 +127,7 @@ def write_cached(path: Path, save: Callable[[Path], None]) -> None:
     with atomic_output(path) as tmp:
         save(tmp)
     with atomic_output(path.with_name(path.name + CONTENT_HASH_SUFFIX)) as tmp:
-        tmp.write_text(_content_hash(path))
+        tmp.write_text(file_sha256(path))
 
 
 def short_hash(*parts: object) -> str:
