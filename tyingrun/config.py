@@ -62,6 +62,9 @@ class DatasetConfig:
     # Hugging Face dataset id and configuration (wiki2, 1b, cifar10).
     hf_name: Optional[str] = None
     hf_config: Optional[str] = None
+    # Hub revision (branch, tag or commit) of dataset.hf_name; null: the default dataset's own (1b: its
+    # auto-converted parquet branch refs/convert/parquet, since current `datasets` loads no scripts), else main.
+    hf_revision: Optional[str] = None
     # "bpe": byte-level BPE trained on the corpus and cached (model=bert trains WordPiece instead);
     # "wordpiece": BERT's WordPiece trained on the corpus and cached; "gpt2": the GPT-2 tokenizer.
     tokenizer: str = "bpe"
