@@ -44,7 +44,6 @@ FLOAT_REF = "__float__"  # a non-finite float in the state, kept exactly while s
 CANONICAL = re.compile(r"step_(\d{8})")
 
 
-
 class NonFiniteWeights(RuntimeError):
     """The weights hold NaN or inf: no checkpoint is written from them."""
 
