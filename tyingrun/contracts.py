@@ -66,7 +66,10 @@ class TrainingData(Protocol):
     """A dataset's three splits as the trainer and run use them (LMData, VisionData)."""
 
     unit: str  # what items_in counts, for throughput and split sizes: "tokens" or "samples"
-    tokenizer_sha256: Optional[str]  # what a token id means (text data; None for images), recorded in checkpoints
+
+    # What a token id means (text data; None for images): checkpoints record it.
+    @property
+    def tokenizer_sha256(self) -> Optional[str]: ...
 
     def train_sampler(self, batch_size: int, seed: int) -> Sampler: ...
 

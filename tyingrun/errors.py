@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import NoReturn
+from typing import NoReturn, Set
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -20,7 +20,7 @@ def fail(message: str, exit_code: int = EXIT_BAD_INPUT, program: str = "tyingrun
     sys.exit(exit_code)
 
 
-_WARNED = set()
+_WARNED: Set[str] = set()
 
 
 def warn(message: str, program: str = "tyingrun") -> None:

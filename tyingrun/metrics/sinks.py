@@ -42,7 +42,10 @@ RowRule = Callable[[int], Callable[[Dict[str, Any]], bool]]
 
 def logged_by(step: int) -> Callable[[Dict[str, Any]], bool]:
     """metrics.jsonl: a row at step s was written before the checkpoint at s."""
-    return lambda row: written_at(row) <= step
+    def kept(row: Dict[str, Any]) -> bool:
+        written = written_at(row)
+        return written is not None and written <= step
+    return kept
 
 
 def decided_before(step: int) -> Callable[[Dict[str, Any]], bool]:
@@ -50,7 +53,10 @@ def decided_before(step: int) -> Callable[[Dict[str, Any]], bool]:
     comes after that step's checkpoint, so the checkpoint at ``step`` holds only rows written at earlier steps. A
     learned decision with no ``reward_step`` is the run's last one, written when the run ended: a resumed run
     (even one extended past that end) takes it again."""
-    return lambda row: written_at(row) < step and not ("reward" in row and row.get("reward_step") is None)
+    def kept(row: Dict[str, Any]) -> bool:
+        written = written_at(row)
+        return written is not None and written < step and not ("reward" in row and row.get("reward_step") is None)
+    return kept
 
 
 LEADING_STEP = re.compile(r'\s*\{"step":\s*(\d+)')

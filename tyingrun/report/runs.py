@@ -9,7 +9,7 @@ import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from omegaconf import OmegaConf
 
@@ -132,7 +132,8 @@ def with_schema_defaults(config: Dict[str, Any]) -> Dict[str, Any]:
 
 
 # Each arm of an ablation_arms.json: its fields and their types (``note`` may be null).
-ARM_FIELDS = {"arm": str, "folder": str, "overrides": list, "note": (str, type(None))}
+ARM_FIELDS: Dict[str, Union[type, Tuple[type, ...]]] = {"arm": str, "folder": str, "overrides": list,
+                                                         "note": (str, type(None))}
 
 
 def read_arms(root: Path) -> Optional[List[Dict[str, Any]]]:
@@ -161,8 +162,10 @@ def _arm_problem(arm: Any) -> Optional[str]:
         if key not in arm and key != "note":
             return f"has no {key!r}"
         value = arm.get(key)
-        if not isinstance(value, kind) or (key == "overrides" and not all(isinstance(item, str) for item in value)):
-            return f"has {key!r} of type {type(value).__name__}" + (" items" if isinstance(value, list) else "")
+        if not isinstance(value, kind):
+            return f"has {key!r} of type {type(value).__name__}"
+    if not all(isinstance(item, str) for item in arm["overrides"]):
+        return "has 'overrides' items that are not strings"
     return None
 
 

@@ -204,6 +204,12 @@ def list_checkpoints(run_dir: Path, warn_others: bool = True) -> List[Path]:
     return [path for _, path in good]
 
 
+def named_step(checkpoint: Path) -> int:
+    """The step in a ``step_<8 digits>`` folder's name (-1 for another name)."""
+    match = CANONICAL.fullmatch(checkpoint.name)
+    return int(match[1]) if match else -1
+
+
 def newest_intact_checkpoint(run_dir: Path) -> Optional[Path]:
     """The checkpoint a tool uses from a run folder: the newest ``step_<N>`` whose files are intact (damage).
 
@@ -215,15 +221,15 @@ def newest_intact_checkpoint(run_dir: Path) -> Optional[Path]:
     for path, why in other:
         if path not in damaged:
             warn(f"ignoring {path}: {why}")
-    by_name = sorted([*(path for _, path in good), *damaged], key=lambda p: int(CANONICAL.fullmatch(p.name)[1]))
+    by_name = sorted([*(path for _, path in good), *damaged], key=named_step)
     skipped: List[str] = []
     for path in reversed(by_name):
-        why = damaged.get(path) or damage(path)
-        if why is None:
+        problem = damaged.get(path) or damage(path)
+        if problem is None:
             for reason in skipped:
                 warn(f"{reason}; using {path}, the newest intact checkpoint")
             return path
-        skipped.append(why)
+        skipped.append(problem)
     if skipped:
         older = "it is the only checkpoint" if len(skipped) == 1 else "no older checkpoint is intact either"
         raise BadInput(f"{skipped[0]}; {older} - start the run afresh (or restore the folder from a backup)")

@@ -9,12 +9,13 @@ a copy of the tied matrix; the reverse (two trained matrices into one) is refuse
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, cast
 
 import torch
 from torch import nn
 
 from tyingrun.config import ModelConfig
+from tyingrun.contracts import TiedModule
 from tyingrun.errors import BadInput, warn
 from tyingrun.files import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE
 from tyingrun.models.embeddings import LM_HEAD_WEIGHT
@@ -75,7 +76,7 @@ def init_from(model: nn.Module, source: Path) -> None:
         _copy_keeping_head_apart(model, read_hf_weights(source, hf_cfg.tie_embeddings), label)
         return
     _, state = read_state(source)
-    check_depth(source, len(state["map"]), len(model.stack))
+    check_depth(source, len(state["map"]), len(cast(TiedModule, model).stack))
     # The checkpoint's ties come back under what they shared when it was saved (older checkpoints: whole
     # blocks); the model then returns to its own choice, each slot keeping what it computed with.
     own = model.stack.sharing
