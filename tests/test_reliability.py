@@ -130,6 +130,9 @@ def test_other_damage_to_a_log_is_worded_as_what_it_is(tmp_path):
     path.write_text('{"step": 0}\n{"step": 5, "val_l\n{"step": 10}\n')
     with pytest.raises(BadInput, match="line 2 is not a JSON row .*delete that one line"):
         resumed_lines(path, 5)
+    path.write_text('{"step": 0}\nnot json\n')  # whole (it ends in a newline): not what a crash leaves
+    with pytest.raises(BadInput, match="line 2 is not a JSON row"):
+        resumed_lines(path, 5)
     path.write_text('{"step": 0}\n["no", "step"]\n')
     with pytest.raises(BadInput, match="line 2 is a JSON value without an integer step"):
         resumed_lines(path, 5)

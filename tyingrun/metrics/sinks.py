@@ -73,22 +73,24 @@ def _torn_before_checkpoint(line: str, keep: Callable[[Dict[str, Any]], bool]) -
 def resumed_lines(path: Path, step: int, kept_on_resume: RowRule = logged_by,
                   warn_dropped: bool = True) -> List[str]:
     """The lines of a JSONL log that a resume from the checkpoint at ``step`` keeps: those ``kept_on_resume(step)``
-    accepts. A torn last row (what a crash or a full disk leaves) is dropped, with a warning unless
-    ``warn_dropped`` is false; any other damage is BadInput saying where."""
+    accepts. A torn last row (the file's end after its last newline, not JSON: what a crash or a full disk leaves)
+    is dropped, with a warning unless ``warn_dropped`` is false; any other damage is BadInput saying where."""
     if not path.is_file():
         return []
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    text = path.read_text(encoding="utf-8", errors="replace")
     keep = kept_on_resume(step)
-    numbered = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+    numbered = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    # A row is written with its newline in one write: a crash or a full disk can only cut the file's end short.
+    torn = numbered[-1][0] if numbered and not text.endswith("\n") else None
     kept = []
     for number, line in numbered:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            if number != numbered[-1][0]:
-                raise BadInput(f"{path}: line {number} is not a JSON row ({line[:60]!r}); a crash tears only the "
-                               f"last row, so the file was damaged later - restore it from a backup, or delete "
-                               f"that one line to resume without it") from None
+            if number != torn:
+                raise BadInput(f"{path}: line {number} is not a JSON row ({line[:60]!r}); a crash only cuts the "
+                               f"last row short, so the file was damaged after it was written - restore it from a "
+                               f"backup, or delete that one line to resume without it") from None
             if _torn_before_checkpoint(line, keep):
                 raise BadInput(f"{path}: its last row (line {number}, {line[:40]!r}) is torn, but the checkpoint at "
                                f"step {step} was written after it, so the file was damaged later - restore it from "
