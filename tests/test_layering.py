@@ -64,13 +64,14 @@ ALLOWED: Dict[str, FrozenSet[str]] = {
     "tyingrun.cli": NEUTRAL | _units("report", "train", "run", "sweep"),
     "tyingrun.export": NEUTRAL | _units("models", "train", "run"),
     "tyingrun.inspect_run": NEUTRAL | _units("tying", "train", "run"),
-    "tyingrun.ablations": NEUTRAL | _units("report"),
+    "tyingrun.ablations": NEUTRAL | _units("report", "cli", "data_cli"),
     "tyingrun.data_cli": NEUTRAL | _units("data", "preflight", "cli"),
 }
 # The arrows within one layer that ALLOWED grants on purpose.
 SAME_LAYER = {("tyingrun.config", "tyingrun.errors"), ("tyingrun.run_status", "tyingrun.files"),
               ("tyingrun.hub", "tyingrun.errors"),
-              ("tyingrun.data_cli", "tyingrun.cli")}
+              ("tyingrun.data_cli", "tyingrun.cli"), ("tyingrun.ablations", "tyingrun.cli"),
+              ("tyingrun.ablations", "tyingrun.data_cli")}
 
 
 def module_name(path: Path) -> str:

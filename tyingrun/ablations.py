@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -40,7 +41,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
+from omegaconf.errors import OmegaConfBaseException
+
 from tyingrun.config import CHOICES
+from tyingrun.errors import BadInput, fail
 from tyingrun.files import ARMS_FILE, SUMMARY_FILE, read_json, write_json_atomic
 from tyingrun.overrides import hydra_value
 from tyingrun.report import write_report
@@ -192,6 +196,9 @@ class Study:
     stage_2: Callable[[Outcome], Arms]
     seeds: str = "0,1,2"
     one_thread_per_run: bool = False
+    # The report pairs arms of another budget with the reference (the recursive study's scratch arm trains for the
+    # parent's and the continuation's steps together, by design).
+    pairs_other_budgets: bool = False
 
     def default_jobs(self) -> int:
         return (os.cpu_count() or 1) if self.one_thread_per_run else 1
@@ -215,7 +222,7 @@ STUDIES = {
     "learn": Study("dlt_learning", LEARN_STAGE_1, "dynamic_q_learning", _copying(learn_stage_2),
                    one_thread_per_run=True),
     "recursive": Study("recursive_cpu", RECURSIVE_STAGE_1, "parent", recursive_stage_2, seeds="0,1",
-                       one_thread_per_run=True),
+                       one_thread_per_run=True, pairs_other_budgets=True),
 }
 
 
@@ -271,17 +278,49 @@ def record_arm(out_dir: Path, arm: str, folder: str, overrides: List[str], note:
     write_json_atomic(path, recorded)
 
 
+def parse_seeds(seeds: str) -> List[str]:
+    """The train.seed values of ``--seeds``; BadInput for one that is not an integer or is given twice (its jobs
+    would run into one folder)."""
+    values = [value.strip() for value in seeds.split(",")]
+    for value in values:
+        if not re.fullmatch(r"\d+", value):
+            raise BadInput(f"--seeds {seeds}: {value!r} is not a seed; give train.seed values like 0,1,2")
+    repeated = sorted({int(value) for value in values if [int(v) for v in values].count(int(value)) > 1})
+    if repeated:
+        raise BadInput(f"--seeds {seeds} gives seed {repeated[0]} twice: its jobs would run into one folder; give "
+                       f"each seed once")
+    return values
+
+
+def check_arms(arms: Arms, common: List[str], seed: str) -> None:
+    """Compose every arm's config as its jobs will (typed, every check of the preflight) before any job starts;
+    BadInput naming the first arm that cannot run."""
+    # Here, not at the top: the data tool imports torch, which the driver's start (and --help) does without.
+    from tyingrun.cli import CONFIG_ERRORS, explain
+    from tyingrun.data_cli import compose_config
+
+    for arm, (specific, _) in arms.items():
+        try:
+            compose_config([*common, *specific, f"train.seed={seed}"])
+        except BadInput as err:
+            raise BadInput(f"arm {arm}: {err}") from None
+        except (*CONFIG_ERRORS, OmegaConfBaseException) as err:
+            raise BadInput(f"arm {arm}: {explain(err)}") from None
+
+
 def run_stage(out_dir: Path, arms: Arms, first_index: int, common: List[str], seeds: str, jobs: int,
               env: Dict[str, str]) -> List[str]:
     """Run each arm at each of ``seeds`` into a numbered folder (the report keeps the study's order), ``jobs`` runs
-    at a time; the arms that had a failed run."""
+    at a time; the arms that had a failed run. The seeds and every arm's config are checked before any job starts."""
+    seed_values = parse_seeds(seeds)
+    check_arms(arms, common, seed_values[0])
     queue = []
     for index, (arm, (specific, note)) in enumerate(arms.items(), first_index):
         # The arm's own keys come after the common ones, so they win (stage 2's layer count above all).
         overrides = [*common, *specific]
         folder = f"{index:02d}_{arm}"
         record_arm(out_dir, arm, folder, [*overrides, f"train.seed={seeds}"], note)
-        queue += [Job(arm, folder, overrides, seed) for seed in seeds.split(",")]
+        queue += [Job(arm, folder, overrides, seed) for seed in seed_values]
     failed: Set[str] = set()
     side_by_side = jobs > 1
     stopping = threading.Event()
@@ -310,7 +349,8 @@ def run_stage(out_dir: Path, arms: Arms, first_index: int, common: List[str], se
 
 def run_ablations(scale: str, seeds: Optional[str], out_dir: Path, extra: List[str],
                   jobs: Optional[int] = None) -> int:
-    """Both stages and the report; returns 0 when every job finished, 1 otherwise."""
+    """Both stages and the report; returns 0 when every job finished, 1 otherwise. BadInput (before any job) for
+    seeds or overrides that a stage's arms cannot run with."""
     study = STUDIES[scale]
     common = [f"+experiment={study.experiment}", *extra]
     seeds = seeds or study.seeds
@@ -326,7 +366,7 @@ def run_ablations(scale: str, seeds: Optional[str], out_dir: Path, extra: List[s
               flush=True)
         failed += run_stage(out_dir, study.stage_2(outcome), len(study.stage_1) + 1, common, seeds, jobs,
                             study.env())
-    write_report([out_dir])
+    write_report([out_dir], pair_other_budgets=study.pairs_other_budgets)
     if failed:
         print(f"ablations: jobs failed in {', '.join(failed)} (see above and {out_dir / 'report.md'})",
               file=sys.stderr)
@@ -350,6 +390,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     out_dir = args.out or Path("outputs/ablations") / f"{args.scale}-{datetime.now():%Y-%m-%d_%H-%M-%S}"
     try:
         sys.exit(run_ablations(args.scale, args.seeds, out_dir.resolve(), args.overrides, args.jobs))
+    except BadInput as err:
+        fail(str(err), program="ablations")
     except KeyboardInterrupt:
         print(f"ablations: stopped; no further run was started, and each run that was under way stopped as a run "
               f"does (its folder in {out_dir} says how to resume it)", file=sys.stderr)

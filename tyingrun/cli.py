@@ -374,7 +374,7 @@ def resume_argument(folder: Optional[Path]) -> str:
 
 
 def report_main(argv: Optional[List[str]] = None) -> None:
-    """``tyingrun-report PATH [PATH ...] [--out DIR] [--reference POLICY]``."""
+    """``tyingrun-report PATH [PATH ...] [--out DIR] [--reference POLICY] [--pair-other-budgets]``."""
     parser = argparse.ArgumentParser(
         prog="tyingrun-report",
         description="Tables (report.md, report.csv) and PNG figures from tyingrun run folders; runs that differ "
@@ -386,11 +386,14 @@ def report_main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--reference", default="none", metavar="POLICY",
                         help="policy.name of the group every other group of its model and dataset is compared with, "
                              "on the seeds both ran (default: none)")
+    parser.add_argument("--pair-other-budgets", action="store_true",
+                        help="pair a group with a reference of another budget (train.max_steps, train.batch_size, "
+                             "dataset.block_size), which is refused otherwise")
     args = parser.parse_args(argv)
     from tyingrun.report import write_report
 
     try:
-        write_report(args.paths, args.out, reference=args.reference)
+        write_report(args.paths, args.out, reference=args.reference, pair_other_budgets=args.pair_other_budgets)
     except BadInput as err:
         fail(str(err), program="tyingrun-report")
     except OSError as err:

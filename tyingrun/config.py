@@ -74,6 +74,9 @@ class DatasetConfig:
     # Hugging Face dataset id and configuration (wiki2, 1b, cifar10).
     hf_name: Optional[str] = None
     hf_config: Optional[str] = None
+    # Hub revision (branch, tag or commit) of dataset.hf_name; null: the default dataset's own (1b: its
+    # auto-converted parquet branch refs/convert/parquet, since current `datasets` loads no scripts), else main.
+    hf_revision: Optional[str] = None
     # "bpe": byte-level BPE trained on the corpus and cached (model=bert trains WordPiece instead);
     # "wordpiece": BERT's WordPiece trained on the corpus and cached; "gpt2": the GPT-2 tokenizer; "from_model": the
     # tokenizer.json of the Hugging Face model that train.init_from names (docs/llama.md).
@@ -201,6 +204,9 @@ class TrainConfig:
     # Start from earlier weights: a run folder (its newest checkpoint), a checkpoint folder, or a local
     # Hugging Face GPT-2 folder (config.json + model.safetensors). Ignored when resuming.
     init_from: Optional[str] = None
+    # train.init_from (and policy=recursive) refuse a checkpoint trained with another tokenizer than this run's (its
+    # embedding rows would stand for other tokens); true accepts it (docs/reliability-notes.md#source-identity).
+    allow_other_tokenizer: bool = False
     # Weight-decay the embedding tables (and so a tied head, once) like other matrices, as nanoGPT does now.
     decay_embeddings: bool = True
 

@@ -67,6 +67,10 @@ class TrainingData(Protocol):
 
     unit: str  # what items_in counts, for throughput and split sizes: "tokens" or "samples"
 
+    # What a token id means (text data; None for images): checkpoints record it.
+    @property
+    def tokenizer_sha256(self) -> Optional[str]: ...
+
     def train_sampler(self, batch_size: int, seed: int) -> Sampler: ...
 
     def eval_batches(self, split: str, batch_size: int, limit: Optional[int]) -> Iterator[Batch]: ...

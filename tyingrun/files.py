@@ -8,6 +8,7 @@ imports no torch and nothing of tyingrun. Weight files (tensors) are tyingrun.ty
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -112,6 +113,15 @@ def lock_folder(folder: Path) -> int:
 def read_json(path: Path) -> Any:
     """The JSON document at ``path``; FileNotFoundError, json.JSONDecodeError and UnicodeDecodeError pass."""
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of the bytes of ``path`` (hex), read in chunks: what the data cache and checkpoints record."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_jsonl(path: Path) -> List[Any]:

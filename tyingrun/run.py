@@ -32,7 +32,7 @@ from tyingrun.files import (
     write_json_atomic,
 )
 from tyingrun.metrics.meters import peak_memory, reset_peak_memory
-from tyingrun.metrics.sinks import ConsoleSink, RankSinks, RunSinks, WandbSink, check_jsonl
+from tyingrun.metrics.sinks import ConsoleSink, RankSinks, RunSinks, WandbSink, decided_before, logged_by, resumed_lines
 from tyingrun.models import MODELS
 from tyingrun.overrides import hydra_value
 from tyingrun.policies import build_policy, stack_sharing
@@ -40,11 +40,11 @@ from tyingrun.policies.base import Policy
 from tyingrun.preflight import preflight
 from tyingrun.seeding import derive_seed
 from tyingrun.train import recursive
-from tyingrun.train.checkpoint import checkpoint_step, latest_checkpoint, load_weights, read_state, scan_checkpoints
+from tyingrun.train.checkpoint import checkpoint_step, load_weights, newest_intact_checkpoint, read_state
 from tyingrun.train.distributed import SINGLE, Mesh, mesh_for
 from tyingrun.train.freeze import freeze_tensors
 from tyingrun.train.fsdp import shard_model
-from tyingrun.train.init_from import init_from, init_source
+from tyingrun.train.init_from import check_source_data, init_from, init_source
 from tyingrun.train.signals import RunInterrupted
 from tyingrun.train.trainer import Trainer
 from tyingrun.tying.counts import total_params
@@ -119,7 +119,7 @@ def load_checkpointed_model(run_dir: Path, purpose: str) -> Tuple[Config, Path, 
     """A run's config, newest checkpoint, model as that checkpoint left it (map, flags, weights; no data is built)
     and the checkpoint's state, for tools that read finished runs (``purpose``: what they do, for the message)."""
     cfg = load_run_config(run_dir)
-    checkpoint = latest_checkpoint(run_dir)
+    checkpoint = newest_intact_checkpoint(run_dir)
     if checkpoint is None:
         raise BadInput(f"{run_dir} has no checkpoint to {purpose}; let the run finish (or resume it) first")
     stored = read_tensors(checkpoint / WEIGHTS_FILE)
@@ -154,19 +154,14 @@ def resume_point(run_dir: str, out_dir: Path) -> Path:
     if folder.resolve() != out_dir.resolve():
         raise BadInput(f"train.resume={run_dir} continues that run in its own folder, not in {out_dir}; "
                        f"drop hydra.run.dir")
-    good, other = scan_checkpoints(folder)
-    damaged = [(path, why) for path, why in other if path.name.startswith("step_") and "state.json" in why]
-    if damaged:
-        # A checkpoint that does not read back may be the newest: refuse rather than continue an older one.
-        raise BadInput(damaged[-1][1])
-    checkpoint = latest_checkpoint(folder)
+    checkpoint = newest_intact_checkpoint(folder)
     if checkpoint is None:
         raise BadInput(f"train.resume={run_dir} has no checkpoint to resume from; start the run afresh")
     # Everything the resume reads is read once here, before anything in the folder is touched.
-    read_state(checkpoint)
+    step, _ = read_state(checkpoint)
     read_tensors(checkpoint / WEIGHTS_FILE)
-    for name in (METRICS_FILE, MAPS_FILE):
-        check_jsonl(folder / name)
+    for name, rule in ((METRICS_FILE, logged_by), (MAPS_FILE, decided_before)):
+        resumed_lines(folder / name, step, rule, warn_dropped=False)
     return checkpoint
 
 
@@ -218,6 +213,9 @@ def build_parts(cfg: Config, out_dir: Path, data: Optional[TrainingData] = None)
         conversion, source_model = recursive.convert(model, start, cfg.policy)
     elif start is not None:
         init_from(model, start)
+    if start is not None:
+        label = "policy=recursive: train.init_from" if cfg.policy.name == "recursive" else "train.init_from"
+        check_source_data(start, data.tokenizer_sha256, cfg.dataset.name, cfg.train.allow_other_tokenizer, label)
     if cfg.hardware.fsdp:
         shard_model(model, cfg.hardware, device)
     # What the global RNGs draw from now on is dropout: a stream of its own on every rank.

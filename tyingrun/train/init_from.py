@@ -10,20 +10,21 @@ a copy of the tied matrix; the reverse (two trained matrices into one) is refuse
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict
+from typing import Any, Dict, Optional, cast
 
 import torch
 from torch import nn
 
 from tyingrun.config import ModelConfig
-from tyingrun.errors import BadInput
+from tyingrun.contracts import TiedModule
+from tyingrun.errors import BadInput, warn
 from tyingrun.files import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE
 from tyingrun.hub import model_folder
 from tyingrun.models.embeddings import LM_HEAD_WEIGHT
 from tyingrun.models.gpt2 import GPT2
 from tyingrun.models.hf_gpt2 import HF_CONFIG, architecture, read_hf_config, read_hf_weights
 from tyingrun.models.hf_llama import read_hf_config as read_hf_llama_config
-from tyingrun.train.checkpoint import latest_checkpoint, read_state
+from tyingrun.train.checkpoint import newest_intact_checkpoint, read_state
 from tyingrun.train.hf_import import is_llama_folder, llama_weights
 from tyingrun.tying.weights import copy_weights, read_tensors
 
@@ -39,12 +40,38 @@ def init_source(path: str) -> Path:
     if (folder / STATE_FILE).is_file() or (folder / HF_CONFIG).is_file():
         return folder
     if (folder / CONFIG_FILE).is_file():
-        checkpoint = latest_checkpoint(folder)
+        checkpoint = newest_intact_checkpoint(folder)
         if checkpoint is None:
             raise BadInput(f"train.init_from={path} is a run folder without checkpoints; pick a finished run")
         return checkpoint
     raise BadInput(f"train.init_from={path} is neither a tyingrun run or checkpoint folder nor a Hugging Face "
                    f"GPT-2, Llama or Qwen3 folder (config.json + model.safetensors) nor hf:<repo id>")
+
+
+def check_source_data(source: Path, tokenizer_sha256: Optional[str], dataset: str, allow_other: bool,
+                      label: str = "train.init_from") -> None:
+    """A checkpoint source must have trained with this run's tokenizer: the same vocabulary size is not enough, an
+    embedding row of another tokenizer stands for another token. ``label`` names the setting in the message.
+    Checkpoints written before tyingrun recorded it are taken with a warning; Hugging Face folders are GPT-2's."""
+    if (source / HF_CONFIG).is_file() or tokenizer_sha256 is None:
+        return
+    recorded: Dict[str, Any] = read_state(source)[1].get("data") or {}
+    theirs = recorded.get("tokenizer_sha256")
+    if theirs is None:
+        warn(f"{label}={source} records no tokenizer (a checkpoint of an older tyingrun): its vocabulary size "
+             f"matches, but that its token ids mean this run's tokens is not checked")
+    elif theirs != tokenizer_sha256 and not allow_other:
+        raise BadInput(
+            f"{label}={source} trained with another tokenizer (dataset={recorded.get('dataset')}, tokenizer sha256 "
+            f"{theirs[:12]}) than this run's (dataset={dataset}, {tokenizer_sha256[:12]}), so each embedding row "
+            f"would stand for another token; use the source's dataset.* tokenizer settings, or set "
+            f"train.allow_other_tokenizer=true if you mean it")
+
+
+def check_depth(source: Path, source_layers: int, model_layers: int, label: str = "train.init_from") -> None:
+    if source_layers != model_layers:
+        raise BadInput(f"{label}={source} has {source_layers} layers but model.n_layer={model_layers}; "
+                       f"set model.n_layer={source_layers}")
 
 
 def init_from(model: nn.Module, source: Path) -> None:
@@ -56,6 +83,7 @@ def init_from(model: nn.Module, source: Path) -> None:
         _copy_keeping_head_apart(model, weights, label)
         return
     _, state = read_state(source)
+    check_depth(source, len(state["map"]), len(cast(TiedModule, model).stack))
     # The checkpoint's ties come back under what they shared when it was saved (older checkpoints: whole
     # blocks); the model then returns to its own choice, each slot keeping what it computed with.
     own = model.stack.sharing

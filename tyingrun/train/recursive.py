@@ -27,7 +27,7 @@ from tyingrun.models.hf_llama import read_hf_config as read_hf_llama_config
 from tyingrun.policies import recursive_map, stack_sharing  # noqa: F401 (export reads it here)
 from tyingrun.train.checkpoint import read_state
 from tyingrun.train.hf_import import is_llama_folder
-from tyingrun.train.init_from import init_from
+from tyingrun.train.init_from import check_depth, init_from
 from tyingrun.tying import maps
 from tyingrun.tying.stack import lora_key
 from tyingrun.tying.weights import read_tensors
@@ -79,9 +79,7 @@ def check_source(model: nn.Module, source: Path, cfg: PolicyConfig) -> None:
     except ValueError as err:
         raise BadInput(f"policy=recursive: policy.pattern={cfg.pattern} cannot use policy.n_sets={cfg.n_sets} with "
                        f"the source's {shape['n_layer']} layers: {err}") from None
-    if shape["n_layer"] != ours["n_layer"]:
-        raise BadInput(f"policy=recursive: train.init_from={source} has {shape['n_layer']} layers but "
-                       f"model.n_layer={ours['n_layer']}; set model.n_layer={shape['n_layer']}")
+    check_depth(source, shape["n_layer"], cast(int, ours["n_layer"]), "policy=recursive: train.init_from")
 
 
 def region(pattern: str, n_layer: int) -> range:

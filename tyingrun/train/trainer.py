@@ -308,6 +308,7 @@ class Trainer:
         _, python_state, python_gauss = random.getstate()
         return {
             "map": list(self.stack.src), "trainable": list(self.stack.trainable), "sharing": self.stack.sharing,
+            "data": {"dataset": self.cfg.dataset.name, "tokenizer_sha256": self.data.tokenizer_sha256},
             "optimizer": self.optimizer.state_dict(), "policy": self.policy.state_dict(),
             "sampler": self.sampler.state_dict(), "score_sampler": self.score_sampler.state_dict(),
             "means": {name: mean.state_dict() for name, mean in self.means.items()},
