@@ -41,7 +41,7 @@ from tyingrun.contracts import perplexity
 from tyingrun.errors import BadInput
 from tyingrun.policies.base import Decision, DecisionContext, Policy
 from tyingrun.policies.learning import GreedyRecord, RunningStats, spread_diagnostics
-from tyingrun.seeding import derive_seed
+from tyingrun.seeding import derive_seed, rng_state, set_rng_state
 from tyingrun.tying import maps
 
 HIDDEN = 128
@@ -312,12 +312,11 @@ class EpisodicPolicy(Policy):
         raise NotImplementedError
 
     def state_dict(self) -> Dict[str, Any]:
-        version, internal, gauss_next = self.rng.getstate()
         return {
             "src": list(self.src), "trainable": list(self.trainable), "next_layer": self.next_layer,
             "steps_since_decision": self.steps_since_decision,
             "pending": asdict(self.pending) if self.pending is not None else None,
-            "rng": [version, list(internal), gauss_next],
+            "rng": rng_state(self.rng),
             "decisions": self.decisions, "rewards": self.rewards, "clipped_rewards": self.clipped_rewards,
             "reward_stats": self.reward_stats.state_dict(), "greedy_record": self.greedy_record.state_dict(),
         }
@@ -327,8 +326,9 @@ class EpisodicPolicy(Policy):
         self.src, self.trainable = list(state["src"]), list(state["trainable"])
         self.next_layer, self.steps_since_decision = state["next_layer"], state["steps_since_decision"]
         self.pending = Transition(**state["pending"]) if state["pending"] is not None else None
-        version, internal, gauss_next = state["rng"]
-        self.rng.setstate((version, tuple(internal), gauss_next))
+        # Checkpoints written before rng_state held the bare state.
+        rng = state["rng"] if isinstance(state["rng"], dict) else {"python": state["rng"]}
+        set_rng_state(rng, self.rng)
         self.decisions, self.rewards = state["decisions"], state["rewards"]
         self.clipped_rewards = state["clipped_rewards"]
         # Checkpoints written before these existed start them afresh.

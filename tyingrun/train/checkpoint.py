@@ -22,7 +22,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from safetensors.torch import save_file
@@ -83,9 +83,21 @@ def join_tensors(obj: Any, tensors: Dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-def load_weights(model: nn.Module, path: Path) -> None:
-    """Copy stored weights into ``model`` in place; its ties must already be in place (apply the map first)."""
-    copy_weights(model, read_tensors(path), f"checkpoint {path}")
+# What a tie shared in checkpoints written before the choice existed: whole blocks.
+WHOLE_BLOCKS = {"share": "block", "share_norms": False}
+CopyWeights = Callable[[nn.Module, Dict[str, torch.Tensor], str], None]
+
+
+def restore_model(model: nn.Module, checkpoint: Path, state: Dict[str, Any], label: Optional[str] = None,
+                  copy: CopyWeights = copy_weights) -> None:
+    """Load ``checkpoint`` (``state``: its read_state) into ``model``: what a tie shared and the map with its
+    trainable flags first, so tied slots alias their roots again, then the stored weights, copied in place by
+    ``copy`` (``label`` names the source in its errors). The one way a checkpoint becomes a model: resume,
+    train.init_from and the tools that read finished runs all load through it."""
+    model.stack.set_sharing(**state.get("sharing", WHOLE_BLOCKS))
+    model.stack.apply_map(state["map"], state["trainable"])
+    weights = checkpoint / WEIGHTS_FILE
+    copy(model, read_tensors(weights), label or f"checkpoint {weights}")
 
 
 def save_checkpoint(run_dir: Path, step: int, weights: Dict[str, torch.Tensor], state: Dict[str, Any],
@@ -117,8 +129,9 @@ def save_checkpoint(run_dir: Path, step: int, weights: Dict[str, torch.Tensor], 
     return final
 
 
-def recorded_step(checkpoint: Path) -> int:
-    """The step that ``checkpoint/state.json`` records; BadInput when it does not read back."""
+def _state_document(checkpoint: Path) -> Dict[str, Any]:
+    """``checkpoint/state.json``, checked: its format, an integer step and a state; BadInput when it does not read
+    back. The one reader of state.json."""
     try:
         document = read_json(checkpoint / STATE_FILE)
     except FileNotFoundError:
@@ -131,7 +144,12 @@ def recorded_step(checkpoint: Path) -> int:
     step = document.get("step")
     if not isinstance(step, int) or isinstance(step, bool) or not isinstance(document.get("state"), dict):
         raise BadInput(f"checkpoint {checkpoint}/state.json is corrupt (no step or state); pick another checkpoint")
-    return step
+    return document
+
+
+def recorded_step(checkpoint: Path) -> int:
+    """The step that ``checkpoint/state.json`` records; BadInput when it does not read back."""
+    return _state_document(checkpoint)["step"]
 
 
 def scan_checkpoints(run_dir: Path) -> Tuple[List[Tuple[int, Path]], List[Tuple[Path, str]]]:
@@ -183,15 +201,7 @@ def latest_checkpoint(run_dir: Path, warn: bool = True) -> Optional[Path]:
 
 
 def read_state(checkpoint: Path) -> Tuple[int, Dict[str, Any]]:
-    """The step and the training state of a checkpoint folder (the weights are loaded by load_weights)."""
-    try:
-        document = read_json(checkpoint / STATE_FILE)
-    except FileNotFoundError:
-        raise BadInput(f"checkpoint {checkpoint} has no state.json; it is incomplete - pick another one") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadInput(f"checkpoint {checkpoint}/state.json is corrupt; pick another checkpoint") from None
-    if document.get("format") != FORMAT_VERSION:
-        raise BadInput(f"checkpoint {checkpoint} has format {document.get('format')}, this tyingrun reads "
-                       f"{FORMAT_VERSION}")
+    """The step and the training state of a checkpoint folder (restore_model loads its weights)."""
+    document = _state_document(checkpoint)
     tensors = read_tensors(checkpoint / STATE_TENSORS_FILE)
     return document["step"], join_tensors(document["state"], tensors)

@@ -16,11 +16,11 @@ from torch import nn
 
 from tyingrun.config import ModelConfig
 from tyingrun.errors import BadInput
-from tyingrun.files import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE, copy_weights, read_tensors
+from tyingrun.files import CONFIG_FILE, STATE_FILE, copy_weights
 from tyingrun.models.embeddings import LM_HEAD_WEIGHT
 from tyingrun.models.gpt2 import GPT2
 from tyingrun.models.hf_gpt2 import HF_CONFIG, architecture, read_hf_config, read_hf_weights
-from tyingrun.train.checkpoint import latest_checkpoint, read_state
+from tyingrun.train.checkpoint import latest_checkpoint, read_state, restore_model
 
 # The architecture keys a Hugging Face GPT-2 fixes.
 HF_ARCHITECTURE = ("n_layer", "n_head", "d_model", "max_positions", "vocab_size", "bias")
@@ -47,13 +47,10 @@ def init_from(model: nn.Module, source: Path) -> None:
         hf_cfg = _matching_hf_config(model, source)
         _copy_keeping_head_apart(model, read_hf_weights(source, hf_cfg.tie_embeddings), label)
         return
-    _, state = read_state(source)
-    # The checkpoint's ties come back under what they shared when it was saved (older checkpoints: whole
-    # blocks); the model then returns to its own choice, each slot keeping what it computed with.
+    # The checkpoint's ties come back under what they shared when it was saved; the model then returns to its
+    # own choice, each slot keeping what it computed with.
     own = model.stack.sharing
-    model.stack.set_sharing(**state.get("sharing", {"share": "block", "share_norms": False}))
-    model.stack.apply_map(state["map"], state["trainable"])
-    _copy_keeping_head_apart(model, read_tensors(source / WEIGHTS_FILE), label)
+    restore_model(model, source, read_state(source)[1], label, copy=_copy_keeping_head_apart)
     model.stack.set_sharing(**own)
 
 
