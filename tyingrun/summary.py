@@ -7,7 +7,7 @@ annotations`` here: TypedDict reads NotRequired from the evaluated annotations.)
 
 from typing import Any, Dict, FrozenSet, List, Optional
 
-from typing_extensions import NotRequired, TypedDict
+from typing_extensions import NotRequired, TypedDict, get_type_hints
 
 
 class Summary(TypedDict):
@@ -79,3 +79,5 @@ class Summary(TypedDict):
 
 SUMMARY_KEYS: FrozenSet[str] = frozenset(Summary.__annotations__)
 REQUIRED_KEYS: FrozenSet[str] = Summary.__required_keys__
+# The keys whose values are numbers (a non-finite one is written as null).
+NUMBER_KEYS: FrozenSet[str] = frozenset(key for key, hint in get_type_hints(Summary).items() if hint in (int, float))
