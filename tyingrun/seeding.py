@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple, cast
 
 import numpy as np
 
@@ -42,7 +42,7 @@ def rng_state(generator: Optional[random.Random] = None) -> Dict[str, Any]:
         return {"python": _python_state(generator)}
     import torch  # only here: layer 0 stays importable without torch
 
-    _, keys, position, has_gauss, gauss = np.random.get_state()
+    _, keys, position, has_gauss, gauss = cast(Tuple[str, np.ndarray, int, int, float], np.random.get_state())
     return {
         "python": _python_state(random), "torch": torch.get_rng_state(),
         "numpy": [torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],

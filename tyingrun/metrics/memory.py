@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, Iterator, List, Set, Tuple
 import torch
 from torch import nn
 
+from tyingrun.contracts import TiedModule
 from tyingrun.metrics.tensor_memory import TensorMemoryTracker, training_state
 from tyingrun.tying.counts import train_state_bytes
 
@@ -62,7 +63,7 @@ class PeakTensorProbe:
     backward without that state, so it peaks below every later step under its tying: the next one is measured too.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device):
+    def __init__(self, model: TiedModule, optimizer: torch.optim.Optimizer, device: torch.device):
         self.model, self.optimizer, self.device = model, optimizer, device
         self.highest: Dict[str, int] = dict.fromkeys(PEAK_TENSOR_KEYS, 0)
         self.measured: Set[Tying] = set()

@@ -22,23 +22,16 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, cast
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
 from tyingrun.errors import BadInput
-from tyingrun.files import (
-    CHECKPOINTS_DIR,
-    STATE_FILE,
-    STATE_TENSORS_FILE,
-    WEIGHTS_FILE,
-    copy_weights,
-    read_json,
-    read_tensors,
-    save_weights,
-)
+from tyingrun.files import CHECKPOINTS_DIR, STATE_FILE, STATE_TENSORS_FILE, WEIGHTS_FILE, read_json
+from tyingrun.tying.stack import TiedStack
+from tyingrun.tying.weights import copy_weights, read_tensors, save_weights
 
 FORMAT_VERSION = 1
 TENSOR_REF = "__tensor__"
@@ -94,8 +87,9 @@ def restore_model(model: nn.Module, checkpoint: Path, state: Dict[str, Any], lab
     trainable flags first, so tied slots alias their roots again, then the stored weights, copied in place by
     ``copy`` (``label`` names the source in its errors). The one way a checkpoint becomes a model: resume,
     train.init_from and the tools that read finished runs all load through it."""
-    model.stack.set_sharing(**state.get("sharing", WHOLE_BLOCKS))
-    model.stack.apply_map(state["map"], state["trainable"])
+    stack = cast(TiedStack, model.stack)  # every tyingrun model's slots are one TiedStack
+    stack.set_sharing(**state.get("sharing", WHOLE_BLOCKS))
+    stack.apply_map(state["map"], state["trainable"])
     weights = checkpoint / WEIGHTS_FILE
     copy(model, read_tensors(weights), label or f"checkpoint {weights}")
 

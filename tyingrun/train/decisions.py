@@ -7,7 +7,7 @@ broadcast, and every rank applies it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, cast
 
 from tyingrun.contracts import Batch
 from tyingrun.policies.base import Decision
@@ -60,7 +60,7 @@ class DecisionPoint:
         trainer = self._trainer
         if not trainer.mesh.is_main:
             while True:
-                kind, payload = broadcast_object(None, trainer.device)
+                kind, payload = cast(Tuple[str, Any], broadcast_object(None, trainer.device))
                 if kind == DECIDED:
                     return payload
                 trainer.evaluator.measure([payload])

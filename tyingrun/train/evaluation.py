@@ -9,7 +9,7 @@ from typing import Any, Dict, Iterable, Optional
 import torch
 
 from tyingrun.config import Config
-from tyingrun.contracts import Batch, TiedModel, TrainingData, perplexity
+from tyingrun.contracts import Batch, TiedModule, TrainingData, perplexity
 from tyingrun.train.device import autocast, on_device
 from tyingrun.train.distributed import Mesh, rank_share, sum_over_ranks
 from tyingrun.train.fsdp import reshard
@@ -24,13 +24,13 @@ def eval_batch_limit(cfg: Config) -> Optional[int]:
 class Evaluator:
     """Scores the trained ``model`` (or another model on the same protocol) on ``data``'s splits."""
 
-    def __init__(self, cfg: Config, model: TiedModel, data: TrainingData, mesh: Mesh, device: torch.device):
+    def __init__(self, cfg: Config, model: TiedModule, data: TrainingData, mesh: Mesh, device: torch.device):
         self.cfg, self.model, self.data, self.mesh, self.device = cfg, model, data, mesh, device
         self.autocast = functools.partial(autocast, device, cfg.hardware.precision)
 
     @torch.no_grad()
     def measure(self, batches: Iterable[Batch], shard: bool = False,
-                model: Optional[TiedModel] = None) -> Dict[str, float]:
+                model: Optional[TiedModule] = None) -> Dict[str, float]:
         """Mean loss over the items of ``batches`` in eval mode, of the trained model or of ``model``; accuracy too
         for models that report it.
 
@@ -39,7 +39,7 @@ class Evaluator:
         """
         model = self.model if model is None else model
         model.eval()
-        total, count, correct, has_accuracy = 0.0, 0, 0, False
+        total, count, correct, has_accuracy = 0.0, 0.0, 0.0, False
         share = rank_share(batches, self.mesh) if shard else ((batch, True) for batch in batches)
         for batch, counted in share:
             with self.autocast():
@@ -55,7 +55,7 @@ class Evaluator:
             total, count, correct = sum_over_ranks([total, count, correct], self.device)
         return {"loss": total / count, "acc": correct / count} if has_accuracy else {"loss": total / count}
 
-    def evaluate(self, split: str, limit: Optional[int], model: Optional[TiedModel] = None) -> Dict[str, float]:
+    def evaluate(self, split: str, limit: Optional[int], model: Optional[TiedModule] = None) -> Dict[str, float]:
         """``{split}_loss`` and ``{split}_ppl`` (or ``{split}_acc``) over ``limit`` batches of the split (None: all),
         of the trained model or of another ``model`` on the same protocol."""
         batches = self.data.eval_batches(split, self.cfg.train.batch_size, limit)

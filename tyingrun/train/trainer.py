@@ -17,8 +17,7 @@ import torch
 from torch import nn
 
 from tyingrun.config import Config
-from tyingrun.contracts import Batch, Sink, TiedModel, TrainingData
-from tyingrun.files import unique_weights
+from tyingrun.contracts import Batch, Sink, TiedModule, TrainingData
 from tyingrun.metrics.memory import PeakTensorProbe
 from tyingrun.metrics.meters import model_counts
 from tyingrun.metrics.sinks import RewardedMapRows, evaluation_line, training_line
@@ -44,6 +43,7 @@ from tyingrun.train.signals import RunInterrupted, StopSignals
 from tyingrun.train.state import LoopState
 from tyingrun.train.summary import measurements
 from tyingrun.tying.stack import TiedStack
+from tyingrun.tying.weights import unique_weights
 
 
 class NonFiniteLoss(RuntimeError):
@@ -62,7 +62,7 @@ def learning_rate(step: int, cfg: Config) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, model: TiedModel, stack: TiedStack, data: TrainingData, policy: Policy,
+    def __init__(self, cfg: Config, model: TiedModule, stack: TiedStack, data: TrainingData, policy: Policy,
                  device: torch.device, sinks: Sink, mesh: Mesh = SINGLE):
         self.cfg, self.model, self.stack, self.data, self.policy = cfg, model, stack, data, policy
         self.device, self.sinks, self.mesh = device, sinks, mesh
