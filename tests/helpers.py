@@ -206,13 +206,22 @@ def compose_and_run(overrides: List[str], folder: Path) -> Dict[str, Any]:
     return run(compose_config(list(overrides)), folder)
 
 
+def follow(context, decision):
+    """Apply ``decision`` to the context's map, as the trainer applies it to the model's stack."""
+    context.src, context.trainable = list(decision.src), list(decision.trainable)
+
+
 def run_steps(policy, context, steps):
-    """Advance ``context`` by ``steps`` steps through ``policy.after_step``; the decisions it returned."""
+    """``steps`` decision points of ``policy``; a context without a map starts from the policy's initial one. The
+    decisions it returned."""
+    if context.trainable is None:
+        follow(context, policy.start(policy.n_layer))
     decisions = []
     for _ in range(steps):
         context.step += 1
         decision = policy.after_step(context)
         if decision is not None:
+            follow(context, decision)
             decisions.append(decision)
     return decisions
 

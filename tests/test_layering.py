@@ -16,10 +16,10 @@ PACKAGE = ROOT / "tyingrun"
 
 # Low to high. A unit is a top-level module or a package (all its modules).
 LAYERS: Dict[str, int] = {
-    # 0: neutral - the facts everyone shares (errors, contracts, files, seeds, config, a run's status, how an
-    # override value is quoted)
+    # 0: neutral - the facts everyone shares (errors, contracts, files, seeds, config, a run's status and summary,
+    # how an override value is quoted)
     "tyingrun.errors": 0, "tyingrun.contracts": 0, "tyingrun.files": 0, "tyingrun.seeding": 0,
-    "tyingrun.config": 0, "tyingrun.run_status": 0, "tyingrun.overrides": 0, "tyingrun.hub": 0,
+    "tyingrun.config": 0, "tyingrun.run_status": 0, "tyingrun.summary": 0, "tyingrun.overrides": 0, "tyingrun.hub": 0,
     # 1: the tying map and stack, the data, the report (neither data nor report knows models or training)
     "tyingrun.tying": 1, "tyingrun.data": 1, "tyingrun.report": 1,
     # 2: models, measurements, policies
@@ -46,6 +46,7 @@ ALLOWED: Dict[str, FrozenSet[str]] = {
     "tyingrun.errors": frozenset(),
     "tyingrun.contracts": frozenset(),
     "tyingrun.seeding": frozenset(),
+    "tyingrun.summary": frozenset(),
     "tyingrun.config": _units("errors"),
     "tyingrun.files": frozenset(),
     "tyingrun.run_status": _units("files"),

@@ -21,7 +21,7 @@ from tyingrun.preflight import check_policy, preflight
 from tyingrun.run import run
 from tyingrun.tying import maps
 
-from .helpers import BEST, run_folder, run_steps, small_lm_config
+from .helpers import BEST, follow, run_folder, run_steps, small_lm_config
 
 
 def policy_config(name="dynamic_q", **keys):
@@ -30,11 +30,12 @@ def policy_config(name="dynamic_q", **keys):
 
 class BatchContext:
     """A DecisionContext with a reward stream of numbered batches; the loss of batch b at step s is
-    ``loss(b, s)``, and every call is recorded."""
+    ``loss(b, s)``, and every call is recorded; its map follows the decisions (run_steps, drive)."""
 
     def __init__(self, loss=lambda batch, step: 2.0 + 0.1 * batch - 0.01 * step, trainable_layers=2):
         self.step, self.loss, self.trainable_layers = 0, loss, trainable_layers
         self.drawn, self.scored = 0, []
+        self.src = self.trainable = None
 
     def reward_batch(self):
         self.drawn += 1
@@ -365,11 +366,14 @@ class ArmContext(NoisyBatchContext):
 
 
 def drive(policy, context, decisions):
+    if context.trainable is None:
+        follow(context, policy.start(policy.n_layer))
     taken = []
     while len(taken) < decisions:
         context.step += 1
         decision = policy.after_step(context)
         if decision is not None:
+            follow(context, decision)
             context.apply(decision)
             taken.append(decision)
     return taken

@@ -31,7 +31,7 @@ from tyingrun.files import (
     read_json,
     write_json_atomic,
 )
-from tyingrun.metrics.meters import peak_memory, reset_peak_memory
+from tyingrun.metrics.memory import peak_memory, reset_peak_memory
 from tyingrun.metrics.sinks import ConsoleSink, RankSinks, RunSinks, WandbSink, decided_before, logged_by, resumed_lines
 from tyingrun.models import MODELS
 from tyingrun.overrides import hydra_value
@@ -39,13 +39,15 @@ from tyingrun.policies import build_policy, stack_sharing
 from tyingrun.policies.base import Policy
 from tyingrun.preflight import preflight
 from tyingrun.seeding import derive_seed
+from tyingrun.summary import Summary
 from tyingrun.train import recursive
-from tyingrun.train.checkpoint import checkpoint_step, load_weights, newest_intact_checkpoint, read_state
+from tyingrun.train.checkpoint import checkpoint_step, newest_intact_checkpoint, read_state, restore_model
 from tyingrun.train.distributed import SINGLE, Mesh, mesh_for
 from tyingrun.train.freeze import freeze_tensors
 from tyingrun.train.fsdp import shard_model
 from tyingrun.train.init_from import check_source_data, init_from, init_source
 from tyingrun.train.signals import RunInterrupted
+from tyingrun.train.summary import run_summary
 from tyingrun.train.trainer import Trainer
 from tyingrun.tying.counts import total_params
 from tyingrun.tying.weights import read_tensors
@@ -122,16 +124,13 @@ def load_checkpointed_model(run_dir: Path, purpose: str) -> Tuple[Config, Path, 
     checkpoint = newest_intact_checkpoint(run_dir)
     if checkpoint is None:
         raise BadInput(f"{run_dir} has no checkpoint to {purpose}; let the run finish (or resume it) first")
-    stored = read_tensors(checkpoint / WEIGHTS_FILE)
-    shapes = checkpoint_shapes(stored, checkpoint)
+    shapes = checkpoint_shapes(read_tensors(checkpoint / WEIGHTS_FILE), checkpoint)
     _, state = read_state(checkpoint)
-    sharing = state.get("sharing", {"share": cfg.policy.share, "share_norms": cfg.policy.share_norms})
     model_cfg = replace(cfg.model, vocab_size=getattr(shapes, "vocab_size", cfg.model.vocab_size))
-    model = build_model(model_cfg, shapes, cfg.policy.grad, sharing["share"], sharing["share_norms"])
+    model = build_model(model_cfg, shapes, cfg.policy.grad, *stack_sharing(cfg.policy))
     recursive.prepare(model, cfg.policy)
     freeze_tensors(model, cfg.model.freeze)
-    model.stack.apply_map(state["map"], state["trainable"])
-    load_weights(model, checkpoint / WEIGHTS_FILE)
+    restore_model(model, checkpoint, state)
     return cfg, checkpoint, model, state
 
 
@@ -230,13 +229,13 @@ def converted_losses(trainer: Trainer, parts: RunParts) -> Dict[str, Any]:
     losses = {}
     for name, model in (("source", parts.source_model), ("converted", parts.model)):
         for split in ("val", "test"):
-            losses[f"{name}_{split}_loss"] = trainer.evaluate(split, None, model)[f"{split}_loss"]
+            losses[f"{name}_{split}_loss"] = trainer.evaluator.evaluate(split, None, model)[f"{split}_loss"]
     parts.model.train()
     parts.source_model = None
     return {"conversion": parts.conversion, **losses}
 
 
-def execute(parts: RunParts) -> Dict[str, Any]:
+def execute(parts: RunParts) -> Summary:
     """Train the built parts; write metrics.jsonl, maps.jsonl and, when the run completes, summary.json."""
     cfg, out_dir, mesh, device, model = parts.cfg, parts.out_dir, parts.mesh, parts.device, parts.model
     if parts.checkpoint is not None:
@@ -267,31 +266,16 @@ def execute(parts: RunParts) -> Dict[str, Any]:
                 resume = resume_argument(out_dir)
                 sys.stderr.write(f"tyingrun: {stop}; checkpoint saved, resume with: tyingrun {resume}\n")
             raise SystemExit(stop.exit_code) from None
-        memory_bytes, memory_kind = peak_memory(device)
-        summary = {
-            "status": "completed",
-            "model": cfg.model.name,
-            "dataset": cfg.dataset.name,
-            "policy": cfg.policy.name,
-            "grad_mode": cfg.policy.grad,
-            "steps": cfg.train.max_steps,
-            "n_layer": cfg.model.n_layer,
-            "total_params": total_params(model),
-            **measured,
-            **converted,
-            "peak_memory_bytes": memory_bytes,
-            "peak_memory_kind": memory_kind,
-            "seed": cfg.train.seed,
-        }
-        sinks.summary(summary)
+        summary = run_summary(cfg, model, measured, converted, peak_memory(device))
+        sinks.summary(dict(summary))
         console.close()
-        console.table("summary", summary)
+        console.table("summary", dict(summary))
         console.line(f"summary written to {out_dir / SUMMARY_FILE}")
     finally:
         sinks.close()
     return summary
 
 
-def run(cfg: Config, out_dir: Path) -> Dict[str, Any]:
+def run(cfg: Config, out_dir: Path) -> Summary:
     """Train one model under one policy into ``out_dir``: check, build, then execute."""
     return execute(build_parts(cfg, out_dir))

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from tyingrun.contracts import Sink
 from tyingrun.errors import BadInput, warn
 from tyingrun.files import MAPS_FILE, METRICS_FILE, RANKS_DIR, SUMMARY_FILE, strict_json, write_json_atomic
 
@@ -124,6 +125,53 @@ class JsonlFile:
 
     def close(self) -> None:
         self._handle.close()
+
+
+class RewardedMapRows:
+    """maps.jsonl rows, each written with the reward of its own decision.
+
+    A learned decision's ``reward`` is measured K steps later and arrives with the next decision (as
+    ``Decision.info["reward"]``), so each such row is held until then; the run's last decision is never rewarded
+    and is written with ``reward: null`` when the run ends (``flush``). Rows without a reward go out at once.
+    """
+
+    def __init__(self, sinks: Sink):
+        self._sinks = sinks
+        self.held: Optional[Dict[str, Any]] = None
+
+    def record(self, row: Dict[str, Any], step: int) -> None:
+        """``row`` of a map change at ``step``; its ``reward`` key, if any, is the previous decision's reward."""
+        if "reward" not in row:
+            self._sinks.map_change(row)
+            return
+        reward_of_previous = row.pop("reward")
+        if self.held is not None:
+            self._sinks.map_change({**self.held, "reward": reward_of_previous, "reward_step": step})
+        self.held = row
+
+    def flush(self) -> None:
+        if self.held is not None:
+            self._sinks.map_change({**self.held, "reward": None, "reward_step": None})
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"unrewarded_row": self.held}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.held = state["unrewarded_row"]
+
+
+def evaluation_line(step: int, result: Dict[str, Any], counts: Dict[str, int], n_layer: int) -> str:
+    """The console line of an evaluation: its losses and quality, and how much of the model is its own."""
+    shown = [f"{key} {result[key]:.4f}" for key in ("val_loss", "val_acc", "test_loss", "test_acc") if key in result]
+    shown += [f"{key} {result[key]:.2f}" for key in ("val_ppl", "test_ppl") if key in result]
+    return (f"step {step:>6}  {'  '.join(shown)}  independent {counts['independent_layers']}/{n_layer}  "
+            f"trainable_params {counts['trainable_params']:,}")
+
+
+def training_line(step: int, max_steps: int, row: Dict[str, Any], unit: str) -> str:
+    """The console line of a metrics.jsonl training row."""
+    return (f"step {step:>6}/{max_steps}  train_loss {row['train_loss']:.4f}  lr {row['lr']:.2e}  "
+            f"{unit}/s {row[f'{unit}_per_s']:,.0f}")
 
 
 class ConsoleSink:

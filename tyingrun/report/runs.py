@@ -18,6 +18,7 @@ from tyingrun.errors import BadInput
 from tyingrun.files import ARMS_FILE, CONFIG_FILE, MAPS_FILE, SUMMARY_FILE, read_json, read_jsonl
 from tyingrun.report.rewards import reward_separation
 from tyingrun.run_status import read_status
+from tyingrun.summary import NUMBER_KEYS
 
 # Keys that do not change what a run measures: runs differing only in these are seeds of one group.
 IGNORED_PREFIXES = ("train.seed", "log.", "hydra.")
@@ -235,7 +236,8 @@ def _first_line(err: BaseException) -> str:
 
 
 def check_summary(summary: Any) -> None:
-    """ValueError unless ``summary`` is an object with a numeric val_loss and finite, bounded numbers."""
+    """ValueError unless ``summary`` is an object with a numeric val_loss and finite, bounded numbers where
+    tyingrun.summary types numbers."""
     if not isinstance(summary, dict):
         raise ValueError(f"{SUMMARY_FILE} is not a JSON object")
     if not _is_number(summary.get("val_loss")):
@@ -243,8 +245,7 @@ def check_summary(summary: Any) -> None:
     for key, value in summary.items():
         if isinstance(value, float) and not (abs(value) <= LARGEST_NUMBER):
             raise ValueError(f"{SUMMARY_FILE}: {key}={value} is not a measurement")
-        if key.endswith(("_loss", "_ppl", "_acc", "_params", "_bytes", "_mean")) and value is not None \
-                and not _is_number(value):
+        if key in NUMBER_KEYS and value is not None and not _is_number(value):
             raise ValueError(f"{SUMMARY_FILE}: {key}={value!r} is not a number")
 
 

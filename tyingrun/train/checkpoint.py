@@ -26,7 +26,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, cast
 
 import torch
 from safetensors.torch import save_file
@@ -34,6 +34,7 @@ from torch import nn
 
 from tyingrun.errors import BadInput, warn
 from tyingrun.files import CHECKPOINTS_DIR, STATE_FILE, STATE_TENSORS_FILE, WEIGHTS_FILE, file_sha256, read_json
+from tyingrun.tying.stack import TiedStack
 from tyingrun.tying.weights import copy_weights, read_tensors, save_weights
 
 FORMAT_VERSION = 1
@@ -79,9 +80,22 @@ def join_tensors(obj: Any, tensors: Dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-def load_weights(model: nn.Module, path: Path) -> None:
-    """Copy stored weights into ``model`` in place; its ties must already be in place (apply the map first)."""
-    copy_weights(model, read_tensors(path), f"checkpoint {path}")
+# What a tie shared in checkpoints written before the choice existed: whole blocks.
+WHOLE_BLOCKS = {"share": "block", "share_norms": False}
+CopyWeights = Callable[[nn.Module, Dict[str, torch.Tensor], str], None]
+
+
+def restore_model(model: nn.Module, checkpoint: Path, state: Dict[str, Any], label: Optional[str] = None,
+                  copy: CopyWeights = copy_weights) -> None:
+    """Load ``checkpoint`` (``state``: its read_state) into ``model``: what a tie shared and the map with its
+    trainable flags first, so tied slots alias their roots again, then the stored weights, copied in place by
+    ``copy`` (``label`` names the source in its errors). The one way a checkpoint becomes a model: resume,
+    train.init_from and the tools that read finished runs all load through it."""
+    stack = cast(TiedStack, model.stack)  # every tyingrun model's slots are one TiedStack
+    stack.set_sharing(**state.get("sharing", WHOLE_BLOCKS))
+    stack.apply_map(state["map"], state["trainable"])
+    weights = checkpoint / WEIGHTS_FILE
+    copy(model, read_tensors(weights), label or f"checkpoint {weights}")
 
 
 def save_checkpoint(run_dir: Path, step: int, weights: Dict[str, torch.Tensor], state: Dict[str, Any],
@@ -123,7 +137,7 @@ def document_sha256(document: Dict[str, Any]) -> str:
 
 def read_document(checkpoint: Path) -> Dict[str, Any]:
     """``checkpoint/state.json``, checked: its format, a step and a state, and (when it records them) its own hash;
-    BadInput when it does not read back."""
+    BadInput when it does not read back. The one reader of state.json."""
     try:
         document = read_json(checkpoint / STATE_FILE)
     except FileNotFoundError:
@@ -247,7 +261,7 @@ def latest_checkpoint(run_dir: Path, warn_others: bool = True) -> Optional[Path]
 
 
 def read_state(checkpoint: Path) -> Tuple[int, Dict[str, Any]]:
-    """The step and the training state of a checkpoint folder (the weights are loaded by load_weights)."""
+    """The step and the training state of a checkpoint folder (restore_model loads its weights)."""
     document = read_document(checkpoint)
     tensors = read_tensors(checkpoint / STATE_TENSORS_FILE)
     return document["step"], join_tensors(document["state"], tensors)

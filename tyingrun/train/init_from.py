@@ -18,15 +18,15 @@ from torch import nn
 from tyingrun.config import ModelConfig
 from tyingrun.contracts import TiedModule
 from tyingrun.errors import BadInput, warn
-from tyingrun.files import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE
+from tyingrun.files import CONFIG_FILE, STATE_FILE
 from tyingrun.hub import model_folder
 from tyingrun.models.embeddings import LM_HEAD_WEIGHT
 from tyingrun.models.gpt2 import GPT2
 from tyingrun.models.hf_gpt2 import HF_CONFIG, architecture, read_hf_config, read_hf_weights
 from tyingrun.models.hf_llama import read_hf_config as read_hf_llama_config
-from tyingrun.train.checkpoint import newest_intact_checkpoint, read_state
+from tyingrun.train.checkpoint import newest_intact_checkpoint, read_state, restore_model
 from tyingrun.train.hf_import import is_llama_folder, llama_weights
-from tyingrun.tying.weights import copy_weights, read_tensors
+from tyingrun.tying.weights import copy_weights
 
 # The architecture keys a Hugging Face GPT-2 fixes.
 HF_ARCHITECTURE = ("n_layer", "n_head", "d_model", "max_positions", "vocab_size", "bias")
@@ -84,12 +84,10 @@ def init_from(model: nn.Module, source: Path) -> None:
         return
     _, state = read_state(source)
     check_depth(source, len(state["map"]), len(cast(TiedModule, model).stack))
-    # The checkpoint's ties come back under what they shared when it was saved (older checkpoints: whole
-    # blocks); the model then returns to its own choice, each slot keeping what it computed with.
+    # The checkpoint's ties come back under what they shared when it was saved; the model then returns to its
+    # own choice, each slot keeping what it computed with.
     own = model.stack.sharing
-    model.stack.set_sharing(**state.get("sharing", {"share": "block", "share_norms": False}))
-    model.stack.apply_map(state["map"], state["trainable"])
-    _copy_keeping_head_apart(model, read_tensors(source / WEIGHTS_FILE), label)
+    restore_model(model, source, state, label, copy=_copy_keeping_head_apart)
     model.stack.set_sharing(**own)
 
 

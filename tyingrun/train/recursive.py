@@ -79,7 +79,7 @@ def check_source(model: nn.Module, source: Path, cfg: PolicyConfig) -> None:
     except ValueError as err:
         raise BadInput(f"policy=recursive: policy.pattern={cfg.pattern} cannot use policy.n_sets={cfg.n_sets} with "
                        f"the source's {shape['n_layer']} layers: {err}") from None
-    check_depth(source, shape["n_layer"], cast(int, ours["n_layer"]), "policy=recursive: train.init_from")
+    check_depth(source, shape["n_layer"], ours["n_layer"], "policy=recursive: train.init_from")
 
 
 def region(pattern: str, n_layer: int) -> range:
