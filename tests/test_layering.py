@@ -26,7 +26,7 @@ LAYERS: Dict[str, int] = {
     # 3: the training loop, and the checks a config passes before anything is built
     "tyingrun.train": 3, "tyingrun.preflight": 3,
     # 4: one run, and the sweep callback
-    "tyingrun.run": 4, "tyingrun.sweep": 4,
+    "tyingrun.run": 4, "tyingrun.sweep": 4, "tyingrun.run_folder": 4,
     # 5: entry points
     "tyingrun.cli": 5, "tyingrun.export": 5, "tyingrun.ablations": 5, "tyingrun.data_cli": 5,
     "tyingrun.inspect_run": 5,
@@ -58,7 +58,8 @@ ALLOWED: Dict[str, FrozenSet[str]] = {
     "tyingrun.preflight": NEUTRAL | _units("data", "models", "policies"),
     "tyingrun.run": NEUTRAL | _units("tying", "data", "models", "metrics", "policies", "train", "preflight"),
     "tyingrun.sweep": NEUTRAL,
-    "tyingrun.cli": NEUTRAL | _units("report", "train", "run", "sweep"),
+    "tyingrun.run_folder": NEUTRAL | _units("run"),  # the resume and overwrite checks read the run's rules
+    "tyingrun.cli": NEUTRAL | _units("report", "train", "run", "sweep", "run_folder"),
     "tyingrun.export": NEUTRAL | _units("models", "train", "run"),
     "tyingrun.inspect_run": NEUTRAL | _units("tying", "train", "run"),
     "tyingrun.ablations": NEUTRAL | _units("report"),
@@ -66,7 +67,8 @@ ALLOWED: Dict[str, FrozenSet[str]] = {
 }
 # The arrows within one layer that ALLOWED grants on purpose.
 SAME_LAYER = {("tyingrun.config", "tyingrun.errors"), ("tyingrun.files", "tyingrun.errors"),
-              ("tyingrun.run_status", "tyingrun.files"), ("tyingrun.data_cli", "tyingrun.cli")}
+              ("tyingrun.run_status", "tyingrun.files"), ("tyingrun.data_cli", "tyingrun.cli"),
+              ("tyingrun.run_folder", "tyingrun.run")}
 
 
 def module_name(path: Path) -> str:

@@ -8,12 +8,11 @@ import copy
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -32,7 +31,8 @@ from tyingrun.config import (
     unknown_key_message,
 )
 from tyingrun.errors import EXIT_BAD_INPUT, EXIT_FAILED, BadInput, fail
-from tyingrun.files import CONFIG_FILE, NOT_RUN_FILES, OVERRIDES_FILE, FolderInUse, lock_folder
+from tyingrun.files import CONFIG_FILE, OVERRIDES_FILE
+from tyingrun.run_folder import RunFolder, process_run_folder
 from tyingrun.run_status import write_status
 from tyingrun.sweep import unstarted_notice
 from tyingrun.train.distributed import broadcast_object, init_from_env, launched_by_torchrun, leave_process_group
@@ -71,40 +71,6 @@ def describe_failure(err: Exception) -> Tuple[str, int]:
     return f"{type(err).__name__}: {' '.join(str(err).split())} (traceback in run.log)", EXIT_FAILED
 
 
-# What this process knows of its run folder: held (the lock's descriptor), the snapshot a failed resume restores,
-# and whether training began (from then on the folder is the run's own record, never restored).
-# "sweep_job": (sweep folder, job number) of a job that an in-process sweep runs, whose stop ends the sweep.
-FOLDER: Dict[str, Any] = {"dir": None, "lock": None, "snapshot": None, "training": False, "sweep_job": None}
-# The files a failed resume must leave as they were (a log is cut back to its old length).
-SNAPSHOT_FILES = (".hydra/config.yaml", ".hydra/hydra.yaml", OVERRIDES_FILE, "status.json", "summary.json")
-SNAPSHOT_LOGS = ("run.log", "metrics.jsonl", "maps.jsonl")
-
-
-def take_snapshot(folder: Path) -> Dict[str, Any]:
-    files = {name: (folder / name).read_bytes() if (folder / name).is_file() else None for name in SNAPSHOT_FILES}
-    logs = {name: (folder / name).stat().st_size if (folder / name).is_file() else None for name in SNAPSHOT_LOGS}
-    return {"files": files, "logs": logs}
-
-
-def restore_snapshot() -> None:
-    """Put back what a resume that failed before training changed (Hydra's files, status, the log)."""
-    folder, snapshot = FOLDER["dir"], FOLDER["snapshot"]
-    if folder is None or snapshot is None or FOLDER["training"]:
-        return
-    for name, content in snapshot["files"].items():
-        path = folder / name
-        if content is None:
-            path.unlink(missing_ok=True)
-        elif not path.is_file() or path.read_bytes() != content:
-            path.write_bytes(content)
-    for name, size in snapshot["logs"].items():
-        path = folder / name
-        if size is None:
-            path.unlink(missing_ok=True)
-        elif path.is_file() and path.stat().st_size > size:
-            os.truncate(path, size)
-
-
 def task_config(config: DictConfig) -> DictConfig:
     """The run's config without Hydra's own node."""
     task = copy.deepcopy(config)
@@ -117,61 +83,27 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def hold_folder(folder: Path, key: str) -> None:
-    """Lock ``folder`` for this process (once); exit 2 naming the holder when another process has it."""
-    if FOLDER["lock"] is not None:
-        return
-    try:
-        FOLDER["lock"] = lock_folder(folder)
-    except FolderInUse as err:
-        fail(f"{key}={folder}: {err}; wait for it to end, or give another folder")
-    except OSError as err:
-        fail(f"{key}={folder} cannot be a run folder: {err.strerror or err}; give a writable folder")
-    FOLDER["dir"] = folder
+def claim_run_folder(config: DictConfig, folder: RunFolder) -> None:
+    """Before Hydra writes anything: lock the run folder (rank 0), check the config, then let the folder check
+    itself (RunFolder.claim), so a refused run leaves the folder exactly as it was."""
+    from tyingrun.run import check_config
 
-
-def holds_run_files(folder: Path) -> List[str]:
-    try:
-        return sorted(path.name for path in folder.iterdir() if path.name not in NOT_RUN_FILES)
-    except OSError:
-        return []
-
-
-def claim_run_folder(config: DictConfig) -> None:
-    """Before Hydra writes anything: lock the run folder, then check the config and the folder - a new run
-    refuses a folder holding another run's files (unless train.overwrite=true, which clears it once every check
-    has passed), a resume checks its checkpoint - so a refused run leaves the folder exactly as it was."""
-    from tyingrun.run import check_config, resume_point
-
+    path = Path(str(config.hydra.run.dir)).expanduser()
     if not is_main_process():
+        folder.path = path
         return
-    folder = Path(str(config.hydra.run.dir)).expanduser()
-    hold_folder(folder, "hydra.run.dir")
-    train = config.train
-    found = holds_run_files(folder)
-    if not found:
+    folder.hold(path, "hydra.run.dir")
+    if not folder.names():
         return
     try:
         task = task_config(config)
         reject_unknown_keys(task)
         cfg = OmegaConf.to_object(task)
         check_config(cfg)
-        if train.resume:
-            FOLDER["snapshot"] = take_snapshot(folder)
-            resume_point(train.resume, folder)
-            return
+        folder.claim(cfg)
     except Exception as err:  # noqa: BLE001 - every failure here is one line, and the folder is untouched
+        folder.leave_refused()
         fail(*describe_failure(err))
-    if not train.overwrite:
-        fail(f"hydra.run.dir={folder} already holds another run's files ({', '.join(found[:3])}"
-             f"{', ...' if len(found) > 3 else ''}); resume it with {resume_argument(folder)}, give another folder, "
-             f"or add train.overwrite=true to clear it first")
-    for name in found:
-        path = folder / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
 
 
 class RunFolderCallback(Callback):
@@ -179,7 +111,7 @@ class RunFolderCallback(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
-            claim_run_folder(config)
+            claim_run_folder(config, process_run_folder())
         except (OSError, OmegaConfBaseException) as err:
             fail(f"hydra.run.dir cannot be used: {' '.join(str(err).split())}")
 
@@ -190,22 +122,23 @@ def _hydra_main(cfg: DictConfig) -> float:
 
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
+    folder = process_run_folder()
     if hydra_cfg.mode == RunMode.MULTIRUN and is_main_process():
-        FOLDER["lock"] = None
-        hold_folder(out_dir, "job folder")
+        folder.hold(out_dir, "job folder")
         if hydra_cfg.launcher._target_.endswith("BasicLauncher"):
-            FOLDER["sweep_job"] = (Path(hydra_cfg.sweep.dir), hydra_cfg.job.num)
+            folder.sweep_job = (Path(hydra_cfg.sweep.dir), hydra_cfg.job.num)
+    folder.path = out_dir
     try:
         reject_unknown_keys(cfg)
         parts = build_parts(OmegaConf.to_object(cfg), out_dir)
-        FOLDER["training"] = True
+        folder.begin_training()
         summary = execute(parts)
     except Exception as err:
         message, exit_code = describe_failure(err)
-        if FOLDER["snapshot"] is not None and not FOLDER["training"]:
-            # A resume that failed before training leaves its folder as it was.
+        if folder.restorable:
+            # A resume or an overwrite that failed before training leaves its folder as it was.
             log.error(message)
-            restore_snapshot()
+            folder.restore()
             fail(message, exit_code)
         log.error(message, exc_info=exit_code != EXIT_BAD_INPUT)
         if is_main_process():  # rank 0 owns the folder: another rank's status could land before rank 0 claims it
@@ -343,11 +276,12 @@ def main() -> None:
     except KeyboardInterrupt as err:
         signum = getattr(err, "signum", signal.SIGINT)
         name = signal.Signals(signum).name
-        if FOLDER["training"]:
+        folder = process_run_folder()
+        if folder.training:
             where = (f"at once (a second stop signal) during training; the newest checkpoint is kept, resume with: "
-                     f"tyingrun {resume_argument(FOLDER['dir'])}")
+                     f"{resume_command(folder.path)}")
         else:
-            restore_snapshot()
+            folder.restore()
             where = "during start-up; nothing was saved yet"
         sys.stderr.write(f"tyingrun: stopped by {name} {where}\n")
         announce_unstarted_jobs()
@@ -357,16 +291,17 @@ def main() -> None:
 
 def announce_unstarted_jobs() -> None:
     """After a stop signal in a job of an in-process sweep: name the jobs that will not start."""
-    if FOLDER["sweep_job"] is not None:
-        line = unstarted_notice(*FOLDER["sweep_job"])
+    sweep_job = process_run_folder().sweep_job
+    if sweep_job is not None:
+        line = unstarted_notice(*sweep_job)
         if line:
             sys.stderr.write(line + "\n")
 
 
-def resume_argument(folder: Optional[Path]) -> str:
-    from tyingrun.run import resume_argument as argument
+def resume_command(folder: Path) -> str:
+    from tyingrun.run import resume_command as command
 
-    return argument(folder) if folder is not None else "train.resume=<run folder>"
+    return command(folder)
 
 
 def report_main(argv: Optional[List[str]] = None) -> None:

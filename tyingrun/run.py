@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 import re
 import shlex
@@ -38,6 +39,7 @@ from tyingrun.models import MODELS
 from tyingrun.policies import build_policy, stack_sharing
 from tyingrun.policies.base import Policy
 from tyingrun.preflight import preflight
+from tyingrun.run_status import write_status
 from tyingrun.seeding import derive_seed
 from tyingrun.train import recursive
 from tyingrun.train.checkpoint import checkpoint_step, latest_checkpoint, load_weights, read_state, scan_checkpoints
@@ -154,6 +156,15 @@ def hydra_value(text: str) -> str:
 def resume_argument(out_dir: Path) -> str:
     """The ``train.resume=...`` argument that continues the run in ``out_dir``, quoted for a POSIX shell."""
     return shlex.quote(f"train.resume={hydra_value(str(out_dir))}")
+
+
+# Set by tyingrun-launch for its ranks: the command that starts the run again (``tyingrun`` when unset).
+LAUNCH_COMMAND_ENV = "TYINGRUN_LAUNCH_COMMAND"
+
+
+def resume_command(out_dir: Path) -> str:
+    """The whole command that continues the run in ``out_dir``, as this run was launched."""
+    return f"{os.environ.get(LAUNCH_COMMAND_ENV, 'tyingrun')} {resume_argument(out_dir)}"
 
 
 def resume_point(run_dir: str, out_dir: Path) -> Path:
@@ -277,8 +288,9 @@ def execute(parts: RunParts) -> Dict[str, Any]:
         except RunInterrupted as stop:
             console.close()
             if mesh.is_main:
-                resume = resume_argument(out_dir)
-                sys.stderr.write(f"tyingrun: {stop}; checkpoint saved, resume with: tyingrun {resume}\n")
+                resume = resume_command(out_dir)
+                write_status(out_dir, "stopped", error=str(stop), exit_code=stop.exit_code, resume=resume)
+                sys.stderr.write(f"tyingrun: {stop}; checkpoint saved, resume with: {resume}\n")
             raise SystemExit(stop.exit_code) from None
         memory_bytes, memory_kind = peak_memory(device)
         summary = {
