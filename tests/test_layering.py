@@ -29,7 +29,7 @@ LAYERS: Dict[str, int] = {
     "tyingrun.run": 4, "tyingrun.sweep": 4, "tyingrun.run_folder": 4,
     # 5: entry points
     "tyingrun.cli": 5, "tyingrun.export": 5, "tyingrun.ablations": 5, "tyingrun.data_cli": 5,
-    "tyingrun.inspect_run": 5,
+    "tyingrun.inspect_run": 5, "tyingrun.launch": 5,
 }
 
 NEUTRAL = frozenset(unit for unit, layer in LAYERS.items() if layer == 0)
@@ -64,11 +64,12 @@ ALLOWED: Dict[str, FrozenSet[str]] = {
     "tyingrun.inspect_run": NEUTRAL | _units("tying", "train", "run"),
     "tyingrun.ablations": NEUTRAL | _units("report"),
     "tyingrun.data_cli": NEUTRAL | _units("data", "preflight", "cli"),
+    "tyingrun.launch": NEUTRAL | _units("train", "run", "cli"),  # the ranks are tyingrun's own processes
 }
 # The arrows within one layer that ALLOWED grants on purpose.
 SAME_LAYER = {("tyingrun.config", "tyingrun.errors"), ("tyingrun.files", "tyingrun.errors"),
               ("tyingrun.run_status", "tyingrun.files"), ("tyingrun.data_cli", "tyingrun.cli"),
-              ("tyingrun.run_folder", "tyingrun.run")}
+              ("tyingrun.run_folder", "tyingrun.run"), ("tyingrun.launch", "tyingrun.cli")}
 
 
 def module_name(path: Path) -> str:

@@ -36,7 +36,7 @@ from tyingrun.run_folder import RunFolder, process_run_folder
 from tyingrun.run_status import write_status
 from tyingrun.sweep import unstarted_notice
 from tyingrun.train.distributed import broadcast_object, init_from_env, launched_by_torchrun, leave_process_group
-from tyingrun.train.signals import StopNow
+from tyingrun.train.signals import STOP_SIGNALS
 
 CONFIG_ERRORS = (HydraException, ConfigKeyError, ConfigAttributeError, ValidationError)
 
@@ -169,6 +169,16 @@ def override_key(arg: str) -> str:
     return found.key_or_group if found is not None else arg.split("=", 1)[0].lstrip("+~")
 
 
+def override_value(argv: List[str], key: str) -> Optional[str]:
+    """The value the last override of ``key`` in ``argv`` gives (None when none does, or it gives null)."""
+    given = None
+    for arg in argv:
+        if override_key(arg) == key:
+            found = parsed(arg)
+            given = str(found.value()) if found is not None else arg.split("=", 1)[1]
+    return None if given in ("null", "None") else given
+
+
 def hydra_path(path: Any) -> str:
     from tyingrun.run import hydra_value
 
@@ -180,14 +190,10 @@ def with_resume_arguments(argv: List[str]) -> List[str]:
 
     Only RESUMABLE_KEYS may differ from the run's own config: anything else would change what the run is while
     its checkpoint goes on, so it is refused naming the key and the run's value."""
-    given = []
-    for arg in argv:
-        if override_key(arg) == "train.resume":
-            found = parsed(arg)
-            given.append(str(found.value()) if found is not None else arg.split("=", 1)[1])
-    if not given or given[-1] in ("null", "None"):
+    given = override_value(argv, "train.resume")
+    if given is None:
         return argv
-    folder = Path(given[-1]).expanduser()
+    folder = Path(given).expanduser()
     try:
         saved = folder / OVERRIDES_FILE
         if not saved.is_file():
@@ -195,9 +201,9 @@ def with_resume_arguments(argv: List[str]) -> List[str]:
         earlier = [arg for arg in OmegaConf.load(saved) if not arg.lstrip("+").startswith(("train.resume=", "hydra."))]
         refuse_changes(folder, argv)
     except OSError as err:
-        fail(f"train.resume={given[-1]} cannot be read: {err.strerror or err}")
+        fail(f"train.resume={given} cannot be read: {err.strerror or err}")
     except OmegaConfBaseException as err:
-        fail(f"train.resume={given[-1]}: {saved} is damaged ({str(err).splitlines()[0]})")
+        fail(f"train.resume={given}: {saved} is damaged ({str(err).splitlines()[0]})")
     new = [arg for arg in argv if override_key(arg) != "train.resume"]
     run_dir = [] if any(arg.startswith("hydra.run.dir=") for arg in argv) else [f"hydra.run.dir={hydra_path(folder)}"]
     return [*earlier, *new, f"train.resume={hydra_path(folder)}", *run_dir]
@@ -246,14 +252,26 @@ def with_rank_arguments(argv: List[str]) -> List[str]:
     return [*argv, *run_dir, *quiet]
 
 
-def _stop_now(signum, frame):
-    raise StopNow(signum)
+def stop_at_once(signum: int, frame: Any) -> None:
+    """A stop signal outside the training loop, or a second one in it: one line, the folder put back when nothing
+    trained yet, and exit 128 + signal at once. All of it happens in the handler: an exception raised from a
+    handler surfaces wherever the interpreter is, and inside a finalizer (``__del__``, a weakref callback) it is
+    swallowed, which let a stopped run go on to the end."""
+    folder = process_run_folder()
+    if folder.training:
+        where = (f"at once (a second stop signal) during training; the newest checkpoint is kept, resume with: "
+                 f"{resume_command(folder.path)}")
+    else:
+        folder.restore()
+        where = "during start-up; nothing was saved yet"
+    lines = [f"tyingrun: stopped by {signal.Signals(signum).name} {where}", *unstarted_jobs()]
+    os.write(sys.stderr.fileno(), ("\n".join(lines) + "\n").encode())
+    os._exit(128 + signum)
 
 
 def main() -> None:
-    # A stop signal before (or after) the training loop ends the process at once with one line, 128 + signal.
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _stop_now)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, stop_at_once)
     try:
         # Let exceptions reach us instead of Hydra's multi-line report, so each becomes one line.
         os.environ["HYDRA_FULL_ERROR"] = "1"
@@ -271,31 +289,16 @@ def main() -> None:
             leave_process_group()
     except SystemExit as stop:
         if isinstance(stop.code, int) and stop.code > 128:  # a run that checkpointed after a stop signal
-            announce_unstarted_jobs()
+            for line in unstarted_jobs():
+                sys.stderr.write(line + "\n")
         raise
-    except KeyboardInterrupt as err:
-        signum = getattr(err, "signum", signal.SIGINT)
-        name = signal.Signals(signum).name
-        folder = process_run_folder()
-        if folder.training:
-            where = (f"at once (a second stop signal) during training; the newest checkpoint is kept, resume with: "
-                     f"{resume_command(folder.path)}")
-        else:
-            folder.restore()
-            where = "during start-up; nothing was saved yet"
-        sys.stderr.write(f"tyingrun: stopped by {name} {where}\n")
-        announce_unstarted_jobs()
-        sys.stderr.flush()
-        os._exit(128 + signum)
 
 
-def announce_unstarted_jobs() -> None:
-    """After a stop signal in a job of an in-process sweep: name the jobs that will not start."""
+def unstarted_jobs() -> List[str]:
+    """After a stop signal in a job of an in-process sweep: the line naming the jobs that will not start."""
     sweep_job = process_run_folder().sweep_job
-    if sweep_job is not None:
-        line = unstarted_notice(*sweep_job)
-        if line:
-            sys.stderr.write(line + "\n")
+    line = unstarted_notice(*sweep_job) if sweep_job is not None else None
+    return [line] if line else []
 
 
 def resume_command(folder: Path) -> str:

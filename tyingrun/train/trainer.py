@@ -24,6 +24,7 @@ from tyingrun.train.checkpoint import load_weights, read_state, save_checkpoint
 from tyingrun.train.distributed import (
     SINGLE,
     Mesh,
+    agreed_stop_signal,
     average_gradients,
     barrier,
     broadcast_object,
@@ -355,7 +356,7 @@ class Trainer:
 
         A decision is taken after an evaluation of the same step, never at the run's last step, and applied
         before the next optimizer step: every evaluated map has trained, and the final evaluation scores the
-        map the run ends with. Returns the stop signal the run obeys: rank 0's, like the map, so every rank
+        map the run ends with. Returns the stop signal the run obeys: any rank's, agreed by all, so every rank
         stops at the same step.
         """
         if self.step > 0:
@@ -366,7 +367,7 @@ class Trainer:
             self.means[name].add(self.counts[name])
         self.step += 1
         if self.mesh.distributed:
-            stop_signal = broadcast_object(stop_signal, self.device)
+            stop_signal = agreed_stop_signal(stop_signal, self.device)
         self.sinks.console.progress(self.step, f"loss {losses[-1]:.3f}")
         train = self.cfg.train
         last = self.step == train.max_steps
