@@ -31,7 +31,7 @@ from tyingrun.config import (
     unknown_key_message,
 )
 from tyingrun.errors import EXIT_BAD_INPUT, EXIT_FAILED, BadInput, fail
-from tyingrun.files import CONFIG_FILE, OVERRIDES_FILE
+from tyingrun.files import CHECKPOINTS_DIR, CONFIG_FILE, OVERRIDES_FILE
 from tyingrun.run_folder import RunFolder, process_run_folder
 from tyingrun.run_status import write_status
 from tyingrun.sweep import unstarted_notice
@@ -258,9 +258,13 @@ def stop_at_once(signum: int, frame: Any) -> None:
     handler surfaces wherever the interpreter is, and inside a finalizer (``__del__``, a weakref callback) it is
     swallowed, which let a stopped run go on to the end."""
     folder = process_run_folder()
-    if folder.training:
-        where = (f"at once (a second stop signal) during training; the newest checkpoint is kept, resume with: "
-                 f"{resume_command(folder.path)}")
+    if folder.training and any((folder.path / CHECKPOINTS_DIR).glob("step_*")):
+        where = f"at once during training; the newest checkpoint is kept, resume with: {resume_command(folder.path)}"
+        if is_main_process():
+            write_status(folder.path, "stopped", error=f"stopped by {signal.Signals(signum).name} at once",
+                         exit_code=128 + signum, resume=resume_command(folder.path))
+    elif folder.training:
+        where = "at once, before the run's first checkpoint; start it again"
     else:
         folder.restore()
         where = "during start-up; nothing was saved yet"

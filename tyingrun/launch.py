@@ -147,7 +147,7 @@ def start_ranks(args: argparse.Namespace, overrides: List[str]) -> List[Rank]:
         rank = args.node_rank * args.nproc_per_node + local
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(local), "WORLD_SIZE": str(world),
                "LOCAL_WORLD_SIZE": str(args.nproc_per_node), "GROUP_RANK": str(args.node_rank),
-               "MASTER_ADDR": args.master_addr, "MASTER_PORT": str(port), LAUNCH_COMMAND_ENV: launch_command(args)}
+               "MASTER_ADDR": args.master_addr, "MASTER_PORT": str(port)}
         # As torchrun does: one thread per rank unless asked otherwise, so N ranks do not oversubscribe the cores.
         env.setdefault("OMP_NUM_THREADS", "1")
         # Their own session: a terminal's Ctrl-C reaches the launcher alone, which passes it on once.
@@ -228,7 +228,7 @@ def report_dead_rank(rank: Rank, folder: Path, started: float, node_rank: int) -
         then = f"the newest checkpoint is kept, resume with: {resume_command(folder)}"
     else:
         then = "nothing was checkpointed yet; start the run again"
-    message = f"rank {rank.rank} died (killed by {name}); the other ranks were stopped - {then}"
+    message = f"rank {rank.rank} died (killed by {name}) and the run stopped; {then}"
     config = folder / CONFIG_FILE
     # The folder's status is this launch's to write when this launch's rank 0 claimed it.
     if node_rank == 0 and config.is_file() and config.stat().st_mtime >= started:
@@ -241,6 +241,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     overrides = run_folder_arguments(args)
     folder = Path(override_value(overrides, "hydra.run.dir") or override_value(overrides, "train.resume"))
     started = time.time() - 1  # file times may be coarser than the clock
+    os.environ[LAUNCH_COMMAND_ENV] = launch_command(args)  # the ranks' resume lines, and this one's
     # Stop signals wait until the ranks exist, so that each one reaches every rank.
     previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in STOP_SIGNALS}
     ranks = start_ranks(args, overrides)
