@@ -86,7 +86,7 @@ def is_main_process() -> bool:
 def claim_run_folder(config: DictConfig, folder: RunFolder) -> None:
     """Before Hydra writes anything: lock the run folder (rank 0), check the config, then let the folder check
     itself (RunFolder.claim), so a refused run leaves the folder exactly as it was."""
-    from tyingrun.run import check_config
+    from tyingrun.run import check_config, resume_point
 
     path = Path(str(config.hydra.run.dir)).expanduser()
     if not is_main_process():
@@ -100,7 +100,7 @@ def claim_run_folder(config: DictConfig, folder: RunFolder) -> None:
         reject_unknown_keys(task)
         cfg = OmegaConf.to_object(task)
         check_config(cfg)
-        folder.claim(cfg)
+        folder.claim(cfg, resume_point, resume_command(path))
     except Exception as err:  # noqa: BLE001 - every failure here is one line, and the folder is untouched
         folder.leave_refused()
         fail(*describe_failure(err))

@@ -33,8 +33,7 @@ from typing import IO, List, Optional
 from tyingrun.cli import override_value, resume_command
 from tyingrun.errors import EXIT_FAILED, fail
 from tyingrun.files import CHECKPOINTS_DIR, CONFIG_FILE
-from tyingrun.run import LAUNCH_COMMAND_ENV
-from tyingrun.run_status import write_status
+from tyingrun.run_status import LAUNCH_COMMAND_ENV, write_status
 from tyingrun.train.signals import STOP_SIGNALS
 
 PROGRAM = "tyingrun-launch"

@@ -39,7 +39,7 @@ from tyingrun.models import MODELS
 from tyingrun.policies import build_policy, stack_sharing
 from tyingrun.policies.base import Policy
 from tyingrun.preflight import preflight
-from tyingrun.run_status import write_status
+from tyingrun.run_status import LAUNCH_COMMAND_ENV, write_status
 from tyingrun.seeding import derive_seed
 from tyingrun.train import recursive
 from tyingrun.train.checkpoint import checkpoint_step, latest_checkpoint, load_weights, read_state, scan_checkpoints
@@ -156,10 +156,6 @@ def hydra_value(text: str) -> str:
 def resume_argument(out_dir: Path) -> str:
     """The ``train.resume=...`` argument that continues the run in ``out_dir``, quoted for a POSIX shell."""
     return shlex.quote(f"train.resume={hydra_value(str(out_dir))}")
-
-
-# Set by tyingrun-launch for its ranks: the command that starts the run again (``tyingrun`` when unset).
-LAUNCH_COMMAND_ENV = "TYINGRUN_LAUNCH_COMMAND"
 
 
 def resume_command(out_dir: Path) -> str:

@@ -15,7 +15,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from tyingrun.config import Config
 from tyingrun.errors import BadInput, fail
@@ -134,18 +134,17 @@ class RunFolder:
         except OSError:
             return []
 
-    def claim(self, cfg: Config) -> None:
+    def claim(self, cfg: Config, check_resume: Callable[[str, Path], object], resume_hint: str) -> None:
         """Rank 0, before Hydra writes anything, once the config has passed every check: a resume checks its
-        checkpoint (snapshot first); a new run refuses a folder holding anything, unless train.overwrite=true
-        and the folder is a run folder that no source lives in, whose files are then moved aside."""
-        from tyingrun.run import resume_command, resume_point
-
+        checkpoint (``check_resume(train.resume, folder)``, after a snapshot); a new run refuses a folder holding
+        anything, unless train.overwrite=true and the folder is a run folder that no source lives in, whose
+        files are then moved aside. ``resume_hint``: the command that would resume the run found there."""
         found = self.names()
         if not found:
             return
         if cfg.train.resume:
             self.snapshot = Snapshot.of(self.path)
-            resume_point(cfg.train.resume, self.path)
+            check_resume(cfg.train.resume, self.path)
             return
         if OVERWRITTEN_DIR in found:
             raise BadInput(f"hydra.run.dir={self.path} holds {OVERWRITTEN_DIR}, an earlier run's files that an "
@@ -153,7 +152,7 @@ class RunFolder:
         self.refuse_foreign(found)
         if not cfg.train.overwrite:
             raise BadInput(f"hydra.run.dir={self.path} already holds another run's files ({listed(found)}); resume "
-                           f"it with {resume_command(self.path)}, give another folder, or add train.overwrite=true "
+                           f"it with {resume_hint}, give another folder, or add train.overwrite=true "
                            f"to clear it first")
         self.refuse_sources(cfg)
         self.set_aside(found)
