@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, List, Optional
 
-from tyingrun.cli import override_value, resume_command
 from tyingrun.errors import EXIT_FAILED, fail
-from tyingrun.files import CHECKPOINTS_DIR, CONFIG_FILE
-from tyingrun.run_status import LAUNCH_COMMAND_ENV, write_status
 from tyingrun.train.signals import STOP_SIGNALS
+
+# What the launcher needs of tyingrun beyond these two is imported once stop signals are blocked (main), so that
+# a stop signal while it imports waits for the ranks and reaches them.
 
 PROGRAM = "tyingrun-launch"
 # The lines that end a rank's account of its run: the error, the stop, or a sweep's last words.
@@ -106,6 +106,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
 def run_folder_arguments(args: argparse.Namespace) -> List[str]:
     """The overrides every rank gets: the run folder named, so the launcher knows it too (a new one when neither
     hydra.run.dir nor train.resume gives it)."""
+    from tyingrun.cli import override_value
+
     overrides = list(args.overrides)
     if override_value(overrides, "hydra.run.dir") or override_value(overrides, "train.resume"):
         return overrides
@@ -130,8 +132,12 @@ def free_port(host: str) -> int:
         return probe.getsockname()[1]
 
 
-def die_with_parent() -> None:
-    """In a rank, before it runs: end with SIGTERM (a stop) if the launcher itself is killed (Linux)."""
+def prepare_rank() -> None:
+    """In a rank, before it runs: stop signals as they are by default (the launcher blocks them while it starts
+    the ranks), and a SIGTERM (a stop) if the launcher itself is killed (Linux)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
@@ -151,7 +157,7 @@ def start_ranks(args: argparse.Namespace, overrides: List[str]) -> List[Rank]:
         env.setdefault("OMP_NUM_THREADS", "1")
         # Their own session: a terminal's Ctrl-C reaches the launcher alone, which passes it on once.
         process = subprocess.Popen([sys.executable, "-m", "tyingrun.cli", *overrides], env=env, text=True,
-                                   stderr=subprocess.PIPE, start_new_session=True, preexec_fn=die_with_parent)
+                                   stderr=subprocess.PIPE, start_new_session=True, preexec_fn=prepare_rank)
         ranks.append(Rank(rank, process))
     for rank in ranks:
         echo = sys.stderr if rank.rank == 0 else None
@@ -217,13 +223,13 @@ def died(rank: Rank, launch: Launch) -> bool:
     return rank.code < 0 and not launch.stopping and launch.stop_signal is None
 
 
-def has_checkpoint(folder: Path) -> bool:
-    return any((folder / CHECKPOINTS_DIR).glob("step_*"))
-
-
 def report_dead_rank(rank: Rank, folder: Path, started: float, node_rank: int) -> str:
+    from tyingrun.cli import resume_command
+    from tyingrun.files import CHECKPOINTS_DIR, CONFIG_FILE
+    from tyingrun.run_status import write_status
+
     name = signal.Signals(-rank.code).name
-    if has_checkpoint(folder):
+    if any((folder / CHECKPOINTS_DIR).glob("step_*")):
         then = f"the newest checkpoint is kept, resume with: {resume_command(folder)}"
     else:
         then = "nothing was checkpointed yet; start the run again"
@@ -236,23 +242,29 @@ def report_dead_rank(rank: Rank, folder: Path, started: float, node_rank: int) -
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    # A stop signal waits (blocked) until the ranks exist, so that it reaches every rank.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    from tyingrun.cli import override_value
+    from tyingrun.run_status import LAUNCH_COMMAND_ENV
+
     args = parse_args(sys.argv[1:] if argv is None else argv)
     overrides = run_folder_arguments(args)
     folder = Path(override_value(overrides, "hydra.run.dir") or override_value(overrides, "train.resume"))
     started = time.time() - 1  # file times may be coarser than the clock
     os.environ[LAUNCH_COMMAND_ENV] = launch_command(args)  # the ranks' resume lines, and this one's
-    # Stop signals wait until the ranks exist, so that each one reaches every rank.
-    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in STOP_SIGNALS}
     ranks = start_ranks(args, overrides)
     launch = Launch(ranks, args.grace_period)
-    for signum in previous:
+    for signum in STOP_SIGNALS:
         signal.signal(signum, launch.on_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     cause = launch.wait()
     if died(cause, launch):
         fail(report_dead_rank(cause, folder.expanduser(), started, args.node_rank), EXIT_FAILED, program=PROGRAM)
     code = cause.code if cause.code >= 0 else 128 - cause.code
     rank0 = ranks[0]
     line = rank0.final if rank0.final and rank0.code == cause.code else cause.final
+    if line is None and launch.stop_signal is not None:  # a rank stopped before tyingrun could answer
+        line = f"tyingrun: stopped by {signal.Signals(launch.stop_signal).name} during start-up; nothing was saved yet"
     if line is None and code != 0:
         line = f"tyingrun: error: rank {cause.rank} exited with status {code}" + (
             f": {cause.tail[-1]}" if cause.tail else "")
