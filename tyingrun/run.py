@@ -47,7 +47,7 @@ from tyingrun.train.distributed import SINGLE, Mesh, mesh_for
 from tyingrun.train.freeze import freeze_tensors
 from tyingrun.train.fsdp import shard_model
 from tyingrun.train.init_from import init_from, init_source
-from tyingrun.train.signals import RunInterrupted
+from tyingrun.train.signals import RunInterrupted, StopSignals
 from tyingrun.train.trainer import Trainer
 from tyingrun.tying.counts import total_params
 
@@ -257,7 +257,13 @@ def converted_losses(trainer: Trainer, parts: RunParts) -> Dict[str, Any]:
 
 
 def execute(parts: RunParts) -> Dict[str, Any]:
-    """Train the built parts; write metrics.jsonl, maps.jsonl and, when the run completes, summary.json."""
+    """Train the built parts; write metrics.jsonl, maps.jsonl and, when the run completes, summary.json. From
+    the first line on, a stop signal stops the run after its next step, checkpointed."""
+    with StopSignals() as signals:
+        return train_and_record(parts, signals)
+
+
+def train_and_record(parts: RunParts, signals: StopSignals) -> Dict[str, Any]:
     cfg, out_dir, mesh, device, model = parts.cfg, parts.out_dir, parts.mesh, parts.device, parts.model
     if parts.checkpoint is not None:
         (out_dir / SUMMARY_FILE).unlink(missing_ok=True)
@@ -280,7 +286,7 @@ def execute(parts: RunParts) -> Dict[str, Any]:
         elif parts.checkpoint is not None and (out_dir / CONVERSION_FILE).is_file():
             converted = read_json(out_dir / CONVERSION_FILE)  # a resumed conversion reports its start too
         try:
-            measured = trainer.fit(resume_from=parts.checkpoint)
+            measured = trainer.fit(resume_from=parts.checkpoint, signals=signals)
         except RunInterrupted as stop:
             console.close()
             if mesh.is_main:

@@ -407,17 +407,17 @@ class Trainer:
         return {"train_state_bytes": max(per_rank), "train_state_bytes_per_rank": per_rank,
                 "train_state_bytes_total": sum(per_rank)}
 
-    def fit(self, resume_from: Optional[Path] = None) -> Dict[str, Any]:
-        """Train until train.max_steps (continuing from ``resume_from`` if given); return the measurements."""
+    def fit(self, resume_from: Optional[Path] = None, signals: Optional[StopSignals] = None) -> Dict[str, Any]:
+        """Train until train.max_steps (continuing from ``resume_from`` if given); return the measurements.
+        ``signals``: the caller's active StopSignals, when it began listening before (else fit listens itself)."""
         started = time.perf_counter()
+        if resume_from is not None:
+            self.restore(resume_from)
+        else:
+            self.apply_decision(self.policy.start(len(self.stack)))
+            self.last_eval = self._record_eval()
         train = self.cfg.train
-        # From here a stop signal stops the run after its next step, checkpointed.
-        with StopSignals() as signals:
-            if resume_from is not None:
-                self.restore(resume_from)
-            else:
-                self.apply_decision(self.policy.start(len(self.stack)))
-                self.last_eval = self._record_eval()
+        with contextlib.nullcontext(signals) if signals is not None else StopSignals() as signals:
             while self.step < train.max_steps:
                 stop_signal = self.run_step(signals.received)
                 due = train.checkpoint_interval > 0 and self.step % train.checkpoint_interval == 0
