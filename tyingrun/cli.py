@@ -32,10 +32,11 @@ from tyingrun.config import (
 )
 from tyingrun.errors import EXIT_BAD_INPUT, EXIT_FAILED, BadInput, fail
 from tyingrun.files import CHECKPOINTS_DIR, CONFIG_FILE, OVERRIDES_FILE
+from tyingrun.overrides import hydra_value
 from tyingrun.run_folder import RunFolder, process_run_folder
 from tyingrun.run_status import write_status
 from tyingrun.sweep import unstarted_notice
-from tyingrun.train.distributed import broadcast_object, init_from_env, launched_by_torchrun, leave_process_group
+from tyingrun.train.launch import launched_by_torchrun
 from tyingrun.train.signals import STOP_SIGNALS
 
 CONFIG_ERRORS = (HydraException, ConfigKeyError, ConfigAttributeError, ValidationError)
@@ -180,8 +181,6 @@ def override_value(argv: List[str], key: str) -> Optional[str]:
 
 
 def hydra_path(path: Any) -> str:
-    from tyingrun.run import hydra_value
-
     return hydra_value(str(path))
 
 
@@ -243,6 +242,8 @@ def with_rank_arguments(argv: List[str]) -> List[str]:
         return argv
     import torch
 
+    from tyingrun.train.distributed import broadcast_object, init_from_env
+
     mesh = init_from_env()
     device = torch.device("cuda", mesh.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     given = any(arg.startswith("hydra.run.dir=") for arg in argv)
@@ -290,7 +291,10 @@ def main() -> None:
         except OSError as err:
             fail(f"cannot write the run folder: {' '.join(str(err).split())}")
         finally:
-            leave_process_group()
+            if launched_by_torchrun():  # only torchrun's processes join a process group
+                from tyingrun.train.distributed import leave_process_group
+
+                leave_process_group()
     except SystemExit as stop:
         if isinstance(stop.code, int) and stop.code > 128:  # a run that checkpointed after a stop signal
             for line in unstarted_jobs():

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from tyingrun.errors import BadInput
+from tyingrun.train.launch import launched_by_torchrun
 
 T = TypeVar("T")
 
@@ -56,10 +57,6 @@ def mesh_for(data_parallel: bool, device: str, preset: str = "ddp") -> Mesh:
         raise BadInput("hardware.device=cpu under torchrun on a machine with GPUs: data parallelism uses NCCL "
                        "on the GPUs; drop hardware.device=cpu")
     return mesh
-
-
-def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def init_from_env() -> Mesh:
