@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple, cast
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -26,6 +26,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from tyingrun.config import (
     RESUMABLE_KEYS,
     RESUMABLE_SECTIONS,
+    Config,
     register_configs,
     reject_unknown_keys,
     unknown_key_message,
@@ -99,7 +100,7 @@ def claim_run_folder(config: DictConfig, folder: RunFolder) -> None:
     try:
         task = task_config(config)
         reject_unknown_keys(task)
-        cfg = OmegaConf.to_object(task)
+        cfg = cast(Config, OmegaConf.to_object(task))
         check_config(cfg)
         folder.claim(cfg, resume_point, resume_command(path))
     except Exception as err:  # noqa: BLE001 - every failure here is one line, and the folder is untouched
@@ -259,11 +260,11 @@ def stop_at_once(signum: int, frame: Any) -> None:
     handler surfaces wherever the interpreter is, and inside a finalizer (``__del__``, a weakref callback) it is
     swallowed, which let a stopped run go on to the end."""
     folder = process_run_folder()
-    if folder.training and any((folder.path / CHECKPOINTS_DIR).glob("step_*")):
-        where = f"at once during training; the newest checkpoint is kept, resume with: {resume_command(folder.path)}"
+    if folder.training and any((folder.at / CHECKPOINTS_DIR).glob("step_*")):
+        where = f"at once during training; the newest checkpoint is kept, resume with: {resume_command(folder.at)}"
         if is_main_process():
-            write_status(folder.path, "stopped", error=f"stopped by {signal.Signals(signum).name} at once",
-                         exit_code=128 + signum, resume=resume_command(folder.path))
+            write_status(folder.at, "stopped", error=f"stopped by {signal.Signals(signum).name} at once",
+                         exit_code=128 + signum, resume=resume_command(folder.at))
     elif folder.training:
         where = "at once, before the run's first checkpoint; start it again"
     else:

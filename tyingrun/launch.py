@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, List, Optional
+from typing import IO, List, Optional, Tuple
 
 from tyingrun.errors import EXIT_FAILED, fail
 from tyingrun.train.signals import STOP_SIGNALS
@@ -57,7 +57,7 @@ class Rank:
 
     def read(self, echo: Optional[IO[str]]) -> None:
         """Hold back the last final line; show every other line (rank 0, ``echo``) or keep the last few."""
-        for line in self.process.stderr:
+        for line in self.process.stderr or ():
             if line.startswith(FINAL_PREFIXES):
                 self.final = line.rstrip("\n")
             elif echo is not None:
@@ -68,7 +68,13 @@ class Rank:
 
     @property
     def code(self) -> Optional[int]:
+        """The exit status (negative: the signal that killed it), None while it runs."""
         return self.process.poll()
+
+    @property
+    def ended_with(self) -> int:
+        """The exit status of a rank that has ended."""
+        return self.process.returncode
 
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
@@ -103,18 +109,20 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     return args
 
 
-def run_folder_arguments(args: argparse.Namespace) -> List[str]:
-    """The overrides every rank gets: the run folder named, so the launcher knows it too (a new one when neither
-    hydra.run.dir nor train.resume gives it)."""
+def run_folder_arguments(args: argparse.Namespace) -> Tuple[List[str], Path]:
+    """The overrides every rank gets, and the run folder: named there, so the launcher knows it too (a new one
+    when neither hydra.run.dir nor train.resume gives it)."""
     from tyingrun.cli import override_value
 
     overrides = list(args.overrides)
-    if override_value(overrides, "hydra.run.dir") or override_value(overrides, "train.resume"):
-        return overrides
+    given = override_value(overrides, "hydra.run.dir") or override_value(overrides, "train.resume")
+    if given:
+        return overrides, Path(given).expanduser()
     if args.nnodes > 1:
         fail("with --nnodes > 1 every node must name the same run folder: add hydra.run.dir=<a shared folder>",
              program=PROGRAM)
-    return [*overrides, time.strftime("hydra.run.dir=outputs/runs/%Y-%m-%d/%H-%M-%S-ddp")]
+    folder = time.strftime("outputs/runs/%Y-%m-%d/%H-%M-%S-ddp")
+    return [*overrides, f"hydra.run.dir={folder}"], Path(folder)
 
 
 def launch_command(args: argparse.Namespace) -> str:
@@ -191,20 +199,22 @@ class Launch:
     def wait(self) -> Rank:
         """Wait for every rank; return the first to end with a non-zero status (rank 0 when none did)."""
         first: Optional[Rank] = None
+        first_ended = 0.0
         while True:
             now = time.monotonic()
             for rank in self.ranks:
                 if rank.ended_at is None and rank.code is not None:
                     rank.ended_at = now
                     if rank.code != 0 and first is None:
-                        first = rank
+                        first, first_ended = rank, now
             if all(rank.ended_at is not None for rank in self.ranks):
                 break
             if first is not None and self.stop_signal is None:
-                self.stop_survivors(now - first.ended_at, stopped=first.code in STOP_STATUSES)
+                self.stop_survivors(now - first_ended, stopped=first.code in STOP_STATUSES)
             time.sleep(POLL_S)
         for rank in self.ranks:
-            rank.reader.join()
+            if rank.reader is not None:
+                rank.reader.join()
         return first or self.ranks[0]
 
     def stop_survivors(self, since_s: float, stopped: bool) -> None:
@@ -220,7 +230,7 @@ class Launch:
 
 def died(rank: Rank, launch: Launch) -> bool:
     """Whether ``rank`` was killed by a signal that neither the launcher sent nor the rank could answer."""
-    return rank.code < 0 and not launch.stopping and launch.stop_signal is None
+    return rank.ended_with < 0 and not launch.stopping and launch.stop_signal is None
 
 
 def report_dead_rank(rank: Rank, folder: Path, started: float, node_rank: int) -> str:
@@ -228,7 +238,7 @@ def report_dead_rank(rank: Rank, folder: Path, started: float, node_rank: int) -
     from tyingrun.files import CHECKPOINTS_DIR, CONFIG_FILE
     from tyingrun.run_status import write_status
 
-    name = signal.Signals(-rank.code).name
+    name = signal.Signals(-rank.ended_with).name
     if any((folder / CHECKPOINTS_DIR).glob("step_*")):
         then = f"the newest checkpoint is kept, resume with: {resume_command(folder)}"
     else:
@@ -244,12 +254,10 @@ def report_dead_rank(rank: Rank, folder: Path, started: float, node_rank: int) -
 def main(argv: Optional[List[str]] = None) -> None:
     # A stop signal waits (blocked) until the ranks exist, so that it reaches every rank.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    from tyingrun.cli import override_value
     from tyingrun.run_status import LAUNCH_COMMAND_ENV
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    overrides = run_folder_arguments(args)
-    folder = Path(override_value(overrides, "hydra.run.dir") or override_value(overrides, "train.resume"))
+    overrides, folder = run_folder_arguments(args)
     started = time.time() - 1  # file times may be coarser than the clock
     os.environ[LAUNCH_COMMAND_ENV] = launch_command(args)  # the ranks' resume lines, and this one's
     ranks = start_ranks(args, overrides)
@@ -259,10 +267,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     cause = launch.wait()
     if died(cause, launch):
-        fail(report_dead_rank(cause, folder.expanduser(), started, args.node_rank), EXIT_FAILED, program=PROGRAM)
-    code = cause.code if cause.code >= 0 else 128 - cause.code
+        fail(report_dead_rank(cause, folder, started, args.node_rank), EXIT_FAILED, program=PROGRAM)
+    code = cause.ended_with if cause.ended_with >= 0 else 128 - cause.ended_with
     rank0 = ranks[0]
-    line = rank0.final if rank0.final and rank0.code == cause.code else cause.final
+    line = rank0.final if rank0.final and rank0.ended_with == cause.ended_with else cause.final
     if line is None and launch.stop_signal is not None:  # a rank stopped before tyingrun could answer
         line = f"tyingrun: stopped by {signal.Signals(launch.stop_signal).name} during start-up; nothing was saved yet"
     if line is None and code != 0:

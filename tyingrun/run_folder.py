@@ -108,7 +108,14 @@ class RunFolder:
     def leave_refused(self) -> None:
         """A refused claim leaves no lock file in a folder that had none (a user's folder stays as it was)."""
         if self.lock is not None and self.new_lock_file:
-            (self.path / LOCK_FILE).unlink(missing_ok=True)
+            (self.at / LOCK_FILE).unlink(missing_ok=True)
+
+    @property
+    def at(self) -> Path:
+        """The folder (once the run has named it)."""
+        if self.path is None:
+            raise RuntimeError("the run folder is not known yet")
+        return self.path
 
     def hold(self, folder: Path, key: str) -> None:
         """Lock ``folder`` for this process (a sweep's next job lets the last one go); exit 2 naming the holder
@@ -130,7 +137,7 @@ class RunFolder:
     def names(self) -> List[str]:
         """What the folder holds besides the lock."""
         try:
-            return sorted(entry.name for entry in self.path.iterdir() if entry.name != LOCK_FILE)
+            return sorted(entry.name for entry in self.at.iterdir() if entry.name != LOCK_FILE)
         except OSError:
             return []
 
@@ -143,8 +150,8 @@ class RunFolder:
         if not found:
             return
         if cfg.train.resume:
-            self.snapshot = Snapshot.of(self.path)
-            check_resume(cfg.train.resume, self.path)
+            self.snapshot = Snapshot.of(self.at)
+            check_resume(cfg.train.resume, self.at)
             return
         if OVERWRITTEN_DIR in found:
             raise BadInput(f"hydra.run.dir={self.path} holds {OVERWRITTEN_DIR}, an earlier run's files that an "
@@ -163,28 +170,28 @@ class RunFolder:
             raise BadInput(f"hydra.run.dir={self.path} holds {listed(foreign)}, which no tyingrun run writes; a run "
                            f"goes into an empty folder (or train.overwrite=true into a run folder) - give another "
                            f"hydra.run.dir")
-        if not (self.path / CONFIG_FILE).is_file():
+        if not (self.at / CONFIG_FILE).is_file():
             raise BadInput(f"hydra.run.dir={self.path} holds {listed(found)} but no {CONFIG_FILE}, so it is not a "
                            f"run's folder; give another hydra.run.dir")
 
     def refuse_sources(self, cfg: Config) -> None:
         for key, value in (("train.init_from", cfg.train.init_from), ("policy.path", cfg.policy.path)):
-            if value and lives_in(Path(value), self.path):
+            if value and lives_in(Path(value), self.at):
                 raise BadInput(f"train.overwrite=true would clear hydra.run.dir={self.path}, where {key}={value} "
                                f"lives; copy the source elsewhere first, or give another hydra.run.dir")
 
     def set_aside(self, found: List[str]) -> None:
-        aside = self.path / OVERWRITTEN_DIR
+        aside = self.at / OVERWRITTEN_DIR
         aside.mkdir(exist_ok=True)
         for name in found:
-            os.replace(self.path / name, aside / name)
+            os.replace(self.at / name, aside / name)
         self.overwriting = True
 
     def begin_training(self) -> None:
         """The run has read its sources and built: what an overwrite set aside is deleted, nothing is put back."""
         self.training = True
-        if self.overwriting and self.path is not None:
-            shutil.rmtree(self.path / OVERWRITTEN_DIR, ignore_errors=True)
+        if self.overwriting:
+            shutil.rmtree(self.at / OVERWRITTEN_DIR, ignore_errors=True)
             self.overwriting = False
 
     @property
@@ -197,14 +204,14 @@ class RunFolder:
         if not self.restorable:
             return
         if self.snapshot is not None:
-            self.snapshot.restore(self.path)
+            self.snapshot.restore(self.at)
             return
-        aside = self.path / OVERWRITTEN_DIR
+        aside = self.at / OVERWRITTEN_DIR
         for name in self.names():
             if name != OVERWRITTEN_DIR:
-                remove(self.path / name)
+                remove(self.at / name)
         for entry in aside.iterdir():
-            os.replace(entry, self.path / entry.name)
+            os.replace(entry, self.at / entry.name)
         aside.rmdir()
         self.overwriting = False
 
