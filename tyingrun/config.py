@@ -199,7 +199,10 @@ class TrainConfig:
     # A run folder to continue exactly where it stopped (its config is reused; only the keys of
     # RESUMABLE_KEYS may be overridden, e.g. train.max_steps to extend it).
     resume: Optional[str] = None
-    # Start a new run in a folder that holds another run's files: clear the folder first (else refused).
+    # Start a new run in a folder that holds another run's files: clear the folder (else refused). Only a run
+    # folder (a run's config and nothing but the names a run writes, files.RUN_FOLDER_NAMES) that no source
+    # (train.init_from, policy.path) lives in; its files are deleted once the new run has read its sources and
+    # built, and put back if it fails before that.
     overwrite: bool = False
     # Start from earlier weights: a run folder (its newest checkpoint), a checkpoint folder, or a local
     # Hugging Face GPT-2 folder (config.json + model.safetensors). Ignored when resuming.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 import shlex
 import sys
@@ -38,6 +39,7 @@ from tyingrun.overrides import hydra_value
 from tyingrun.policies import build_policy, stack_sharing
 from tyingrun.policies.base import Policy
 from tyingrun.preflight import preflight
+from tyingrun.run_status import LAUNCH_COMMAND_ENV, write_status
 from tyingrun.seeding import derive_seed
 from tyingrun.summary import Summary
 from tyingrun.train import recursive
@@ -46,7 +48,7 @@ from tyingrun.train.distributed import SINGLE, Mesh, mesh_for
 from tyingrun.train.freeze import freeze_tensors
 from tyingrun.train.fsdp import shard_model
 from tyingrun.train.init_from import check_source_data, init_from, init_source
-from tyingrun.train.signals import RunInterrupted
+from tyingrun.train.signals import RunInterrupted, StopSignals
 from tyingrun.train.summary import run_summary
 from tyingrun.train.trainer import Trainer
 from tyingrun.tying.counts import total_params
@@ -144,6 +146,11 @@ def resume_argument(out_dir: Path) -> str:
     return shlex.quote(f"train.resume={hydra_value(str(out_dir))}")
 
 
+def resume_command(out_dir: Path) -> str:
+    """The whole command that continues the run in ``out_dir``, as this run was launched."""
+    return f"{os.environ.get(LAUNCH_COMMAND_ENV, 'tyingrun')} {resume_argument(out_dir)}"
+
+
 def resume_point(run_dir: str, out_dir: Path) -> Path:
     """The newest checkpoint of the run folder that ``train.resume`` names, which must be this run's folder."""
     folder = Path(run_dir).expanduser()
@@ -236,7 +243,13 @@ def converted_losses(trainer: Trainer, parts: RunParts) -> Dict[str, Any]:
 
 
 def execute(parts: RunParts) -> Summary:
-    """Train the built parts; write metrics.jsonl, maps.jsonl and, when the run completes, summary.json."""
+    """Train the built parts; write metrics.jsonl, maps.jsonl and, when the run completes, summary.json. From
+    the first line on, a stop signal stops the run after its next step, checkpointed."""
+    with StopSignals() as signals:
+        return train_and_record(parts, signals)
+
+
+def train_and_record(parts: RunParts, signals: StopSignals) -> Summary:
     cfg, out_dir, mesh, device, model = parts.cfg, parts.out_dir, parts.mesh, parts.device, parts.model
     if parts.checkpoint is not None:
         (out_dir / SUMMARY_FILE).unlink(missing_ok=True)
@@ -259,12 +272,13 @@ def execute(parts: RunParts) -> Summary:
         elif parts.checkpoint is not None and (out_dir / CONVERSION_FILE).is_file():
             converted = read_json(out_dir / CONVERSION_FILE)  # a resumed conversion reports its start too
         try:
-            measured = trainer.fit(resume_from=parts.checkpoint)
+            measured = trainer.fit(resume_from=parts.checkpoint, signals=signals)
         except RunInterrupted as stop:
             console.close()
             if mesh.is_main:
-                resume = resume_argument(out_dir)
-                sys.stderr.write(f"tyingrun: {stop}; checkpoint saved, resume with: tyingrun {resume}\n")
+                resume = resume_command(out_dir)
+                write_status(out_dir, "stopped", error=str(stop), exit_code=stop.exit_code, resume=resume)
+                sys.stderr.write(f"tyingrun: {stop}; checkpoint saved, resume with: {resume}\n")
             raise SystemExit(stop.exit_code) from None
         summary = run_summary(cfg, model, measured, converted, peak_memory(device))
         sinks.summary(dict(summary))

@@ -134,6 +134,14 @@ def broadcast_object(obj: Optional[object], device: torch.device) -> Optional[ob
     return box[0]
 
 
+def agreed_stop_signal(signum: Optional[int], device: torch.device) -> Optional[int]:
+    """The stop signal any rank has received (the highest number when several have), on every rank: a signal to
+    any one rank stops them all at the same step."""
+    value = torch.tensor([signum or 0], dtype=torch.int64, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value.item()) or None
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -8,6 +8,7 @@ the model (train.checkpoint.restore_model) and the summary (train.summary).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -29,9 +30,9 @@ from tyingrun.train.device import on_device
 from tyingrun.train.distributed import (
     SINGLE,
     Mesh,
+    agreed_stop_signal,
     average_gradients,
     barrier,
-    broadcast_object,
     local_rows,
     sum_over_ranks,
 )
@@ -182,7 +183,7 @@ class Trainer:
 
         A decision is taken after an evaluation of the same step, never at the run's last step, and applied
         before the next optimizer step: every evaluated map has trained, and the final evaluation scores the
-        map the run ends with. Returns the stop signal the run obeys: rank 0's, like the map, so every rank
+        map the run ends with. Returns the stop signal the run obeys: any rank's, agreed by all, so every rank
         stops at the same step.
         """
         decision = self.decision_point.decide() if self.step > 0 else None
@@ -193,7 +194,7 @@ class Trainer:
         self.loop.count(self.counts)
         self.step += 1
         if self.mesh.distributed:
-            stop_signal = broadcast_object(stop_signal, self.device)
+            stop_signal = agreed_stop_signal(stop_signal, self.device)
         self.sinks.console.progress(self.step, f"loss {losses[-1]:.3f}")
         train = self.cfg.train
         last = self.step == train.max_steps
@@ -206,8 +207,9 @@ class Trainer:
             self.map_rows.flush()
         return stop_signal
 
-    def fit(self, resume_from: Optional[Path] = None) -> Dict[str, Any]:
-        """Train until train.max_steps (continuing from ``resume_from`` if given); return the measurements."""
+    def fit(self, resume_from: Optional[Path] = None, signals: Optional[StopSignals] = None) -> Dict[str, Any]:
+        """Train until train.max_steps (continuing from ``resume_from`` if given); return the measurements.
+        ``signals``: the caller's active StopSignals, when it began listening before (else fit listens itself)."""
         started = time.perf_counter()
         if resume_from is not None:
             self.restore(resume_from)
@@ -215,7 +217,7 @@ class Trainer:
             self.apply_decision(self.policy.start(len(self.stack)))
             self.loop.last_eval = self._record_eval()
         train = self.cfg.train
-        with StopSignals() as signals:
+        with contextlib.nullcontext(signals) if signals is not None else StopSignals() as signals:
             while self.step < train.max_steps:
                 stop_signal = self.run_step(signals.received)
                 due = train.checkpoint_interval > 0 and self.step % train.checkpoint_interval == 0
