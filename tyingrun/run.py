@@ -85,7 +85,7 @@ def load_run_config(run_dir: Path) -> Config:
 
 def build_data(cfg: Config) -> TrainingData:
     """The data the model trains on (the preflight has checked that the two suit each other)."""
-    return build_dataset(cfg.dataset, cfg.model)
+    return build_dataset(cfg.dataset, cfg.model, seed=cfg.train.seed)
 
 
 def build_model(model_cfg: ModelConfig, data: Optional[TrainingData], grad_mode: str, share: str = "block",

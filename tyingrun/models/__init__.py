@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Tuple
 
 from torch import nn
 
@@ -15,14 +15,21 @@ from tyingrun.models.vit import ViT
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """``build(model config, data, gradient mode)``; ``task``: "lm" (token blocks) or "vision" (labelled images)."""
+    """``build(model config, data, gradient mode)``; ``task``: "lm" (token blocks) or "vision" (labelled images);
+    ``tasks``: every kind of data it trains on (GPT-2 also "reasoning": answer-only prompts)."""
 
     build: Callable[[ModelConfig, Any, str], nn.Module]
     task: str
+    also: Tuple[str, ...] = ()
+
+    @property
+    def tasks(self) -> Tuple[str, ...]:
+        return (self.task, *self.also)
 
 
 MODELS = {
-    "gpt2": ModelSpec(lambda cfg, data, grad_mode: GPT2(cfg, cfg.vocab_size or data.vocab_size, grad_mode), GPT2.task),
+    "gpt2": ModelSpec(lambda cfg, data, grad_mode: GPT2(cfg, cfg.vocab_size or data.vocab_size, grad_mode), GPT2.task,
+                      also=("reasoning",)),
     "bert": ModelSpec(lambda cfg, data, grad_mode: BERT(cfg, cfg.vocab_size or data.vocab_size, grad_mode), BERT.task),
     "vit": ModelSpec(
         lambda cfg, data, grad_mode: ViT(cfg, data.image_size, data.channels, data.n_classes, grad_mode), ViT.task),

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tyingrun.config import ModelConfig
-from tyingrun.contracts import LossResult
+from tyingrun.contracts import DIFFICULTY, IGNORE_INDEX, LossResult
 from tyingrun.models.blocks import PreLNBlock, init_normal
 from tyingrun.models.embeddings import TokenEmbedding
 from tyingrun.tying.stack import TiedStack
@@ -41,7 +41,15 @@ class GPT2(nn.Module):
         return self.tokens.project(self.ln_f(self.stack(x)))
 
     def loss(self, batch: Dict[str, torch.Tensor]) -> LossResult:
-        """Mean next-token cross-entropy over the batch, and the number of predicted tokens."""
+        """Mean next-token cross-entropy over the predicted tokens, and their number.
+
+        An answer-only batch (it carries DIFFICULTY) predicts its answer tokens only, and reports too how many of
+        them are right and which examples have their whole answer right."""
         logits = self(batch["input_ids"])
         labels = batch["labels"]
-        return LossResult(F.cross_entropy(logits.float().flatten(0, 1), labels.flatten()), labels.numel())
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        if DIFFICULTY not in batch:
+            return LossResult(loss, labels.numel())
+        answered = labels != IGNORE_INDEX
+        right = logits.argmax(dim=-1) == labels
+        return LossResult(loss, int(answered.sum()), (right & answered).sum(), (right | ~answered).all(dim=1))

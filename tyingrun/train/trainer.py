@@ -16,6 +16,7 @@ from torch import nn
 from tyingrun.config import Config
 from tyingrun.contracts import Batch, Sink, TiedModel, TrainingData, perplexity
 from tyingrun.files import WEIGHTS_FILE, unique_weights
+from tyingrun.metrics.evaluation import EvalTally
 from tyingrun.metrics.meters import RunningMean, Throughput, model_counts
 from tyingrun.metrics.tensor_memory import TensorMemoryTracker, training_state
 from tyingrun.policies.base import Decision, Policy
@@ -28,6 +29,7 @@ from tyingrun.train.distributed import (
     barrier,
     broadcast_object,
     local_rows,
+    objects_of_ranks,
     rank_share,
     sum_over_ranks,
     values_of_ranks,
@@ -224,21 +226,18 @@ class Trainer:
         """
         model = self.model if model is None else model
         model.eval()
-        total, count, correct, has_accuracy = 0.0, 0, 0, False
+        tally = EvalTally()
         share = rank_share(batches, self.mesh) if shard else ((batch, True) for batch in batches)
         for batch, counted in share:
+            batch = self._to_device(batch)
             with self.autocast():
-                loss, n_items, n_correct = model.loss(self._to_device(batch))
-            if not counted:
-                continue
-            total += loss.item() * n_items
-            count += n_items
-            if n_correct is not None:
-                correct, has_accuracy = correct + int(n_correct), True
+                result = model.loss(batch)
+            if counted:
+                tally.add(batch, result)
         reshard(self.model)
         if shard and self.mesh.distributed:
-            total, count, correct = sum_over_ranks([total, count, correct], self.device)
-        return {"loss": total / count, "acc": correct / count} if has_accuracy else {"loss": total / count}
+            tally = tally.merged(objects_of_ranks(tally.state()))
+        return tally.metrics()
 
     def score_batch(self, batch: Optional[Batch] = None) -> float:
         """The loss on ``batch`` (one the policy kept from the reward stream), or on the reward stream's next batch.
@@ -250,13 +249,14 @@ class Trainer:
         return self._measure([batch])["loss"]
 
     def evaluate(self, split: str, limit: Optional[int], model: Optional[TiedModel] = None) -> Dict[str, float]:
-        """``{split}_loss`` and ``{split}_ppl`` (or ``{split}_acc``) over ``limit`` batches of the split (None: all),
-        of the trained model or of another ``model`` on the same protocol."""
+        """``{split}_loss`` and ``{split}_ppl`` (or ``{split}_acc``, and for answer-only data ``{split}_token_acc``
+        and ``{split}_acc_by_difficulty``) over ``limit`` batches of the split (None: all), of the trained model or
+        of another ``model`` on the same protocol."""
         batches = self.data.eval_batches(split, self.cfg.train.batch_size, limit)
         measured = self._measure(batches, shard=True, model=model)
-        quality = {f"{split}_acc": measured["acc"]} if "acc" in measured else {
-            f"{split}_ppl": perplexity(measured["loss"])}
-        return {f"{split}_loss": measured["loss"], **quality}
+        if "acc" not in measured:
+            return {f"{split}_loss": measured["loss"], f"{split}_ppl": perplexity(measured["loss"])}
+        return {f"{split}_{key}": value for key, value in measured.items()}
 
     def _final_evaluation(self) -> Dict[str, Any]:
         """The whole val split and the whole test split, with the number of items each holds."""
@@ -433,7 +433,7 @@ class Trainer:
             **self._train_state_bytes(),
             "unique_blocks": unique_blocks(self.model),
             "train_flops_per_token": train_flops_per_token(
-                self.model, sequence_length(self.model, self.cfg.dataset.block_size), self.cfg.train.batch_size),
+                self.model, sequence_length(self.model, getattr(self.data, "block_size", self.cfg.dataset.block_size)), self.cfg.train.batch_size),
             **self.peak_tensors,
             "wall_time_s": self.elapsed_before + time.perf_counter() - started,
             f"{self.data.unit}_per_s": self.throughput.rate,
