@@ -108,6 +108,26 @@ RECURSIVE_RANKS = (0, 8)
 RECURSIVE_STAGE_1: Arms = {"parent": (["policy=none"], "the parent: the source model, conventional training")}
 
 
+# The reasoning study (--scale reasoning, +experiment=reasoning_cpu; docs/method.md#the-reasoning-study), in the
+# k⊗L notation of Saunshi et al. (ICLR 2025): k⊗1 (k layers), k⊗L (k blocks looped L times: cyclic over kL slots)
+# and kL⊗1 (kL layers), on each task, at the same steps, batch and width.
+REASONING_TASKS = ("phop", "addition")
+REASONING_K, REASONING_L = 1, 4
+
+
+def reasoning_arms(k: int = REASONING_K, loops: int = REASONING_L) -> Arms:
+    arms: Arms = {}
+    for task in REASONING_TASKS:
+        arms[f"{task}_{k}x1"] = ([f"dataset={task}", "policy=none", f"model.n_layer={k}"],
+                                 f"{k}⊗1: {k} layer(s)")
+        arms[f"{task}_{k}x{loops}"] = (
+            [f"dataset={task}", "policy=cyclic", f"policy.n_sets={k}", f"model.n_layer={k * loops}"],
+            f"{k}⊗{loops}: {k} block(s) looped {loops} times (cyclic, {k} set(s) over {k * loops} slots)")
+        arms[f"{task}_{k * loops}x1"] = ([f"dataset={task}", "policy=none", f"model.n_layer={k * loops}"],
+                                         f"{k * loops}⊗1: {k * loops} layers, the reference")
+    return arms
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What stage 2 is built from: the source arm's folder, its layers, the independent layers it kept (the mean over
@@ -188,8 +208,8 @@ class Study:
 
     experiment: str
     stage_1: Arms
-    source: str
-    stage_2: Callable[[Outcome], Arms]
+    source: Optional[str]  # None: a study of one stage
+    stage_2: Optional[Callable[[Outcome], Arms]]
     seeds: str = "0,1,2"
     one_thread_per_run: bool = False
 
@@ -216,6 +236,7 @@ STUDIES = {
                    one_thread_per_run=True),
     "recursive": Study("recursive_cpu", RECURSIVE_STAGE_1, "parent", recursive_stage_2, seeds="0,1",
                        one_thread_per_run=True),
+    "reasoning": Study("reasoning_cpu", reasoning_arms(), None, None, one_thread_per_run=True),
 }
 
 
@@ -315,24 +336,28 @@ def run_stage(out_dir: Path, arms: Arms, first_index: int, common: List[str], se
     return [arm for arm in arms if arm in failed]
 
 
+def run_stage_2(study: Study, out_dir: Path, common: List[str], seeds: str, jobs: int) -> List[str]:
+    """The arms built from the source arm's outcome; what failed (all of stage 2 when no source run finished)."""
+    source = study.source
+    outcome = arm_outcome(out_dir / f"{list(study.stage_1).index(source) + 1:02d}_{source}")
+    if outcome is None:
+        print(f"no {source} run finished: skipping the arms built from its outcome", file=sys.stderr)
+        return ["stage 2"]
+    print(f"\n{source} kept {outcome.kept} of {outcome.n_layer} layers independent; best seed: {outcome.best}",
+          flush=True)
+    return run_stage(out_dir, study.stage_2(outcome), len(study.stage_1) + 1, common, seeds, jobs, study.env())
+
+
 def run_ablations(scale: str, seeds: Optional[str], out_dir: Path, extra: List[str],
                   jobs: Optional[int] = None) -> int:
-    """Both stages and the report; returns 0 when every job finished, 1 otherwise."""
+    """The study's stages and the report; returns 0 when every job finished, 1 otherwise."""
     study = STUDIES[scale]
     common = [f"+experiment={study.experiment}", *extra]
     seeds = seeds or study.seeds
     jobs = jobs or study.default_jobs()
     failed = run_stage(out_dir, study.stage_1, 1, common, seeds, jobs, study.env())
-    source = study.source
-    outcome = arm_outcome(out_dir / f"{list(study.stage_1).index(source) + 1:02d}_{source}")
-    if outcome is None:
-        print(f"no {source} run finished: skipping the arms built from its outcome", file=sys.stderr)
-        failed.append("stage 2")
-    else:
-        print(f"\n{source} kept {outcome.kept} of {outcome.n_layer} layers independent; best seed: {outcome.best}",
-              flush=True)
-        failed += run_stage(out_dir, study.stage_2(outcome), len(study.stage_1) + 1, common, seeds, jobs,
-                            study.env())
+    if study.source is not None:
+        failed += run_stage_2(study, out_dir, common, seeds, jobs)
     write_report([out_dir])
     if failed:
         print(f"ablations: jobs failed in {', '.join(failed)} (see above and {out_dir / 'report.md'})",

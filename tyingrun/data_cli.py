@@ -6,7 +6,9 @@ Prints one line per split: its documents (or images) and the tokens in its block
 share of the split's text that repeats training paragraphs (``leaked_fraction``). ``--dump DIR`` writes a text
 corpus's splits to ``DIR/train.txt``, ``val.txt`` and ``test.txt``: the documents in order, each two after
 another separated by a blank line, the line DOCUMENT_SEPARATOR and another blank line (``read_dump`` reads
-them back). Bad input ends in one line on stderr and exit status 2.
+them back). A reasoning task (phop, addition, parity) prints each split's answer distribution and three examples,
+and ``--dump DIR`` writes ``train.tsv``, ``val.tsv`` and ``test.tsv`` (tyingrun.data.reasoning_dump). Bad input ends
+in one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from tyingrun.cli import CONFIG_ERRORS, explain
 from tyingrun.config import Config, register_configs, reject_unknown_keys
-from tyingrun.data.build import TEXT_DATASETS, build_dataset
+from tyingrun.data.build import DATASET_TASKS, TEXT_DATASETS, build_dataset
 from tyingrun.data.lm import LMData
+from tyingrun.data.reasoning_dump import describe_reasoning
 from tyingrun.data.splits import leaked_fraction
 from tyingrun.data.text import Corpus, load_corpus
 from tyingrun.errors import BadInput, fail
@@ -43,7 +46,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                     "for text corpora, how much of val and test repeats training paragraphs.",
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset=wiki2 dataset.variant=v1")
-    parser.add_argument("--dump", type=Path, metavar="DIR", help="write train.txt, val.txt, test.txt (text corpora)")
+    parser.add_argument("--dump", type=Path, metavar="DIR", help="write train.txt, val.txt, test.txt (text corpora) or train.tsv, val.tsv, "
+                                                             "test.tsv (reasoning tasks)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="tyingrun-data: %(message)s", stream=sys.stderr)
     try:
@@ -73,6 +77,9 @@ def compose_config(overrides: List[str]) -> Config:
 def describe_splits(cfg: Config, dump: Optional[Path]) -> List[str]:
     """Build the data of ``cfg`` and describe each split in one line; dump a text corpus when asked."""
     name = cfg.dataset.name
+    if DATASET_TASKS[name] == "reasoning":
+        data = build_dataset(cfg.dataset, cfg.model, seed=cfg.train.seed)
+        return describe_reasoning(data, cfg.dataset.val_size, cfg.train.seed, dump)
     if name not in TEXT_DATASETS:
         if dump is not None:
             raise BadInput(f"--dump writes text corpora; dataset={name} is an image dataset, leave --dump out")

@@ -164,16 +164,10 @@ class ReasoningData:
                 f"{task.train_difficulty}, test {task.count_name} {list(task.test_difficulties)}; answers of "
                 f"{task.answer_length} token(s), vocabulary {self.vocab_size}")
 
-    def rows(self, split: str, count: int = 0, seed: int = 0) -> List[Tuple[str, str]]:
-        """``(prompt, answer)`` token strings of every instance of val or test, or of the first ``count`` that the
-        training stream of ``seed`` yields."""
-        if split == "train":
-            prompts, answers = self.train_sampler(count, seed).next_instances(count)
-        else:
-            prompts, answers = self.split(split).prompts, self.split(split).answers
-        return [(" ".join(self.task.tokens(p)), " ".join(self.task.tokens(a))) for p, a in zip(prompts, answers,
-                                                                                                 strict=True)]
-
+    def rows(self, prompts: Sequence[np.ndarray], answers: np.ndarray) -> List[Tuple[str, str]]:
+        """``(prompt, answer)`` as token strings separated by single spaces."""
+        return [(" ".join(self.task.tokens(prompt)), " ".join(self.task.tokens(answer)))
+                for prompt, answer in zip(prompts, answers, strict=True)]
 
 def draw_distinct(task: ReasoningTask, rng: np.random.Generator, difficulty: int, count: int,
                   excluded: set) -> Instances:
@@ -270,11 +264,7 @@ def check_reasoning_config(cfg: DatasetConfig, max_positions: int) -> None:
         held[level] = held.get(level, 0) + count
     for level, count in held.items():
         key = task.difficulty_key if level == task.train_difficulty else test_key
-        share = valid_share(task, level) if cfg.name == "phop" else 1.0
-        if share == 0.0:
-            raise BadInput(f"{key}: the generator cannot make instances at {task.count_name} {level} (every p-hop "
-                           f"chain of length {cfg.length} reaches 0 first); lower it or raise dataset.length")
-        distinct = task.distinct_prompts(level) * share
+        distinct = task.distinct_prompts(level) * (valid_share(task, level) if cfg.name == "phop" else 1.0)
         if count > HELD_OUT_LIMIT * distinct:
             raise BadInput(f"{key}: at {task.count_name} {level} there are about {distinct:,.0f} distinct prompts, too "
                            f"few for {count:,} held-out instances that training never sees (at most "

@@ -1,0 +1,56 @@
+"""What ``tyingrun-data`` prints and dumps for a reasoning task (docs/reasoning.md#checking-the-generator).
+
+Per split: its instances, its answer distribution and three examples. The train split is the first
+``dataset.val_size`` instances of the run's training stream, with how many draws were checked against the held-out
+prompts and how many of them were drawn again. ``--dump DIR`` writes ``train.tsv``, ``val.tsv`` and ``test.tsv``:
+one instance a line, ``prompt<TAB>answer``, tokens separated by single spaces as the model reads them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from tyingrun.data.reasoning import SPLITS, ReasoningData
+from tyingrun.errors import BadInput
+
+EXAMPLES = 3
+# Answers named in a split's distribution; the rest are summed up.
+SHOWN_ANSWERS = 10
+
+Rows = List[Tuple[str, str]]
+
+
+def answer_distribution(rows: Rows) -> str:
+    counts = Counter(answer for _, answer in rows)
+    shown = ", ".join(f"{answer!r} {count / len(rows):.1%}" for answer, count in counts.most_common(SHOWN_ANSWERS))
+    rest = len(counts) - SHOWN_ANSWERS
+    return shown + (f" and {rest} more answers" if rest > 0 else "")
+
+
+def describe_reasoning(data: ReasoningData, train_count: int, seed: int, dump: Optional[Path]) -> List[str]:
+    """One line per split (and its examples); ``train_count`` training instances of run seed ``seed``."""
+    sampler = data.train_sampler(train_count, seed)
+    rows = {"train": data.rows(*sampler.next_instances(train_count))}
+    rows.update({split: data.rows(data.split(split).prompts, data.split(split).answers) for split in ("val", "test")})
+    lines = []
+    for split in SPLITS:
+        what = (f"the first {len(rows[split]):,} instances of the training stream ({sampler.drawn:,} draws checked "
+                f"against the {len(data.held_out_keys):,} held-out prompts, {sampler.redrawn:,} drawn again)"
+                if split == "train" else f"{len(rows[split]):,} instances, difficulties {list(data.difficulties(split))}")
+        lines.append(f"{data.name} {split}: {what}; answers: {answer_distribution(rows[split])}")
+        lines += [f"  {prompt}  ->  {answer}" for prompt, answer in rows[split][:EXAMPLES]]
+    if dump is not None:
+        write_tsv(rows, dump)
+    return lines
+
+
+def write_tsv(rows: Dict[str, Rows], folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, lines in rows.items():
+            (folder / f"{split}.tsv").write_text("".join(f"{prompt}\t{answer}\n" for prompt, answer in lines),
+                                                 encoding="utf-8")
+    except OSError as error:
+        raise BadInput(f"--dump: cannot write to {folder} ({error.strerror}); give a writable folder") from error
