@@ -79,7 +79,7 @@ def describe_splits(cfg: Config, dump: Optional[Path]) -> List[str]:
     name = cfg.dataset.name
     if DATASET_TASKS[name] == "reasoning":
         data = build_dataset(cfg.dataset, cfg.model, seed=cfg.train.seed)
-        return describe_reasoning(data, cfg.dataset.val_size, cfg.train.seed, dump)
+        return describe_reasoning(data, cfg.dataset.val_size, cfg.train.seed, cfg.train.batch_size, dump)
     if name not in TEXT_DATASETS:
         if dump is not None:
             raise BadInput(f"--dump writes text corpora; dataset={name} is an image dataset, leave --dump out")

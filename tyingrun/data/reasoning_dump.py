@@ -1,7 +1,8 @@
 """What ``tyingrun-data`` prints and dumps for a reasoning task (docs/reasoning.md#checking-the-generator).
 
 Per split: its instances, its answer distribution and three examples. The train split is the first
-``dataset.val_size`` instances of the run's training stream, with how many draws were checked against the held-out
+``dataset.val_size`` instances of the run's training stream (drawn in batches of ``train.batch_size``, as the run
+draws them), with how many draws were checked against the held-out
 prompts and how many of them were drawn again. ``--dump DIR`` writes ``train.tsv``, ``val.tsv`` and ``test.tsv``:
 one instance a line, ``prompt<TAB>answer``, tokens separated by single spaces as the model reads them.
 """
@@ -12,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from tyingrun.data.reasoning import SPLITS, ReasoningData
+from tyingrun.data.reasoning import SPLITS, AnswerSampler, ReasoningData
 from tyingrun.errors import BadInput
 
 EXAMPLES = 3
@@ -29,10 +30,21 @@ def answer_distribution(rows: Rows) -> str:
     return shown + (f" and {rest} more answers" if rest > 0 else "")
 
 
-def describe_reasoning(data: ReasoningData, train_count: int, seed: int, dump: Optional[Path]) -> List[str]:
-    """One line per split (and its examples); ``train_count`` training instances of run seed ``seed``."""
-    sampler = data.train_sampler(train_count, seed)
-    rows = {"train": data.rows(*sampler.next_instances(train_count))}
+def training_rows(data: ReasoningData, count: int, seed: int, batch_size: int) -> Tuple[Rows, AnswerSampler]:
+    """The first ``count`` instances the run of seed ``seed`` trains on, drawn batch by batch as it draws them, and
+    the sampler that drew them (its counts)."""
+    sampler = data.train_sampler(batch_size, seed)
+    rows: Rows = []
+    while len(rows) < count:
+        rows += data.rows(*sampler.next_instances(batch_size))
+    return rows[:count], sampler
+
+
+def describe_reasoning(data: ReasoningData, train_count: int, seed: int, batch_size: int,
+                       dump: Optional[Path]) -> List[str]:
+    """One line per split (and its examples); train: the first ``train_count`` instances of the run of ``seed``."""
+    train_rows, sampler = training_rows(data, train_count, seed, batch_size)
+    rows = {"train": train_rows}
     rows.update({split: data.rows(data.split(split).prompts, data.split(split).answers) for split in ("val", "test")})
     lines = []
     for split in SPLITS:
