@@ -46,8 +46,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                     "for text corpora, how much of val and test repeats training paragraphs.",
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset=wiki2 dataset.variant=v1")
-    parser.add_argument("--dump", type=Path, metavar="DIR", help="write train.txt, val.txt, test.txt (text corpora) or train.tsv, val.tsv, "
-                                                             "test.tsv (reasoning tasks)")
+    parser.add_argument("--dump", type=Path, metavar="DIR",
+                        help="write train.txt, val.txt, test.txt (text corpora) or train.tsv, val.tsv, test.tsv "
+                             "(reasoning tasks)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="tyingrun-data: %(message)s", stream=sys.stderr)
     try:

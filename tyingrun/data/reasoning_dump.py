@@ -47,10 +47,11 @@ def describe_reasoning(data: ReasoningData, train_count: int, seed: int, batch_s
     rows = {"train": train_rows}
     rows.update({split: data.rows(data.split(split).prompts, data.split(split).answers) for split in ("val", "test")})
     lines = []
+    held = len(data.held_out_keys)
     for split in SPLITS:
         what = (f"the first {len(rows[split]):,} instances of the training stream ({sampler.drawn:,} draws checked "
-                f"against the {len(data.held_out_keys):,} held-out prompts, {sampler.redrawn:,} drawn again)"
-                if split == "train" else f"{len(rows[split]):,} instances, difficulties {list(data.difficulties(split))}")
+                f"against the {held:,} held-out prompts, {sampler.redrawn:,} drawn again)" if split == "train" else
+                f"{len(rows[split]):,} instances, difficulties {list(data.difficulties(split))}")
         lines.append(f"{data.name} {split}: {what}; answers: {answer_distribution(rows[split])}")
         lines += [f"  {prompt}  ->  {answer}" for prompt, answer in rows[split][:EXAMPLES]]
     if dump is not None:

@@ -78,7 +78,8 @@ class PHop(ReasoningTask):
     """p-hop induction (Sanford, Hsu & Telgarsky, 2024). With 1-based positions, ``find(i)`` is the largest
     ``j <= i`` with ``x_{j-1} = x_i`` (0 when there is none); the answer is ``x_{find^p(n)}``. Sequences whose
     chain reaches 0 within p hops are drawn again (at least the sequences ending in a repeated symbol are valid:
-    there ``find(n) = n``, a fixed point, so every hop count can be made). Symbols are the tokens ``s0 .. s{alphabet-1}``."""
+    there ``find(n) = n``, a fixed point, so every hop count can be made). Symbols are the tokens
+    ``s0 .. s{alphabet-1}``."""
 
     difficulty_key = "dataset.hops"
     count_name = "hops"

@@ -406,6 +406,10 @@ class Trainer:
         return {"train_state_bytes": max(per_rank), "train_state_bytes_per_rank": per_rank,
                 "train_state_bytes_total": sum(per_rank)}
 
+    def _block_size(self) -> int:
+        """Tokens per training sequence: the data's own where it sets it (a reasoning task's instance length)."""
+        return getattr(self.data, "block_size", self.cfg.dataset.block_size)
+
     def fit(self, resume_from: Optional[Path] = None) -> Dict[str, Any]:
         """Train until train.max_steps (continuing from ``resume_from`` if given); return the measurements."""
         started = time.perf_counter()
@@ -433,7 +437,7 @@ class Trainer:
             **self._train_state_bytes(),
             "unique_blocks": unique_blocks(self.model),
             "train_flops_per_token": train_flops_per_token(
-                self.model, sequence_length(self.model, getattr(self.data, "block_size", self.cfg.dataset.block_size)), self.cfg.train.batch_size),
+                self.model, sequence_length(self.model, self._block_size()), self.cfg.train.batch_size),
             **self.peak_tensors,
             "wall_time_s": self.elapsed_before + time.perf_counter() - started,
             f"{self.data.unit}_per_s": self.throughput.rate,
