@@ -15,12 +15,15 @@ tying policy learns at all within a single-machine budget. Stage 1: none, dynami
 the learning options, a per-layer bandit and the random control; stage 2: the fixed maps (the learned map from
 file, cyclic, sequential) at as many independent layers as the learning-option dynamic_q kept.
 
+``--scale reasoning`` is the looped-depth study on generated reasoning tasks (docs/method.md#the-reasoning-study): one
+stage of k⊗1, k⊗L and kL⊗1 on p-hop induction and on n-ary addition, every arm at the same steps.
+
 ``--scale recursive`` is the recursive-conversion study (docs/method.md#the-conversion-study): stage 1 trains the
 parent; stage 2 converts each seed's parent into half as many unique blocks under every ``policy.init`` with and
 without LoRA and continues training each for the parent's steps, beside the parent continued for those steps and a
 model with as many layers as unique blocks trained from scratch for both spans together.
 
-    python -m tyingrun.ablations [--scale cpu|paper|learn|recursive] [--seeds 0,1,2] [--jobs N] [--out DIR]
+    python -m tyingrun.ablations [--scale cpu|paper|learn|recursive|reasoning] [--seeds 0,1,2] [--jobs N] [--out DIR]
                                  [override ...]
 """
 
@@ -370,7 +373,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--scale", choices=tuple(STUDIES), default="cpu",
                         help="cpu: 8x128 GPT-2 on pydoc (~22 min on 2 cores); paper: 48x1600 on WikiText-2 (GPUs); "
                              "learn: the learning study, 6x64 GPT-2 on pydoc (~15 min on 2 cores); recursive: the "
-                             "conversion study, an 8x128 GPT-2 parent on pydoc (~21 min on 2 cores)")
+                             "conversion study, an 8x128 GPT-2 parent on pydoc (~21 min on 2 cores); reasoning: "
+                             "1⊗1, 1⊗4 and 4⊗1 GPT-2 of width 64 on p-hop and addition (docs/method.md"
+                             "#the-reasoning-study)")
     parser.add_argument("--seeds", help="train.seed values, comma-separated (default 0,1,2; recursive: 0,1)")
     parser.add_argument("--out", type=Path, help="default: outputs/ablations/<scale>-<date>_<time>")
     parser.add_argument("--jobs", type=int, help="runs at a time (default: cpu, learn, recursive: one per core, each "

@@ -233,7 +233,7 @@ def _check_list(key: str, values: object, low: int, high: Optional[int] = None) 
 def valid_share(task: ReasoningTask, difficulty: int) -> float:
     """The share of candidates that are valid instances at ``difficulty`` (p-hop chains that never reach 0)."""
     rng = np.random.Generator(np.random.PCG64(TRIAL_SEED))
-    return float(task._candidates(rng, difficulty, TRIAL_CANDIDATES)[2].mean())
+    return float(task.candidates(rng, difficulty, TRIAL_CANDIDATES)[2].mean())
 
 
 def check_reasoning_config(cfg: DatasetConfig, max_positions: int) -> None:

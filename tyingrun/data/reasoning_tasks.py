@@ -20,6 +20,9 @@ REASONING_TASKS = ("phop", "addition", "parity")
 MAX_DIGITS = 15
 
 Instances = Tuple[np.ndarray, np.ndarray]  # prompts int64 [n, prompt_length], answers int64 [n, answer_length]
+Candidates = Tuple[np.ndarray, np.ndarray, np.ndarray]  # bodies, answers, bool [n]: which are valid instances
+# Candidates drawn at least per round of rejection sampling (phop), so that a few missing instances cost one round.
+MIN_CANDIDATES = 16
 
 
 class ReasoningTask(ABC):
@@ -51,8 +54,7 @@ class ReasoningTask(ABC):
         """How many different prompts the task can draw at ``difficulty`` (an upper bound where rejection applies)."""
 
     @abstractmethod
-    def _candidates(self, rng: np.random.Generator, difficulty: int, count: int) -> Tuple[np.ndarray, np.ndarray,
-                                                                                          np.ndarray]:
+    def candidates(self, rng: np.random.Generator, difficulty: int, count: int) -> Candidates:
         """``count`` candidate bodies (the prompt between count token and ``=``), their answers, and which are valid."""
 
     def draw(self, rng: np.random.Generator, difficulty: int, count: int) -> Instances:
@@ -60,14 +62,13 @@ class ReasoningTask(ABC):
         bodies, answers, kept = [], [], 0
         while kept < count:
             wanted = count - kept
-            body, answer, valid = self._candidates(rng, difficulty, max(wanted, 16))
+            body, answer, valid = self.candidates(rng, difficulty, max(wanted, MIN_CANDIDATES))
             bodies.append(body[valid][:wanted])
             answers.append(answer[valid][:wanted])
             kept += len(bodies[-1])
-        body = np.concatenate(bodies)
-        framing = np.empty((count, 1), np.int64)
-        prompts = np.concatenate([np.full_like(framing, self.ids[self.count_token(difficulty)]), body,
-                                  np.full_like(framing, self.ids[ANSWER_MARK])], axis=1)
+        count_column = np.full((count, 1), self.ids[self.count_token(difficulty)], np.int64)
+        mark_column = np.full((count, 1), self.ids[ANSWER_MARK], np.int64)
+        prompts = np.concatenate([count_column, np.concatenate(bodies), mark_column], axis=1)
         return prompts, np.concatenate(answers)
 
     def tokens(self, ids: np.ndarray) -> List[str]:
@@ -95,7 +96,7 @@ class PHop(ReasoningTask):
     def distinct_prompts(self, difficulty: int) -> float:
         return float(self.alphabet) ** self.length
 
-    def _candidates(self, rng: np.random.Generator, difficulty: int, count: int):
+    def candidates(self, rng: np.random.Generator, difficulty: int, count: int) -> Candidates:
         symbols = rng.integers(self.alphabet, size=(count, self.length))
         position = hop_chain(symbols, difficulty)
         valid = position > 0
@@ -146,7 +147,7 @@ class Addition(ReasoningTask):
     def distinct_prompts(self, difficulty: int) -> float:
         return 10.0 ** (self.digits * difficulty)
 
-    def _candidates(self, rng: np.random.Generator, difficulty: int, count: int):
+    def candidates(self, rng: np.random.Generator, difficulty: int, count: int) -> Candidates:
         digits = rng.integers(10, size=(count, difficulty, self.digits))
         totals = (digits * 10 ** np.arange(self.digits - 1, -1, -1)).sum(axis=(1, 2))
         answer = (totals[:, None] // 10 ** np.arange(self.width - 1, -1, -1)) % 10
@@ -173,7 +174,7 @@ class Parity(ReasoningTask):
     def distinct_prompts(self, difficulty: int) -> float:
         return 2.0**difficulty
 
-    def _candidates(self, rng: np.random.Generator, difficulty: int, count: int):
+    def candidates(self, rng: np.random.Generator, difficulty: int, count: int) -> Candidates:
         bits = rng.integers(2, size=(count, difficulty))
         return bits + self.zero, (bits.sum(axis=1) % 2)[:, None] + self.zero, np.ones(count, bool)
 
