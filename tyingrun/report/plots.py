@@ -184,7 +184,9 @@ def plot_accuracy_by_difficulty(members: Sequence[Tuple[Group, Dict[int, Estimat
         label = f"{group.name}, {group.settings['model.n_layer']} layers ({len(group.runs)} seeds)"
         ax.errorbar(levels, means, yerr=errors, marker="o", capsize=3, color=colours[index % len(colours)],
                     label=_wrap(label))
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    levels = sorted({level for _, accuracies in members for level in accuracies})
+    ax.set_xticks(levels)
+    ax.set_xlim(levels[0] - 0.5, levels[-1] + 0.5)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel(difficulty)
     ax.set_ylabel("test accuracy, whole answer right (mean ± 95% CI)")
