@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional
 from unittest import mock
@@ -320,3 +321,14 @@ def report(root, out, reference="none", figures=False):
     rows = {" ".join(filter(None, (row["policy"], row["label"]))): row
             for row in csv.DictReader((out / "report.csv").open())}
     return rows, (out / "report.md").read_text(), console.file.getvalue()
+
+
+def start_and_wait_for_checkpoint(cli, run_dir, *overrides):
+    """Start ``tyingrun *overrides`` into ``run_dir`` and return the process once its first checkpoint exists."""
+    process = cli.popen(*overrides, f"hydra.run.dir={run_dir}", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not list((run_dir / "checkpoints").glob("step_*")):
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return process

@@ -60,7 +60,8 @@ BAD_INPUTS = {
     "added key": (["+model.n_layerz=3"], "unknown config key model.n_layerz"),
     "wrong type": (["train.max_steps=many"], "bad value for train.max_steps"),
     "unknown group option": (
-        ["dataset=nonexistent"], "unknown option dataset=nonexistent; choose one of: 1b, cifar10, digits, pydoc"
+        ["dataset=nonexistent"],
+        "unknown option dataset=nonexistent; choose one of: 1b, addition, cifar10, digits, parity, phop, pydoc"
     ),
     "n_sets not dividing": (
         ["policy=sequential", "policy.n_sets=3", "model.n_layer=4"], "policy.n_sets=3 does not fit model.n_layer=4"

@@ -3,25 +3,14 @@
 import json
 import signal
 import subprocess
-import time
 
 import pytest
 
-from .helpers import TINY_RUN, bad_input_line, compose_and_run, read_jsonl
+from .helpers import TINY_RUN, bad_input_line, compose_and_run, read_jsonl, start_and_wait_for_checkpoint
 
 TINY = [*TINY_RUN, "train.eval_batches=2", "train.max_steps=120", "train.checkpoint_interval=20",
         "train.log_interval=5", "train.eval_interval=20"]
 TIMING_KEYS = ("tokens_per_s", "samples_per_s")
-
-
-def start_and_wait_for_checkpoint(cli, run_dir, *args):
-    process = cli.popen(*TINY, *args, f"hydra.run.dir={run_dir}", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not list((run_dir / "checkpoints").glob("step_*")):
-        assert process.poll() is None, process.stderr.read()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    return process
 
 
 @pytest.mark.slow
@@ -32,7 +21,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, cli, po
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     compose_and_run([*TINY, *schedule], whole)  # in-process: the CLI's config, one run without a stop
 
-    process = start_and_wait_for_checkpoint(cli, killed, *schedule)
+    process = start_and_wait_for_checkpoint(cli, killed, *TINY, *schedule)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (killed / "summary.json").exists()
@@ -51,7 +40,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, cli, po
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_143_then_resumes_to_completion(tmp_path, cli):
     run_dir = tmp_path / "run"
-    process = start_and_wait_for_checkpoint(cli, run_dir, "policy=cyclic")
+    process = start_and_wait_for_checkpoint(cli, run_dir, *TINY, "policy=cyclic")
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 143

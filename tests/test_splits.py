@@ -287,7 +287,7 @@ def test_builder_prepares_bert_data_as_masked_wordpiece(tmp_path):
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        (["dataset=nonexistent"], "unknown option dataset=nonexistent; choose one of: 1b, cifar10, digits"),
+        (["dataset=nonexistent"], "unknown option dataset=nonexistent; choose one of: 1b, addition, cifar10, digits"),
         (["dataset=text_files", "dataset.files=[absent.txt]"], "dataset.files: no such file 'absent.txt'"),
         (["dataset=wiki2", "dataset.variant=v3"], "dataset.variant='v3' is not an option"),
         (["dataset=pydoc", "dataset.test_fraction=0.99"], "plus dataset.test_fraction=0.99 must be below 1"),

@@ -15,7 +15,7 @@ from tyingrun.files import SUMMARY_FILE
 from tyingrun.report.tables import AVERAGED
 from tyingrun.summary import REQUIRED_KEYS, SUMMARY_KEYS, Summary
 
-from .conftest import run_folder, small_lm_config
+from .helpers import run_folder, small_lm_config
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "run-folder.md"
 # What the report adds to a run's summary from its other files (report/rewards.py, from maps.jsonl).

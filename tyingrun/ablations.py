@@ -15,12 +15,15 @@ tying policy learns at all within a single-machine budget. Stage 1: none, dynami
 the learning options, a per-layer bandit and the random control; stage 2: the fixed maps (the learned map from
 file, cyclic, sequential) at as many independent layers as the learning-option dynamic_q kept.
 
+``--scale reasoning`` is the looped-depth study on generated reasoning tasks (docs/studies.md#the-reasoning-study): one
+stage of k⊗1, k⊗L and kL⊗1 on p-hop induction and on n-ary addition, every arm at the same steps.
+
 ``--scale recursive`` is the recursive-conversion study (docs/studies.md#the-conversion-study): stage 1 trains the
 parent; stage 2 converts each seed's parent into half as many unique blocks under every ``policy.init`` with and
 without LoRA and continues training each for the parent's steps, beside the parent continued for those steps and a
 model with as many layers as unique blocks trained from scratch for both spans together.
 
-    python -m tyingrun.ablations [--scale cpu|paper|learn|recursive] [--seeds 0,1,2] [--jobs N] [--out DIR]
+    python -m tyingrun.ablations [--scale cpu|paper|learn|recursive|reasoning] [--seeds 0,1,2] [--jobs N] [--out DIR]
                                  [override ...]
 """
 
@@ -112,6 +115,26 @@ RECURSIVE_RANKS = (0, 8)
 RECURSIVE_STAGE_1: Arms = {"parent": (["policy=none"], "the parent: the source model, conventional training")}
 
 
+# The reasoning study (--scale reasoning, +experiment=reasoning_cpu; docs/method.md#the-reasoning-study), in the
+# k⊗L notation of Saunshi et al. (ICLR 2025): k⊗1 (k layers), k⊗L (k blocks looped L times: cyclic over kL slots)
+# and kL⊗1 (kL layers), on each task, at the same steps, batch and width.
+REASONING_TASKS = ("phop", "addition")
+REASONING_K, REASONING_L = 1, 4
+
+
+def reasoning_arms(k: int = REASONING_K, loops: int = REASONING_L) -> Arms:
+    arms: Arms = {}
+    for task in REASONING_TASKS:
+        arms[f"{task}_{k}x1"] = ([f"dataset={task}", "policy=none", f"model.n_layer={k}"],
+                                 f"{k}⊗1: {k} layer(s)")
+        arms[f"{task}_{k}x{loops}"] = (
+            [f"dataset={task}", "policy=cyclic", f"policy.n_sets={k}", f"model.n_layer={k * loops}"],
+            f"{k}⊗{loops}: {k} block(s) looped {loops} times (cyclic, {k} set(s) over {k * loops} slots)")
+        arms[f"{task}_{k * loops}x1"] = ([f"dataset={task}", "policy=none", f"model.n_layer={k * loops}"],
+                                         f"{k * loops}⊗1: {k * loops} layers, the reference")
+    return arms
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What stage 2 is built from: the source arm's folder, its layers, the independent layers it kept (the mean over
@@ -192,8 +215,8 @@ class Study:
 
     experiment: str
     stage_1: Arms
-    source: str
-    stage_2: Callable[[Outcome], Arms]
+    source: Optional[str]  # None: a study of one stage
+    stage_2: Optional[Callable[[Outcome], Arms]]
     seeds: str = "0,1,2"
     one_thread_per_run: bool = False
     # The report pairs arms of another budget with the reference (the recursive study's scratch arm trains for the
@@ -223,6 +246,7 @@ STUDIES = {
                    one_thread_per_run=True),
     "recursive": Study("recursive_cpu", RECURSIVE_STAGE_1, "parent", recursive_stage_2, seeds="0,1",
                        one_thread_per_run=True, pairs_other_budgets=True),
+    "reasoning": Study("reasoning_cpu", reasoning_arms(), None, None, one_thread_per_run=True),
 }
 
 
@@ -347,25 +371,31 @@ def run_stage(out_dir: Path, arms: Arms, first_index: int, common: List[str], se
     return [arm for arm in arms if arm in failed]
 
 
+def run_stage_2(study: Study, out_dir: Path, common: List[str], seeds: str, jobs: int) -> List[str]:
+    """The arms built from the source arm's outcome (none for a study of one stage); what failed (all of stage 2 when
+    no source run finished)."""
+    source, stage_2 = study.source, study.stage_2
+    if source is None or stage_2 is None:
+        return []
+    outcome = arm_outcome(out_dir / f"{list(study.stage_1).index(source) + 1:02d}_{source}")
+    if outcome is None:
+        print(f"no {source} run finished: skipping the arms built from its outcome", file=sys.stderr)
+        return ["stage 2"]
+    print(f"\n{source} kept {outcome.kept} of {outcome.n_layer} layers independent; best seed: {outcome.best}",
+          flush=True)
+    return run_stage(out_dir, stage_2(outcome), len(study.stage_1) + 1, common, seeds, jobs, study.env())
+
+
 def run_ablations(scale: str, seeds: Optional[str], out_dir: Path, extra: List[str],
                   jobs: Optional[int] = None) -> int:
-    """Both stages and the report; returns 0 when every job finished, 1 otherwise. BadInput (before any job) for
-    seeds or overrides that a stage's arms cannot run with."""
+    """The study's stages and the report; returns 0 when every job finished, 1 otherwise. BadInput (before any job)
+    for seeds or overrides that a stage's arms cannot run with."""
     study = STUDIES[scale]
     common = [f"+experiment={study.experiment}", *extra]
     seeds = seeds or study.seeds
     jobs = jobs or study.default_jobs()
     failed = run_stage(out_dir, study.stage_1, 1, common, seeds, jobs, study.env())
-    source = study.source
-    outcome = arm_outcome(out_dir / f"{list(study.stage_1).index(source) + 1:02d}_{source}")
-    if outcome is None:
-        print(f"no {source} run finished: skipping the arms built from its outcome", file=sys.stderr)
-        failed.append("stage 2")
-    else:
-        print(f"\n{source} kept {outcome.kept} of {outcome.n_layer} layers independent; best seed: {outcome.best}",
-              flush=True)
-        failed += run_stage(out_dir, study.stage_2(outcome), len(study.stage_1) + 1, common, seeds, jobs,
-                            study.env())
+    failed += run_stage_2(study, out_dir, common, seeds, jobs)
     write_report([out_dir], pair_other_budgets=study.pairs_other_budgets)
     if failed:
         print(f"ablations: jobs failed in {', '.join(failed)} (see above and {out_dir / 'report.md'})",
@@ -378,7 +408,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--scale", choices=tuple(STUDIES), default="cpu",
                         help="cpu: 8x128 GPT-2 on pydoc (~22 min on 2 cores); paper: 48x1600 on WikiText-2 (GPUs); "
                              "learn: the learning study, 6x64 GPT-2 on pydoc (~15 min on 2 cores); recursive: the "
-                             "conversion study, an 8x128 GPT-2 parent on pydoc (~21 min on 2 cores)")
+                             "conversion study, an 8x128 GPT-2 parent on pydoc (~21 min on 2 cores); reasoning: "
+                             "1⊗1, 1⊗4 and 4⊗1 GPT-2 of width 64 on p-hop and addition (docs/method.md"
+                             "#the-reasoning-study)")
     parser.add_argument("--seeds", help="train.seed values, comma-separated (default 0,1,2; recursive: 0,1)")
     parser.add_argument("--out", type=Path, help="default: outputs/ablations/<scale>-<date>_<time>")
     parser.add_argument("--jobs", type=int, help="runs at a time (default: cpu, learn, recursive: one per core, each "

@@ -89,6 +89,24 @@ class DatasetConfig:
     cache_dir: Optional[str] = None
     # Vision training batches: random crop (after padding 4 pixels) and horizontal flip.
     augment: bool = False
+    # Reasoning tasks (phop, addition, parity; docs/reasoning.md), generated from the run's seed streams.
+    # phop: symbols in the alphabet; phop and parity: sequence length (parity: bits) in training.
+    alphabet: int = 4
+    length: int = 16
+    # phop: hops in training; test_hops: the test split's hops (null or []: the training hops).
+    hops: int = 2
+    test_hops: Optional[List[int]] = None
+    # addition: digits per operand, operands in training, the test split's operand counts, and the answer's digits
+    # least significant first instead of most significant first.
+    digits: int = 3
+    operands: int = 2
+    test_operands: Optional[List[int]] = None
+    reverse_answer: bool = False
+    # parity: the test split's lengths (null or []: the training length).
+    test_length: Optional[List[int]] = None
+    # Instances in the fixed val and test sets (distinct prompts, never drawn in training).
+    val_size: int = 2000
+    test_size: int = 2000
 
 
 @dataclass

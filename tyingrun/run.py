@@ -10,7 +10,7 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, cast
 
 import numpy as np
 import torch
@@ -90,7 +90,8 @@ def load_run_config(run_dir: Path) -> Config:
 
 def build_data(cfg: Config) -> TrainingData:
     """The data the model trains on (the preflight has checked that the two suit each other)."""
-    return build_dataset(with_model_tokenizer(cfg.dataset, cfg.train.init_from), cfg.model)
+    data = build_dataset(with_model_tokenizer(cfg.dataset, cfg.train.init_from), cfg.model, seed=cfg.train.seed)
+    return cast(TrainingData, data)
 
 
 def build_model(model_cfg: ModelConfig, data: Optional[TrainingData], grad_mode: str, share: str = "block",

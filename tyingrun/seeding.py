@@ -15,7 +15,8 @@ from typing import Any, Dict, List, Optional, Tuple, cast
 import numpy as np
 
 # The named streams of a run; each is derived independently from the run's seed.
-STREAMS = ("init", "data_order", "reward_batches", "dropout", "exploration", "q_init", "masking", "augmentation")
+STREAMS = ("init", "data_order", "reward_batches", "dropout", "exploration", "q_init", "masking", "augmentation",
+           "val_instances", "test_instances")
 
 
 def _name_key(name: str) -> int:

@@ -26,12 +26,16 @@ class Summary(TypedDict):
     # the final evaluation, over the whole val and test splits
     val_loss: float
     val_ppl: NotRequired[float]  # language models
-    val_acc: NotRequired[float]  # image classifiers
+    val_acc: NotRequired[float]  # image classifiers; reasoning tasks: the whole answer right
+    val_token_acc: NotRequired[float]  # reasoning tasks
+    val_acc_by_difficulty: NotRequired[Dict[str, float]]  # reasoning tasks
     val_tokens: NotRequired[int]
     val_samples: NotRequired[int]
     test_loss: float
     test_ppl: NotRequired[float]
     test_acc: NotRequired[float]
+    test_token_acc: NotRequired[float]
+    test_acc_by_difficulty: NotRequired[Dict[str, float]]
     test_tokens: NotRequired[int]
     test_samples: NotRequired[int]
     # the map the run ends with, and what it trains

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tyingrun.contracts import LossResult
+from tyingrun.contracts import IGNORE_INDEX, LossResult
 
 # The state-dict name of the LM head in tyingrun's language models (each keeps its TokenEmbedding as ``tokens``).
 LM_HEAD_WEIGHT = "tokens.lm_head.weight"
@@ -47,6 +47,14 @@ def embedding_tables(model: nn.Module) -> List[nn.Parameter]:
     return [cast(nn.Parameter, module.weight) for module in model.modules() if isinstance(module, nn.Embedding)]
 
 
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> LossResult:
-    """Mean next-token cross-entropy (in fp32) over the batch, and the number of predicted tokens."""
-    return LossResult(F.cross_entropy(logits.float().flatten(0, 1), labels.flatten()), labels.numel())
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, answer_only: bool = False) -> LossResult:
+    """Mean next-token cross-entropy (in fp32) over the predicted tokens, and their number.
+
+    ``answer_only``: the labels hold IGNORE_INDEX but at answer tokens; then also how many answer tokens are right
+    and which examples have their whole answer right."""
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+    if not answer_only:
+        return LossResult(loss, labels.numel())
+    answered = labels != IGNORE_INDEX
+    right = logits.argmax(dim=-1) == labels
+    return LossResult(loss, int(answered.sum()), (right & answered).sum(), (right | ~answered).all(dim=1))

@@ -12,6 +12,7 @@ from rich.console import Console
 
 from tyingrun.errors import BadInput
 from tyingrun.files import CONFIG_FILE, MAPS_FILE
+from tyingrun.report.difficulty import difficulty_section, write_difficulty_figures
 from tyingrun.report.plots import plot_map_history, plot_memory, plot_quality_vs_flops, plot_quality_vs_params
 from tyingrun.report.rewards import SEPARATION_T
 from tyingrun.report.runs import (
@@ -66,6 +67,7 @@ def write_figures(groups: List[Group], out_dir: Path) -> List[Path]:
         if any(run.summary.get("train_flops_per_token") for group in groups for run in group.runs):
             figures.append(out_dir / "quality_vs_flops.png")
             plot_quality_vs_flops(groups, metric, figures[-1])
+    figures += write_difficulty_figures(groups, out_dir)
     figures.append(out_dir / "memory.png")
     plot_memory(groups, figures[-1])
     for index, group in enumerate(groups):
@@ -210,7 +212,8 @@ def write_report(paths: Sequence[Path], out_dir: Optional[Path] = None, console:
     figures = write_figures(groups, out_dir)
     notes = [*quality_notes(rows, figure_metric(groups)), *paired_notes(groups, references, reference),
              *diagnostics_notes(rows)]
-    report = markdown_report(rows, notes, arms, unfinished, figures, out_dir, reference)
+    sections = [*difficulty_section(groups), *arms]
+    report = markdown_report(rows, notes, sections, unfinished, figures, out_dir, reference)
     report += "\n".join(["", *write_sharing(groups)])
     (out_dir / "report.md").write_text(report)
 

@@ -127,6 +127,13 @@ def values_of_ranks(value: float, device: torch.device) -> List[float]:
     return [v.item() for v in values]
 
 
+def objects_of_ranks(obj: object) -> List[object]:
+    """Each rank's ``obj`` (picklable), in rank order, on every rank."""
+    gathered: List[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def broadcast_object(obj: Optional[object], device: torch.device) -> Optional[object]:
     """Rank 0's ``obj`` on every rank."""
     box = [obj]

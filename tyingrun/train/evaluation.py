@@ -4,14 +4,15 @@ data-parallel ranks, and the val and test splits as periodic and final evaluatio
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, List, Optional, cast
 
 import torch
 
 from tyingrun.config import Config
 from tyingrun.contracts import Batch, TiedModule, TrainingData, perplexity
+from tyingrun.metrics.evaluation import EvalTally
 from tyingrun.train.device import autocast, on_device
-from tyingrun.train.distributed import Mesh, rank_share, sum_over_ranks
+from tyingrun.train.distributed import Mesh, objects_of_ranks, rank_share
 from tyingrun.train.fsdp import reshard
 
 
@@ -32,37 +33,35 @@ class Evaluator:
     def measure(self, batches: Iterable[Batch], shard: bool = False,
                 model: Optional[TiedModule] = None) -> Dict[str, float]:
         """Mean loss over the items of ``batches`` in eval mode, of the trained model or of ``model``; accuracy too
-        for models that report it.
+        for models that report it, and for answer-only batches the exact answers (metrics.evaluation.EvalTally).
 
         ``shard``: under data parallelism each rank measures its share of the batches (rank_share) and the sums are
         reduced, so every rank gets the same result. Without it every rank measures every batch.
         """
         model = self.model if model is None else model
         model.eval()
-        total, count, correct, has_accuracy = 0.0, 0.0, 0.0, False
+        tally = EvalTally()
         share = rank_share(batches, self.mesh) if shard else ((batch, True) for batch in batches)
         for batch, counted in share:
+            batch = on_device(batch, self.device)
             with self.autocast():
-                loss, n_items, n_correct = model.loss(on_device(batch, self.device))
-            if not counted:
-                continue
-            total += loss.item() * n_items
-            count += n_items
-            if n_correct is not None:
-                correct, has_accuracy = correct + int(n_correct), True
+                result = model.loss(batch)
+            if counted:
+                tally.add(batch, result)
         reshard(self.model)
         if shard and self.mesh.distributed:
-            total, count, correct = sum_over_ranks([total, count, correct], self.device)
-        return {"loss": total / count, "acc": correct / count} if has_accuracy else {"loss": total / count}
+            tally = tally.merged(cast(List[Dict[str, Any]], objects_of_ranks(tally.state())))
+        return tally.metrics()
 
     def evaluate(self, split: str, limit: Optional[int], model: Optional[TiedModule] = None) -> Dict[str, float]:
-        """``{split}_loss`` and ``{split}_ppl`` (or ``{split}_acc``) over ``limit`` batches of the split (None: all),
-        of the trained model or of another ``model`` on the same protocol."""
+        """``{split}_loss`` and ``{split}_ppl`` (or ``{split}_acc``, and for answer-only data ``{split}_token_acc``
+        and ``{split}_acc_by_difficulty``) over ``limit`` batches of the split (None: all), of the trained model or
+        of another ``model`` on the same protocol."""
         batches = self.data.eval_batches(split, self.cfg.train.batch_size, limit)
         measured = self.measure(batches, shard=True, model=model)
-        quality = {f"{split}_acc": measured["acc"]} if "acc" in measured else {
-            f"{split}_ppl": perplexity(measured["loss"])}
-        return {f"{split}_loss": measured["loss"], **quality}
+        if "acc" not in measured:
+            return {f"{split}_loss": measured["loss"], f"{split}_ppl": perplexity(measured["loss"])}
+        return {f"{split}_{key}": value for key, value in measured.items()}
 
     def periodic(self) -> Dict[str, Any]:
         """train.eval_batches batches of the val split."""

@@ -34,8 +34,10 @@ def measurements(trainer: Trainer, wall_time_s: float) -> Dict[str, Any]:
         "optimizer_params": sum(p.numel() for p in optimizer_parameters(optimizer)),
         **train_state_figures(model, optimizer, per_rank),
         "unique_blocks": unique_blocks(model),
+        # A reasoning task sets its own instance length; text data blocks of dataset.block_size.
         "train_flops_per_token": train_flops_per_token(
-            model, sequence_length(model, cfg.dataset.block_size), cfg.train.batch_size),
+            model, sequence_length(model, getattr(trainer.data, "block_size", cfg.dataset.block_size)),
+            cfg.train.batch_size),
         **trainer.peak.highest,
         "wall_time_s": wall_time_s,
         f"{trainer.data.unit}_per_s": trainer.loop.throughput.rate,
