@@ -63,7 +63,7 @@ lint: install
 # outputs/ablations/<scale>-<date>_<time>. The cpu, learn, recursive and reasoning scales need no network; the paper
 # scale downloads WikiText-2 and wants GPUs. SCALE=learn is the learning study (docs/studies.md#the-learning-study),
 # SCALE=recursive the conversion study (docs/studies.md#the-conversion-study), SCALE=reasoning the looped-depth study
-# on generated reasoning tasks (docs/method.md#the-reasoning-study).
+# on generated reasoning tasks (docs/studies.md#the-reasoning-study).
 ablations: install
 	$(if $(filter cpu learn recursive reasoning,$(SCALE)),$(OFFLINE)) $(PY) -m tyingrun.ablations --scale $(SCALE) \
 		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(JOBS),--jobs $(JOBS)) \

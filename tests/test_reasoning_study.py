@@ -33,7 +33,7 @@ def test_the_study_runs_one_stage_and_reports(tmp_path, monkeypatch):
 
     started, reported = [], []
     monkeypatch.setattr(ablations, "run_job", lambda job, *_, **__: started.append((job.arm, job.seed)) or 0)
-    monkeypatch.setattr(ablations, "write_report", lambda paths: reported.append(paths))
+    monkeypatch.setattr(ablations, "write_report", lambda paths, **options: reported.append(paths))
     assert ablations.run_ablations("reasoning", "0,1", tmp_path, [], jobs=1) == 0
     assert sorted(started) == sorted((arm, seed) for arm in ablations.STUDIES["reasoning"].stage_1
                                      for seed in ("0", "1"))

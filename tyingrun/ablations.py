@@ -115,7 +115,7 @@ RECURSIVE_RANKS = (0, 8)
 RECURSIVE_STAGE_1: Arms = {"parent": (["policy=none"], "the parent: the source model, conventional training")}
 
 
-# The reasoning study (--scale reasoning, +experiment=reasoning_cpu; docs/method.md#the-reasoning-study), in the
+# The reasoning study (--scale reasoning, +experiment=reasoning_cpu; docs/studies.md#the-reasoning-study), in the
 # k⊗L notation of Saunshi et al. (ICLR 2025): k⊗1 (k layers), k⊗L (k blocks looped L times: cyclic over kL slots)
 # and kL⊗1 (kL layers), on each task, at the same steps, batch and width.
 REASONING_TASKS = ("phop", "addition")
