@@ -5,7 +5,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from typing import Dict, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -59,20 +59,47 @@ class RunningMean:
 
 
 class Throughput:
-    """Items per second of training time (evaluation excluded)."""
+    """Items per second of training time (evaluation excluded).
 
-    def __init__(self):
+    On CUDA a step is timed by events on the device's stream, read only when the rate or the seconds are asked
+    for (at log points), so timing never makes a step wait for the device; on the CPU by the wall clock."""
+
+    def __init__(self, device: Optional[torch.device] = None):
         self.items = 0
-        self.seconds = 0.0
+        self._seconds = 0.0
+        self._cuda = device is not None and device.type == "cuda"
         self._started = None
+        self._pending: List[Tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     def start(self) -> None:
-        self._started = time.perf_counter()
+        if self._cuda:
+            self._started = torch.cuda.Event(enable_timing=True)
+            self._started.record()
+        else:
+            self._started = time.perf_counter()
 
     def stop(self, items: int) -> None:
-        self.seconds += time.perf_counter() - self._started
+        if self._cuda:
+            stopped = torch.cuda.Event(enable_timing=True)
+            stopped.record()
+            self._pending.append((self._started, stopped))
+        else:
+            self._seconds += time.perf_counter() - self._started
         self.items += items
 
     @property
+    def seconds(self) -> float:
+        for started, stopped in self._pending:
+            self._seconds += started.elapsed_time(stopped) / 1000.0  # waits for the step's events
+        self._pending.clear()
+        return self._seconds
+
+    @seconds.setter
+    def seconds(self, value: float) -> None:
+        self._pending.clear()
+        self._seconds = value
+
+    @property
     def rate(self) -> float:
-        return self.items / self.seconds if self.seconds else 0.0
+        seconds = self.seconds
+        return self.items / seconds if seconds else 0.0

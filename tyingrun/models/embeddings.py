@@ -1,4 +1,10 @@
-"""Token embedding and output projection, tied (one matrix) or untied."""
+"""Token embedding and output projection, tied (one matrix) or untied, with the vocabulary optionally padded.
+
+``model.pad_vocab_to=n`` rounds the rows of the embedding and the head up to a multiple of n (64 turns GPT-2's
+50,257 into 50,304), the shapes matrix kernels run fastest on. The padding rows are never looked up (no token id
+reaches them) and their logits are -inf, so they take no probability mass and receive no gradient from the loss;
+parameter counts leave them out (``padding_params``) and tyingrun-export trims them.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +18,24 @@ LM_HEAD_WEIGHT = "tokens.lm_head.weight"
 
 
 class TokenEmbedding(nn.Module):
-    def __init__(self, vocab_size: int, d_model: int, tie: bool):
+    def __init__(self, vocab_size: int, d_model: int, tie: bool, pad_to: int = 1):
         super().__init__()
-        self.wte = nn.Embedding(vocab_size, d_model)
-        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        self.vocab_size = vocab_size
+        rows = -(-vocab_size // pad_to) * pad_to
+        self.wte = nn.Embedding(rows, d_model)
+        self.lm_head = nn.Linear(d_model, rows, bias=False)
+        self.register_buffer("padding", torch.arange(rows) >= vocab_size, persistent=False)
         if tie:
             self.tie()
+
+    @property
+    def padding_rows(self) -> int:
+        return self.wte.num_embeddings - self.vocab_size
+
+    def padding_params(self, trainable_only: bool = False) -> int:
+        """Parameters in the padding rows (of the embedding, and of an untied head too)."""
+        weights = [self.wte.weight] if self.tied else [self.wte.weight, self.lm_head.weight]
+        return sum(self.padding_rows * w.shape[1] for w in weights if w.requires_grad or not trainable_only)
 
     @property
     def tied(self) -> bool:
@@ -27,7 +45,8 @@ class TokenEmbedding(nn.Module):
         return self.wte(ids)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        logits = self.lm_head(hidden)
+        return logits.masked_fill(self.padding, float("-inf")) if self.padding_rows else logits
 
     def tie(self) -> None:
         """Make the head the embedding matrix itself (the head's own values are dropped)."""

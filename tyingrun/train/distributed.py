@@ -117,6 +117,13 @@ def average_gradients(params: Sequence[torch.Tensor], mesh: Mesh) -> None:
             grad.copy_(reduced)
 
 
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """``values`` averaged over the ranks (one all-reduce; the tensor stays on its device)."""
+    total = values.clone()
+    dist.all_reduce(total)
+    return total / dist.get_world_size()
+
+
 def sum_over_ranks(values: Sequence[float], device: torch.device) -> List[float]:
     totals = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(totals)

@@ -17,10 +17,12 @@ from tyingrun.config import Config
 from tyingrun.contracts import Batch, Sink, TiedModel, TrainingData, perplexity
 from tyingrun.files import WEIGHTS_FILE, unique_weights
 from tyingrun.metrics.meters import RunningMean, Throughput, model_counts
+from tyingrun.metrics.mfu import mfu, peak_flops
 from tyingrun.metrics.tensor_memory import TensorMemoryTracker, training_state
 from tyingrun.policies.base import Decision, Policy
 from tyingrun.seeding import derive_seed
 from tyingrun.train.checkpoint import load_weights, read_state, save_checkpoint
+from tyingrun.train.compile import RegionalCompile
 from tyingrun.train.distributed import (
     SINGLE,
     Mesh,
@@ -28,6 +30,7 @@ from tyingrun.train.distributed import (
     barrier,
     broadcast_object,
     local_rows,
+    mean_over_ranks,
     rank_share,
     sum_over_ranks,
     values_of_ranks,
@@ -100,20 +103,22 @@ class Trainer:
         # Policies score the model on their own stream of training batches, so the training stream is the
         # same whatever the policy; the stream is derived, so it is no other seed's training stream either.
         self.score_sampler = data.train_sampler(cfg.train.batch_size, derive_seed(cfg.train.seed, "reward_batches"))
-        # Dynamo guards on the map and on requires_grad, so each distinct map and trainable flags compile once
-        # and revisits reuse the cached graph. Evaluation runs eager: in eval mode under no_grad every map
-        # would compile a second graph.
-        self.train_loss = torch.compile(model.loss) if cfg.hardware.compile else model.loss
+        # Each block kind compiles once and every map reuses it (tyingrun.train.compile); evaluation runs eager.
+        self.regional_compile = RegionalCompile(model) if cfg.hardware.compile else None
+        self.train_loss = self.regional_compile.loss if self.regional_compile else model.loss
         self.step = 0
         self.counts: Dict[str, int] = {}
         self.means = {name: RunningMean() for name in MEANS}
-        self.throughput = Throughput()
+        self.throughput = Throughput(device)
         self.context = TrainerContext(self)
         self.last_eval: Dict[str, Any] = {}
         # A learned decision's maps.jsonl row waits here until the reward that judges it is known.
         self.unrewarded_row: Optional[Dict[str, Any]] = None
         self.elapsed_before = 0.0
-        self.losses_since_log: List[float] = []
+        # The training losses since the last log line, on the device: read at log points, evaluations and
+        # checkpoints only (read_losses), so no step waits for the device.
+        self.losses_since_log: List[torch.Tensor] = []
+        self.last_train_loss = math.nan
         # The highest peak of tensor bytes over measured steps, with its split. Steps under a (map, trainable
         # flags) are measured until one is complete: a revisited map peaks the same, and measuring slows a step.
         self.peak_tensors: Dict[str, int] = dict.fromkeys(PEAK_TENSOR_KEYS, 0)
@@ -162,12 +167,12 @@ class Trainer:
         """The (map, effective trainable flags) the next step trains under: what a memory measurement holds for."""
         return tuple(self.stack.src), tuple(self.stack.effective_trainable)
 
-    def _train_step(self) -> float:
+    def _train_step(self) -> torch.Tensor:
         tying = self.current_tying()
         if tying in self.measured_maps:
             return self._optimizer_step(self.train_loss)
         states_before = len(self.optimizer.state)
-        with self._tensor_memory_tracker() as tracker:
+        with self._tensor_memory_tracker() as tracker, torch.compiler.set_stance("force_eager"):
             # Eager: under a dispatch mode torch.compile runs eagerly anyway, and then never compiles that code again.
             value = self._optimizer_step(self.model.loss)
         if tracker.peak_bytes > self.peak_tensors["peak_tensor_bytes"]:
@@ -189,7 +194,8 @@ class Trainer:
         finally:
             hook.remove()
 
-    def _optimizer_step(self, loss_of: Callable[[Batch], Any]) -> float:
+    def _optimizer_step(self, loss_of: Callable[[Batch], Any]) -> torch.Tensor:
+        """One optimizer step; its loss stays on the device (the step never waits to read it)."""
         global_batch = self.sampler.next_batch()
         batch = self._to_device(local_rows(global_batch, self.mesh))
         self.model.train()
@@ -206,13 +212,26 @@ class Trainer:
             nn.utils.clip_grad_norm_(optimizer_parameters(self.optimizer), self.cfg.train.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        value = loss.item()
-        if self.mesh.distributed:
-            value = sum_over_ranks([value], self.device)[0] / self.mesh.world_size
         self.throughput.stop(self.data.items_in(global_batch))
-        if not math.isfinite(value):
-            raise NonFiniteLoss(f"training loss became {value} at step {self.step}")
-        return value
+        return loss.detach()
+
+    def read_losses(self) -> List[float]:
+        """The training losses since the last log line (averaged over the ranks), in one host read; a non-finite
+        one stops the run naming its step."""
+        if not self.losses_since_log:
+            return []
+        losses = torch.stack(self.losses_since_log).float()
+        if self.mesh.distributed:
+            losses = mean_over_ranks(losses)
+        first_step = self.step - len(self.losses_since_log)
+        mean = losses.mean().item()
+        if not math.isfinite(mean):
+            values = losses.tolist()
+            bad = next((i for i, value in enumerate(values) if not math.isfinite(value)), len(values) - 1)
+            raise NonFiniteLoss(f"training loss became {values[bad]} at step {first_step + bad}")
+        values = losses.tolist() if len(self.losses_since_log) > 1 else [mean]
+        self.last_train_loss = values[-1]
+        return values
 
     @torch.no_grad()
     def _measure(self, batches, shard: bool = False, model: Optional[TiedModel] = None) -> Dict[str, float]:
@@ -280,7 +299,7 @@ class Trainer:
         )
         return result
 
-    def _record_train(self, losses: list) -> None:
+    def _record_train(self, losses: List[float]) -> None:
         row = {
             "step": self.step, "train_loss": sum(losses) / len(losses), "lr": self.optimizer.param_groups[0]["lr"],
             f"{self.data.unit}_per_s": self.throughput.rate, **self.counts,
@@ -295,8 +314,11 @@ class Trainer:
     def _checkpoint(self, elapsed: float) -> None:
         """Rank 0 writes the checkpoint; under FSDP every rank first takes part in gathering the whole tensors."""
         keep = self.mesh.is_main
+        state = self.state_dict()  # reads the losses since the last log line: a non-finite one stops the run here
         weights = whole_tensors(unique_weights(self.model), keep)
-        state = whole_tensors({**self.state_dict(), "elapsed_s": self.elapsed_before + elapsed}, keep)
+        if keep and not all(bool(torch.isfinite(tensor).all()) for tensor in weights.values()):
+            raise NonFiniteLoss(f"the weights became non-finite by step {self.step}; no checkpoint was written")
+        state = whole_tensors({**state, "elapsed_s": self.elapsed_before + elapsed}, keep)
         if keep:
             save_checkpoint(self.sinks.out_dir, self.step, weights, state, self.cfg.train.keep_checkpoints)
         barrier()
@@ -307,11 +329,13 @@ class Trainer:
         _, python_state, python_gauss = random.getstate()
         return {
             "map": list(self.stack.src), "trainable": list(self.stack.trainable), "sharing": self.stack.sharing,
+            # The vocabulary without model.pad_vocab_to's padding rows, which the stored weights include.
+            "vocab_size": getattr(getattr(self.model, "tokens", None), "vocab_size", None),
             "optimizer": self.optimizer.state_dict(), "policy": self.policy.state_dict(),
             "sampler": self.sampler.state_dict(), "score_sampler": self.score_sampler.state_dict(),
             "means": {name: mean.state_dict() for name, mean in self.means.items()},
             "throughput": {"items": self.throughput.items, "seconds": self.throughput.seconds},
-            "last_eval": self.last_eval, "losses_since_log": self.losses_since_log,
+            "last_eval": self.last_eval, "losses_since_log": self.read_losses(),
             "unrewarded_row": self.unrewarded_row,
             "peak_tensors": self.peak_tensors,
             "measured_maps": sorted([list(src), list(trainable)] for src, trainable in self.measured_maps),
@@ -336,7 +360,7 @@ class Trainer:
             mean.load_state_dict(state["means"][name])
         self.throughput.items, self.throughput.seconds = state["throughput"]["items"], state["throughput"]["seconds"]
         self.last_eval, self.elapsed_before = state["last_eval"], state["elapsed_s"]
-        self.losses_since_log = state["losses_since_log"]
+        self.losses_since_log = [torch.tensor(value, device=self.device) for value in state["losses_since_log"]]
         self.unrewarded_row = state["unrewarded_row"]
         self.peak_tensors = state["peak_tensors"]
         self.measured_maps = {(tuple(src), tuple(trainable)) for src, trainable in state["measured_maps"]}
@@ -360,19 +384,18 @@ class Trainer:
         """
         if self.step > 0:
             self._decide()
-        losses = self.losses_since_log
-        losses.append(self._train_step())
+        self.losses_since_log.append(self._train_step())
         for name in MEANS:
             self.means[name].add(self.counts[name])
         self.step += 1
         if self.mesh.distributed:
             stop_signal = broadcast_object(stop_signal, self.device)
-        self.sinks.console.progress(self.step, f"loss {losses[-1]:.3f}")
+        self.sinks.console.progress(self.step, f"loss {self.last_train_loss:.3f}")
         train = self.cfg.train
         last = self.step == train.max_steps
         if self.step % train.log_interval == 0 or last:
-            self._record_train(losses)
-            losses.clear()
+            self._record_train(self.read_losses())
+            self.losses_since_log.clear()
         if self.step % train.eval_interval == 0 or last:
             self.last_eval = self._record_eval(final=last)
         if last:
@@ -406,6 +429,11 @@ class Trainer:
         return {"train_state_bytes": max(per_rank), "train_state_bytes_per_rank": per_rank,
                 "train_state_bytes_total": sum(per_rank)}
 
+    def _tokens_per_s(self) -> float:
+        """Training tokens per second: the throughput in tokens (a vision sample is its sequence of patches)."""
+        per_item = 1 if self.data.unit == "tokens" else sequence_length(self.model, self.cfg.dataset.block_size)
+        return self.throughput.rate * per_item
+
     def fit(self, resume_from: Optional[Path] = None) -> Dict[str, Any]:
         """Train until train.max_steps (continuing from ``resume_from`` if given); return the measurements."""
         started = time.perf_counter()
@@ -423,6 +451,8 @@ class Trainer:
                     self._checkpoint(time.perf_counter() - started)
                 if stop_signal:
                     raise RunInterrupted(stop_signal, self.step)
+        flops_per_token = train_flops_per_token(
+            self.model, sequence_length(self.model, self.cfg.dataset.block_size), self.cfg.train.batch_size)
         return {
             **self.last_eval,
             "final_map": list(self.stack.src),
@@ -432,10 +462,12 @@ class Trainer:
             "optimizer_params": sum(p.numel() for p in optimizer_parameters(self.optimizer)),
             **self._train_state_bytes(),
             "unique_blocks": unique_blocks(self.model),
-            "train_flops_per_token": train_flops_per_token(
-                self.model, sequence_length(self.model, self.cfg.dataset.block_size), self.cfg.train.batch_size),
+            "train_flops_per_token": flops_per_token,
             **self.peak_tensors,
             "wall_time_s": self.elapsed_before + time.perf_counter() - started,
             f"{self.data.unit}_per_s": self.throughput.rate,
+            "mfu": mfu(flops_per_token, self._tokens_per_s(), peak_flops(self.device, self.cfg.hardware.peak_flops)),
+            "compile_graphs": self.regional_compile.graphs if self.regional_compile else None,
+            "compile_recompiles": self.regional_compile.recompiles if self.regional_compile else None,
             **self.policy.diagnostics(),
         }
