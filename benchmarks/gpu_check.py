@@ -80,7 +80,8 @@ class TimedRun:
         self.trainer.run_step()
         tying = self.trainer.current_tying()
         if tying not in self.maps:
-            self.maps[tying] = train_flops_per_token(self.trainer.model, self.seq_len, self.trainer.cfg.train.batch_size)
+            batch_size = self.trainer.cfg.train.batch_size
+            self.maps[tying] = train_flops_per_token(self.trainer.model, self.seq_len, batch_size)
         self.flops.append(self.maps[tying])
 
     def timed(self, steps: int) -> Dict[str, float]:
@@ -105,14 +106,16 @@ def compile_counts(trainer) -> Optional[Dict[str, Any]]:
 
 
 def gpt2_124m(args, tmp: Path, results: Dict[str, Any]) -> Dict[str, Any]:
-    variants = {"none_eager": ("none", False), "none_compiled": ("none", True), "dynamic_q_compiled": ("dynamic_q", True)}
+    variants = {"none_eager": ("none", False), "none_compiled": ("none", True),
+                "dynamic_q_compiled": ("dynamic_q", True)}
     data = build_data(compose_config(gpt2_overrides(args, "none", False)))
     out: Dict[str, Any] = {}
     for name, (policy, compile_) in variants.items():
         started = time.perf_counter()
         trainer = build_trainer(compose_config(gpt2_overrides(args, policy, compile_)), data, tmp / f"gpt2_{name}")
         run = TimedRun(trainer)
-        for _ in range(args.warmup_steps):  # compilation, the allocator, optimizer state
+        # Compilation, the allocator, optimizer state; the first steps under a map measure its peak memory eagerly.
+        for _ in range(args.warmup_steps):
             run.step()
         synchronize(trainer.device)
         entry = {"warmup_s": time.perf_counter() - started, **run.timed(args.timed_steps)}
@@ -253,7 +256,7 @@ def main() -> None:
     args.cuda = torch.cuda.is_available()
     args.quick = args.quick or not args.cuda
     if args.quick:
-        args.warmup_steps, args.timed_steps, args.max_map_steps = 2, 4, min(args.max_map_steps, 40)
+        args.warmup_steps, args.timed_steps, args.max_map_steps = 4, 4, min(args.max_map_steps, 40)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "disabled")

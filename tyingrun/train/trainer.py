@@ -223,13 +223,11 @@ class Trainer:
         losses = torch.stack(self.losses_since_log).float()
         if self.mesh.distributed:
             losses = mean_over_ranks(losses)
-        first_step = self.step - len(self.losses_since_log)
-        mean = losses.mean().item()
-        if not math.isfinite(mean):
-            values = losses.tolist()
-            bad = next((i for i, value in enumerate(values) if not math.isfinite(value)), len(values) - 1)
-            raise NonFiniteLoss(f"training loss became {values[bad]} at step {first_step + bad}")
-        values = losses.tolist() if len(self.losses_since_log) > 1 else [mean]
+        values = losses.tolist()
+        bad = next((i for i, value in enumerate(values) if not math.isfinite(value)), None)
+        if bad is not None:
+            step = self.step - len(values) + bad
+            raise NonFiniteLoss(f"training loss became {values[bad]} at step {step}")
         self.last_train_loss = values[-1]
         return values
 
