@@ -1,0 +1,78 @@
+"""hardware.compile=true compiles per block: one graph per block kind that every slot and tying map reuses (a second
+for slots whose weights need no gradient), never falling back to eager, with the losses of eager training."""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from tyingrun.train.compile import RegionalCompile
+from tyingrun.tying import maps
+
+from .conftest import TINY_MODELS, small_lm_config
+
+pytestmark = [pytest.mark.compile, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+N_LAYER = 4
+# Ten different maps, each a tie pattern the policies produce (chains resolved by the stack).
+MAPS = [maps.identity(N_LAYER), [0, 0, 2, 3], [0, 0, 0, 3], [0, 1, 1, 3], [0, 0, 0, 0], [0, 1, 0, 1],
+        [0, 1, 2, 2], [0, 0, 2, 2], [0, 1, 1, 1], [0, 0, 1, 1]]
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+
+
+def train_through_maps(model, batch, loss_of, trainable=None):
+    """One SGD step under each of MAPS; the losses."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for index, src in enumerate(MAPS):
+        model.stack.apply_map(src, trainable(index) if trainable else [True] * N_LAYER)
+        model.train()
+        loss = loss_of(batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("family", sorted(TINY_MODELS))
+def test_ten_maps_compile_each_block_kind_once_with_the_losses_of_eager(family):
+    build, make_batch = TINY_MODELS[family]
+    batch = make_batch()
+    eager, compiled = build(n_layer=N_LAYER), build(n_layer=N_LAYER)
+    regions = RegionalCompile(compiled)
+    eager_losses = train_through_maps(eager, batch, eager.loss)
+    compiled_losses = train_through_maps(compiled, batch, regions.loss)
+    torch.testing.assert_close(compiled_losses, eager_losses, rtol=0, atol=1e-5)
+    kind = type(compiled.stack.blocks[0]).__name__
+    assert regions.graphs[f"block:{kind}"] == 1 and regions.recompiles[f"block:{kind}"] == 0
+    assert regions.recompiles["loss"] == 0
+    # What dynamo itself counts: every graph is one of ours, and every frame it was handed compiled (none ran eager).
+    assert counters["stats"]["unique_graphs"] == sum(regions.graphs.values())
+    assert counters["frames"]["ok"] == counters["frames"]["total"]
+
+
+def test_frozen_copy_ties_and_frozen_slots_add_one_graph_and_evaluation_none():
+    build, make_batch = TINY_MODELS["gpt2"]
+    model = build(n_layer=N_LAYER, grad_mode="frozen_copy")
+    regions = RegionalCompile(model)
+    train_through_maps(model, make_batch(), regions.loss, trainable=lambda index: [index % 3 != 1] + [True] * 3)
+    model.eval()
+    with torch.no_grad():
+        model.loss(make_batch())
+    assert regions.graphs["block:PreLNBlock"] == 2 and regions.recompiles["block:PreLNBlock"] == 1
+
+
+@pytest.mark.slow
+def test_a_compiled_dynamic_q_run_records_its_graphs_and_recompiles(tmp_path):
+    from tyingrun.run import run
+
+    cfg = small_lm_config("dynamic_q", 24, policy_keys={"steps_per_decision": 2, "grad": "frozen_copy"})
+    cfg.hardware.compile = True
+    summary = run(cfg, tmp_path)
+    assert summary["compile_graphs"]["block:PreLNBlock"] <= 2
+    assert summary["compile_recompiles"]["block:PreLNBlock"] <= 1 and summary["compile_recompiles"]["loss"] == 0
