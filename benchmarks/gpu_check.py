@@ -8,9 +8,9 @@ is rewritten after every section, so a check cut short still leaves what it meas
   the trainer's own loop; the dynamic_q run goes on until it has trained under at least 20 distinct maps and
   reports the graphs and recompiles of every compiled region; peak tensor bytes of a step against
   ``torch.cuda.max_memory_allocated``.
+* ``cuda_tests``: the tests marked ``cuda`` (they skip without a GPU).
 * ``families``: one short bf16 run per model family (GPT-2, BERT, ViT) under none, cyclic and dynamic_q, through
   ``tyingrun.run.run`` as the CLI runs them.
-* ``cuda_tests``: the tests marked ``cuda`` (they skip without a GPU).
 * ``parity``: with 2 or more GPUs, 2-process NCCL runs under hardware=ddp and hardware=fsdp against one process;
   skipped with a line otherwise.
 
@@ -49,6 +49,8 @@ TARGETS = {"mfu_gpt2_124m_compiled_none": 0.40, "dynamic_q_over_none_tokens_per_
 FAMILIES = {"gpt2": "pydoc", "bert": "pydoc", "vit": "digits"}
 POLICIES = ("none", "cyclic", "dynamic_q")
 DISTINCT_MAPS = 20
+# The test files that hold tests marked cuda (collecting only these keeps the section short).
+CUDA_TESTS = ("tests/test_cuda.py", "tests/test_tensor_memory.py")
 
 
 def hardware_overrides(cuda: bool) -> List[str]:
@@ -143,7 +145,7 @@ def release_memory() -> None:
 def families(args, tmp: Path, results: Dict[str, Any]) -> Dict[str, Any]:
     from tyingrun.run import run
 
-    steps = 12 if args.quick else 40
+    steps = 12 if args.quick else 30
     out: Dict[str, Any] = {}
     for model, dataset in FAMILIES.items():
         for policy in POLICIES:
@@ -166,7 +168,7 @@ def families(args, tmp: Path, results: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def cuda_tests(args, tmp: Path, results: Dict[str, Any]) -> Dict[str, Any]:
-    command = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "-m", "cuda", "tests"]
+    command = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "-m", "cuda", *CUDA_TESTS]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=args.test_timeout_s)
     lines = (done.stdout + done.stderr).strip().splitlines()
     return {"command": " ".join(command[1:]), "returncode": done.returncode, "summary": lines[-1] if lines else "",
@@ -192,7 +194,7 @@ def parity(args, tmp: Path, results: Dict[str, Any]) -> Dict[str, Any]:
             for name, values in losses.items() if name != "single"}
 
 
-SECTIONS: Dict[str, Callable] = {"gpt2_124m": gpt2_124m, "families": families, "cuda_tests": cuda_tests,
+SECTIONS: Dict[str, Callable] = {"gpt2_124m": gpt2_124m, "cuda_tests": cuda_tests, "families": families,
                                  "parity": parity}
 
 
@@ -248,8 +250,8 @@ def main() -> None:
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated, of " + ", ".join(SECTIONS))
     parser.add_argument("--quick", action="store_true", help="toy sizes (the default without CUDA)")
     parser.add_argument("--warmup-steps", type=int, default=8)
-    parser.add_argument("--timed-steps", type=int, default=40)
-    parser.add_argument("--max-map-steps", type=int, default=400, help="dynamic_q: stop here even short of 20 maps")
+    parser.add_argument("--timed-steps", type=int, default=30)
+    parser.add_argument("--max-map-steps", type=int, default=240, help="dynamic_q: stop here even short of 20 maps")
     parser.add_argument("--budget-s", type=float, default=450, help="sections left when this is spent are skipped")
     parser.add_argument("--test-timeout-s", type=float, default=150)
     args = parser.parse_args()
