@@ -12,7 +12,7 @@ SUMMARY_KEYS = {
     "status", "model", "dataset", "policy", "steps", "n_layer", "final_map", "independent_layers",
     "trainable_layers", "independent_layers_mean", "val_loss", "val_ppl", "total_params", "trainable_params",
     "trainable_params_mean", "stored_params", "train_state_bytes", "peak_memory_bytes", "peak_memory_kind",
-    "wall_time_s", "tokens_per_s", "seed",
+    "wall_time_s", "tokens_per_s", "seed", "mfu", "compile_graphs", "compile_recompiles",
 }
 SMALL = ["model.d_model=64", "dataset.block_size=64", "train.batch_size=8", "train.eval_batches=4"]
 

@@ -2,9 +2,9 @@
 
 The set of trainable tensors changes at every tying decision, which a DistributedDataParallel wrapper
 cannot follow (its buckets and hooks are fixed at construction). Instead every rank computes its share of
-the global batch, and under hardware=ddp the gradients of exactly the trainable tensors are averaged in one
-coalesced all-reduce per step (hardware=fsdp shards the model instead and FSDP reduce-scatters them; see
-tyingrun.train.fsdp). Rank 0 takes every map decision and broadcasts it, so ranks never disagree.
+the global batch, and under hardware=ddp the gradients of exactly the trainable tensors are averaged in buckets
+during the backward (tyingrun.train.grad_sync; hardware=fsdp shards the model instead and FSDP reduce-scatters
+them; see tyingrun.train.fsdp). Rank 0 takes every map decision and broadcasts it, so ranks never disagree.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Ty
 
 import torch
 import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from tyingrun.errors import BadInput
 
@@ -100,21 +99,6 @@ def rank_share(items: Iterable[T], mesh: Mesh) -> Iterator[Tuple[T, bool]]:
     if round_items:
         mine = mesh.rank < len(round_items)
         yield round_items[mesh.rank if mine else 0], mine
-
-
-def average_gradients(params: Sequence[torch.Tensor], mesh: Mesh) -> None:
-    """Average the gradients of ``params`` over the ranks in one all-reduce per device and dtype."""
-    grads: Dict[tuple, List[torch.Tensor]] = {}
-    for param in params:
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
-        grads.setdefault((param.grad.device, param.grad.dtype), []).append(param.grad)
-    for group in grads.values():
-        flat = _flatten_dense_tensors(group)
-        dist.all_reduce(flat)
-        flat.div_(mesh.world_size)
-        for grad, reduced in zip(group, _unflatten_dense_tensors(flat, group), strict=True):
-            grad.copy_(reduced)
 
 
 def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:

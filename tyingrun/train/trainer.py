@@ -26,7 +26,6 @@ from tyingrun.train.compile import RegionalCompile
 from tyingrun.train.distributed import (
     SINGLE,
     Mesh,
-    average_gradients,
     barrier,
     broadcast_object,
     local_rows,
@@ -37,9 +36,10 @@ from tyingrun.train.distributed import (
 )
 from tyingrun.train.freeze import freeze_tensors, frozen_layers
 from tyingrun.train.fsdp import placed_optimizer_state, reshard, whole_tensors
+from tyingrun.train.grad_sync import OverlappedGradientAverage
 from tyingrun.train.optim import build_optimizer, optimizer_parameters, sync_optimizer
 from tyingrun.train.signals import RunInterrupted, StopSignals
-from tyingrun.tying.counts import train_state_bytes
+from tyingrun.tying.counts import train_state_bytes, trainable_parameters
 from tyingrun.tying.flops import sequence_length, train_flops_per_token, unique_blocks
 from tyingrun.tying.stack import TiedStack
 
@@ -99,6 +99,9 @@ class Trainer:
         freeze_tensors(model, cfg.model.freeze)
         self.frozen_layers = frozen_layers(cfg.model.freeze)
         self.optimizer = build_optimizer(model, cfg.train, cfg.hardware, device)
+        # hardware=ddp: gradients averaged in buckets during the backward (FSDP reduce-scatters them itself).
+        self.grad_sync = (OverlappedGradientAverage(mesh.world_size)
+                          if mesh.distributed and not cfg.hardware.fsdp else None)
         self.sampler = data.train_sampler(cfg.train.batch_size, cfg.train.seed)
         # Policies score the model on their own stream of training batches, so the training stream is the
         # same whatever the policy; the stream is derived, so it is no other seed's training stream either.
@@ -137,12 +140,18 @@ class Trainer:
         optimizer follows, the sinks record it."""
         trainable = [flag and slot not in self.frozen_layers for slot, flag in enumerate(decision.trainable)]
         self.stack.apply_map(decision.src, trainable)
-        sync_optimizer(self.optimizer, self.model)
+        self._sync_trainable_set()
         self.counts = model_counts(self.model, self.stack)
         self._record_map({
             "step": self.step, "map": list(self.stack.src), "trainable": self.stack.effective_trainable,
             **self.counts, **decision.info,
         })
+
+    def _sync_trainable_set(self) -> None:
+        """The optimizer, and under DDP the gradient hooks, follow the tensors that train now."""
+        sync_optimizer(self.optimizer, self.model)
+        if self.grad_sync is not None:
+            self.grad_sync.arm(trainable_parameters(self.model))
 
     def _record_map(self, row: Dict[str, Any]) -> None:
         """Write a map change to maps.jsonl with the reward of its own decision.
@@ -206,8 +215,8 @@ class Trainer:
         with self.autocast():
             loss = loss_of(batch).loss
         loss.backward()
-        if self.mesh.distributed and not self.cfg.hardware.fsdp:  # FSDP has reduce-scattered them in the backward
-            average_gradients(optimizer_parameters(self.optimizer), self.mesh)
+        if self.grad_sync is not None:
+            self.grad_sync.finish()
         if self.cfg.train.grad_clip > 0:
             nn.utils.clip_grad_norm_(optimizer_parameters(self.optimizer), self.cfg.train.grad_clip)
         self.optimizer.step()
@@ -349,7 +358,7 @@ class Trainer:
         self.step, state = read_state(checkpoint)
         self.stack.apply_map(state["map"], state["trainable"])
         load_weights(self.model, checkpoint / WEIGHTS_FILE)
-        sync_optimizer(self.optimizer, self.model)
+        self._sync_trainable_set()
         self.optimizer.load_state_dict(placed_optimizer_state(self.optimizer, state["optimizer"]))
         self.policy.load_state_dict(state["policy"])
         self.sampler.load_state_dict(state["sampler"])
