@@ -39,7 +39,7 @@ PYTEST := $(OFFLINE) OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS)
 test: install
 	$(PYTEST) -m "not compile" --durations=15
 
-# The inner loop (about a minute on 2 cores): also skips the slow tests, those that train for seconds or more.
+# The inner loop (under a minute on 2 cores): also skips the slow tests, those that train for seconds or more.
 test-fast: install
 	$(PYTEST) -m "not slow and not compile"
 
@@ -66,13 +66,16 @@ gpu-check:
 		--target $(GPU_SITE) $(wildcard $(WHEELS)/*.whl) .
 	$(OFFLINE) PYTHONPATH=$(abspath $(GPU_SITE)) PYTHONUNBUFFERED=1 $(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
+# ruff, then mypy: no error in tying, models, policies, metrics and contracts, none beyond tools/mypy-baseline.txt
+# elsewhere (tools/typecheck.py --update drops the lines of fixed errors).
 lint: install
-	$(VENV)/bin/ruff check tyingrun tests
+	$(VENV)/bin/ruff check tyingrun tests tools
+	$(PY) tools/typecheck.py
 
-# docs/method.md#ablations over SEEDS (default 0,1,2; recursive: 0,1), then report.md/report.csv/figures, under
+# docs/studies.md#ablations over SEEDS (default 0,1,2; recursive: 0,1), then report.md/report.csv/figures, under
 # outputs/ablations/<scale>-<date>_<time>. The cpu, learn and recursive scales need no network; the paper scale
-# downloads WikiText-2 and wants GPUs. SCALE=learn is the learning study (docs/method.md#the-learning-study),
-# SCALE=recursive the conversion study (docs/method.md#the-conversion-study).
+# downloads WikiText-2 and wants GPUs. SCALE=learn is the learning study (docs/studies.md#the-learning-study),
+# SCALE=recursive the conversion study (docs/studies.md#the-conversion-study).
 ablations: install
 	$(if $(filter cpu learn recursive,$(SCALE)),$(OFFLINE)) $(PY) -m tyingrun.ablations --scale $(SCALE) \
 		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(JOBS),--jobs $(JOBS)) \

@@ -5,7 +5,7 @@ import json
 import pytest
 from hydra import compose, initialize_config_module
 
-from tyingrun.ablations import Outcome, arm_outcome, hydra_string, stage_2
+from tyingrun.ablations import Outcome, arm_outcome, stage_2
 from tyingrun.config import register_configs
 
 
@@ -30,11 +30,6 @@ def test_stage_2_matches_dynamic_q_budget_and_gradient_mode(tmp_path):
     six = {arm: specific for arm, (specific, _) in stage_2(n_layer=8, kept=6, learned_map=tmp_path).items()}
     assert six["cycle_rev"][:2] == ["policy=cycle_rev", "policy.n_sets=4"]
     assert six["sequential"][:2] == ["policy=sequential", "policy.n_sets=4"]  # 4 and 8 are both 2 away from 6
-
-
-def test_hydra_string_quotes_only_what_needs_it():
-    assert hydra_string("/runs/01_dynamic_q/0/summary.json") == "/runs/01_dynamic_q/0/summary.json"
-    assert hydra_string("/a b/it's") == "'/a b/it\\'s'"
 
 
 def test_arm_outcome_rounds_the_mean_and_picks_the_best_map(tmp_path):

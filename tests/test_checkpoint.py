@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from tyingrun.errors import BadInput
-from tyingrun.files import unique_weights
 from tyingrun.train.checkpoint import save_checkpoint
 from tyingrun.train.init_from import init_from, init_source
 from tyingrun.tying import counts, maps
+from tyingrun.tying.weights import unique_weights
 
 from .conftest import lm_batch, run_folder, small_lm_config, tiny_gpt2
 

@@ -21,11 +21,12 @@ from tyingrun.policies.dynamic_q import (
     n_actions,
     next_epsilon,
 )
+from tyingrun.preflight import preflight
 from tyingrun.train.optim import build_optimizer, optimizer_parameters, sync_optimizer
 from tyingrun.tying import maps
 from tyingrun.tying.counts import trainable_parameters
 
-from .conftest import lm_batch, tiny_gpt2
+from .conftest import lm_batch, small_lm_config, tiny_gpt2
 
 
 class ScriptedContext:
@@ -142,7 +143,7 @@ def test_improvement_and_param_penalty_read_the_context():
 @pytest.mark.parametrize("keys", [{"reward": "ppl"}, {"steps_per_decision": 0}])
 def test_bad_policy_keys_are_bad_input(keys):
     with pytest.raises(BadInput) as error:
-        build_policy(policy_config(**keys), n_layer=4)
+        preflight(small_lm_config(policy="dynamic_q", policy_keys=keys))
     if "reward" in keys:
         assert all(name in str(error.value) for name in REWARDS)
 

@@ -125,7 +125,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from tyingrun.config import Config, DatasetConfig, HardwareConfig, LogConfig, ModelConfig, PolicyConfig, TrainConfig
-from tyingrun.files import local_view, storage_key
+from tyingrun.tying.weights import local_view, storage_key
 from tyingrun.run import build_parts, execute
 from tyingrun.train.optim import optimizer_parameters
 from tyingrun.train.trainer import Trainer

@@ -16,9 +16,10 @@ PACKAGE = ROOT / "tyingrun"
 
 # Low to high. A unit is a top-level module or a package (all its modules).
 LAYERS: Dict[str, int] = {
-    # 0: neutral - the facts everyone shares (errors, contracts, files, seeds, config, a run's status)
+    # 0: neutral - the facts everyone shares (errors, contracts, files, seeds, config, a run's status, how an
+    # override value is quoted)
     "tyingrun.errors": 0, "tyingrun.contracts": 0, "tyingrun.files": 0, "tyingrun.seeding": 0,
-    "tyingrun.config": 0, "tyingrun.run_status": 0,
+    "tyingrun.config": 0, "tyingrun.run_status": 0, "tyingrun.overrides": 0,
     # 1: the tying map and stack, the data, the report (neither data nor report knows models or training)
     "tyingrun.tying": 1, "tyingrun.data": 1, "tyingrun.report": 1,
     # 2: models, measurements, policies
@@ -46,8 +47,9 @@ ALLOWED: Dict[str, FrozenSet[str]] = {
     "tyingrun.contracts": frozenset(),
     "tyingrun.seeding": frozenset(),
     "tyingrun.config": _units("errors"),
-    "tyingrun.files": _units("errors"),
+    "tyingrun.files": frozenset(),
     "tyingrun.run_status": _units("files"),
+    "tyingrun.overrides": frozenset(),
     "tyingrun.tying": NEUTRAL,
     "tyingrun.data": NEUTRAL,
     "tyingrun.report": NEUTRAL,
@@ -65,8 +67,8 @@ ALLOWED: Dict[str, FrozenSet[str]] = {
     "tyingrun.data_cli": NEUTRAL | _units("data", "preflight", "cli"),
 }
 # The arrows within one layer that ALLOWED grants on purpose.
-SAME_LAYER = {("tyingrun.config", "tyingrun.errors"), ("tyingrun.files", "tyingrun.errors"),
-              ("tyingrun.run_status", "tyingrun.files"), ("tyingrun.data_cli", "tyingrun.cli")}
+SAME_LAYER = {("tyingrun.config", "tyingrun.errors"), ("tyingrun.run_status", "tyingrun.files"),
+              ("tyingrun.data_cli", "tyingrun.cli")}
 
 
 def module_name(path: Path) -> str:

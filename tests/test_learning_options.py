@@ -19,11 +19,11 @@ from tyingrun.errors import BadInput
 from tyingrun.policies import build_policy
 from tyingrun.policies.dynamic_q import REPLAY_BATCH, Experience, QLearner
 from tyingrun.policies.learning import STABILITY_EPISODES, GreedyRecord, RunningStats, first_argmax
-from tyingrun.preflight import check_policy
+from tyingrun.preflight import check_policy, preflight
 from tyingrun.run import run
 from tyingrun.tying import maps
 
-# The option set of the learning study's dynamic_q_learning arm (docs/method.md#the-learning-study), without its K
+# The option set of the learning study's dynamic_q_learning arm (docs/studies.md#the-learning-study), without its K
 # (tests/test_learning_study.py keeps the two equal).
 BEST = dict(reward="paired_improvement", reward_normalization=True, epsilon_schedule="decision",
             epsilon_decay_per_decision=0.985, td_target="next_decision", replay=256, target_update=20,
@@ -79,7 +79,7 @@ def test_epsilon_decays_once_per_rewarded_decision_to_the_floor():
 @pytest.mark.parametrize("decay", [0.0, 1.5])
 def test_epsilon_decay_out_of_range_is_bad_input(decay):
     with pytest.raises(BadInput, match="epsilon_decay_per_decision"):
-        build_policy(policy_config(epsilon_decay_per_decision=decay), n_layer=4)
+        preflight(small_lm_config(policy="dynamic_q", policy_keys={"epsilon_decay_per_decision": decay}))
 
 
 # --- paired improvement ---------------------------------------------------------------------------------------
@@ -285,7 +285,7 @@ def test_faithful_update_is_unchanged_by_the_new_path():
 @pytest.mark.parametrize("key", ["replay", "target_update", "q_lr_decay_updates"])
 def test_negative_replay_or_target_update_is_bad_input(key):
     with pytest.raises(BadInput, match=key):
-        build_policy(policy_config(**{key: -1}), n_layer=4)
+        preflight(small_lm_config(policy="dynamic_q", policy_keys={key: -1}))
 
 
 # --- which policy reads which key ---------------------------------------------------------------------------

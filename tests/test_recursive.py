@@ -256,10 +256,11 @@ def test_a_recursive_run_records_its_conversion_and_its_losses_before_training(p
 def test_an_exported_lora_run_reloads_in_transformers_with_equal_logits(parent_and_child, tmp_path):
     transformers = pytest.importorskip("transformers")
     from tyingrun import export
-    from tyingrun.files import WEIGHTS_FILE, read_tensors
+    from tyingrun.files import WEIGHTS_FILE
     from tyingrun.run import build_model
     from tyingrun.train.checkpoint import latest_checkpoint
     from tyingrun.train.init_from import init_from
+    from tyingrun.tying.weights import read_tensors
     _, child, _, cfg = parent_and_child
     checkpoint = latest_checkpoint(child)
     vocab = len(read_tensors(checkpoint / WEIGHTS_FILE)["tokens.wte.weight"])
@@ -279,8 +280,9 @@ def test_an_exported_lora_run_reloads_in_transformers_with_equal_logits(parent_a
 def test_a_resumed_recursive_run_is_bit_identical(parent_and_child, tmp_path, data_cache, monkeypatch):
     import shutil
 
-    from tyingrun.files import WEIGHTS_FILE, read_tensors
+    from tyingrun.files import WEIGHTS_FILE
     from tyingrun.run import run
+    from tyingrun.tying.weights import read_tensors
     _, child, summary, cfg = parent_and_child
     cfg = copy.deepcopy(cfg)
     folder = tmp_path / "resumed"

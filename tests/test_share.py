@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from tyingrun.config import HardwareConfig, TrainConfig
-from tyingrun.files import read_tensors, unique_weights
 from tyingrun.train.checkpoint import save_checkpoint
 from tyingrun.train.init_from import init_from
 from tyingrun.train.optim import build_optimizer, optimizer_parameters, sync_optimizer
 from tyingrun.tying import counts, maps
 from tyingrun.tying.flops import train_flops_per_token
 from tyingrun.tying.stack import shared_names
+from tyingrun.tying.weights import read_tensors, unique_weights
 
 from .conftest import TINY_MODELS, counted_flops_per_token, lm_batch, tiny_gpt2
 

@@ -1,4 +1,4 @@
-"""``make ablations``: the paper's ablations (docs/method.md, "Ablations") as Hydra sweeps over seeds, then
+"""``make ablations``: the paper's ablations (docs/studies.md#ablations) as Hydra sweeps over seeds, then
 the report.
 
 Stage 1 sweeps every arm that needs nothing from another run. Stage 2 sweeps the arms built from what
@@ -10,12 +10,12 @@ Each arm runs once per seed, ``tyingrun ... train.seed=<seed>`` into ``<out>/<NN
 the arm's sweep ``tyingrun -m ... train.seed=0,1,2``), several at a time on CPU; ``<out>/ablation_arms.json``
 records each arm's exact overrides, and the report covers ``<out>``.
 
-``--scale learn`` is another study on the same machinery (docs/method.md#the-learning-study): whether a learned
+``--scale learn`` is another study on the same machinery (docs/studies.md#the-learning-study): whether a learned
 tying policy learns at all within a single-machine budget. Stage 1: none, dynamic_q as published, dynamic_q with
 the learning options, a per-layer bandit and the random control; stage 2: the fixed maps (the learned map from
 file, cyclic, sequential) at as many independent layers as the learning-option dynamic_q kept.
 
-``--scale recursive`` is the recursive-conversion study (docs/method.md#the-conversion-study): stage 1 trains the
+``--scale recursive`` is the recursive-conversion study (docs/studies.md#the-conversion-study): stage 1 trains the
 parent; stage 2 converts each seed's parent into half as many unique blocks under every ``policy.init`` with and
 without LoRA and continues training each for the parent's steps, beside the parent continued for those steps and a
 model with as many layers as unique blocks trained from scratch for both spans together.
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shlex
 import statistics
 import subprocess
@@ -43,6 +42,7 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from tyingrun.config import CHOICES
 from tyingrun.files import ARMS_FILE, SUMMARY_FILE, read_json, write_json_atomic
+from tyingrun.overrides import hydra_value
 from tyingrun.report import write_report
 
 # dynamic_q's gradient mode: the fixed maps it is compared with train with it too (the paper's ablation code
@@ -139,7 +139,7 @@ def stage_2(n_layer: int, kept: int, learned_map: Path, source: str = "dynamic_q
         "none_as_many_layers": (["policy=none", f"model.n_layer={kept}"],  # (i)
                                 f"a conventional model with the {kept} layers {source} kept independent"),
         "from_file_learned_map": (  # (ii)
-            ["policy=from_file", f"policy.path={hydra_string(str(learned_map))}", MATCHED_GRAD],
+            ["policy=from_file", f"policy.path={hydra_value(str(learned_map))}", MATCHED_GRAD],
             f"{source}'s final map from the seed with the lowest validation loss ({learned_map}), retrained"),
         "cyclic": (["policy=cyclic", f"policy.n_sets={kept}", MATCHED_GRAD],  # (vii)
                    independent_layer_note("any count up to n_layer", kept, kept, source)),
@@ -160,7 +160,7 @@ def learn_stage_2(n_layer: int, kept: int, learned_map: Path) -> Arms:
 def recursive_stage_2(parent: Outcome) -> Arms:
     """Each seed's parent converted into half as many unique blocks under every init and rank, and the two controls."""
     blocks, steps = parent.n_layer // 2, parent.steps
-    source = f"train.init_from={hydra_string(str(parent.arm_dir) + '/${train.seed}')}"
+    source = f"train.init_from={hydra_value(str(parent.arm_dir) + '/${train.seed}')}"
     arms: Arms = {
         "parent_continued": (["policy=none", source],
                              f"the parent trained {steps} more steps from its final weights, on a fresh schedule as "
@@ -219,13 +219,6 @@ STUDIES = {
 }
 
 
-def hydra_string(text: str) -> str:
-    """``text`` as a Hydra override value: quoted unless it is plain (a path of letters, digits, _ . / -)."""
-    if re.fullmatch(r"[\w./-]+", text):
-        return text
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 def arm_outcome(arm_dir: Path) -> Optional[Outcome]:
     """What a finished stage-1 arm ended with, over its seeds (None when no seed finished)."""
     summaries = {path: read_json(path) for path in sorted(arm_dir.glob(f"*/{SUMMARY_FILE}"))}
@@ -250,7 +243,7 @@ class Job:
     seed: str
 
     def command(self, out_dir: Path) -> List[str]:
-        run_dir = hydra_string(str(out_dir / self.folder / self.seed))
+        run_dir = hydra_value(str(out_dir / self.folder / self.seed))
         return [sys.executable, "-m", "tyingrun.cli", *self.overrides, f"train.seed={self.seed}",
                 f"hydra.run.dir={run_dir}"]
 
@@ -260,12 +253,12 @@ class Job:
 
 def run_job(job: Job, out_dir: Path, env: Dict[str, str], to_log: bool) -> int:
     """Run one job, its output to the console or (when jobs run side by side) to its log file; its exit status."""
-    env = {**env, **os.environ} if env else None
+    environment = {**env, **os.environ} if env else None
     if not to_log:
-        return subprocess.run(job.command(out_dir), env=env).returncode
+        return subprocess.run(job.command(out_dir), env=environment).returncode
     job.log_path(out_dir).parent.mkdir(parents=True, exist_ok=True)
     with job.log_path(out_dir).open("w") as log:
-        return subprocess.run(job.command(out_dir), env=env, stdout=log, stderr=subprocess.STDOUT,
+        return subprocess.run(job.command(out_dir), env=environment, stdout=log, stderr=subprocess.STDOUT,
                               stdin=subprocess.DEVNULL).returncode
 
 

@@ -33,9 +33,10 @@ from tyingrun.config import (
 )
 from tyingrun.errors import EXIT_BAD_INPUT, EXIT_FAILED, BadInput, fail
 from tyingrun.files import CONFIG_FILE, NOT_RUN_FILES, OVERRIDES_FILE, FolderInUse, lock_folder
+from tyingrun.overrides import hydra_value
 from tyingrun.run_status import write_status
 from tyingrun.sweep import unstarted_notice
-from tyingrun.train.distributed import broadcast_object, init_from_env, launched_by_torchrun, leave_process_group
+from tyingrun.train.launch import launched_by_torchrun
 from tyingrun.train.signals import StopNow
 
 CONFIG_ERRORS = (HydraException, ConfigKeyError, ConfigAttributeError, ValidationError)
@@ -237,8 +238,6 @@ def override_key(arg: str) -> str:
 
 
 def hydra_path(path: Any) -> str:
-    from tyingrun.run import hydra_value
-
     return hydra_value(str(path))
 
 
@@ -304,6 +303,8 @@ def with_rank_arguments(argv: List[str]) -> List[str]:
         return argv
     import torch
 
+    from tyingrun.train.distributed import broadcast_object, init_from_env
+
     mesh = init_from_env()
     device = torch.device("cuda", mesh.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     given = any(arg.startswith("hydra.run.dir=") for arg in argv)
@@ -335,7 +336,10 @@ def main() -> None:
         except OSError as err:
             fail(f"cannot write the run folder: {' '.join(str(err).split())}")
         finally:
-            leave_process_group()
+            if launched_by_torchrun():  # only torchrun's processes join a process group
+                from tyingrun.train.distributed import leave_process_group
+
+                leave_process_group()
     except SystemExit as stop:
         if isinstance(stop.code, int) and stop.code > 128:  # a run that checkpointed after a stop signal
             announce_unstarted_jobs()

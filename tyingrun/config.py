@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
@@ -221,10 +221,12 @@ SECTION_SCHEMAS = {
     "train": TrainConfig, "log": LogConfig,
 }
 
+# The values each of these keys accepts: config.check refuses any other, naming these. Where code elsewhere keeps a
+# registry keyed by a key's values (REWARDS, the recursive patterns and inits, the wiki2 variants), it is built with
+# registry_of, which fails on import unless the registry's names are exactly these.
 CHOICES = {
     "policy.grad": ("shared", "frozen_copy"),
     "policy.share": ("block", "attention", "mlp"),
-    # The names of tyingrun.policies.dynamic_q.REWARDS (a test keeps the two equal).
     "policy.reward": ("paper", "neg_loss", "improvement", "param_penalty", "paired_improvement"),
     "policy.epsilon_schedule": ("episode", "decision"),
     "policy.td_target": ("same_layer", "next_decision"),
@@ -238,6 +240,17 @@ CHOICES = {
     "dataset.tokenizer": ("bpe", "gpt2", "wordpiece"),
     "dataset.variant": ("raw", "v1"),
 }
+
+
+T = TypeVar("T")
+
+
+def registry_of(key: str, registry: Dict[str, T]) -> Dict[str, T]:
+    """``registry``, which must be keyed by exactly the CHOICES of ``key`` (in their order): the schema and the code
+    that acts on each choice cannot drift apart (a plain error on import if they do)."""
+    if tuple(registry) != CHOICES[key]:
+        raise ValueError(f"the registry of {key} holds {tuple(registry)} but CHOICES[{key!r}] is {CHOICES[key]}")
+    return registry
 
 
 # What a resumed run may change: how long it goes on, how often it logs, evaluates and checkpoints, and how it
@@ -269,9 +282,10 @@ def unknown_key_message(full_key: str) -> str:
 
 def reject_unknown_keys(cfg: DictConfig) -> None:
     """``+key=value`` can add keys that no schema declares; refuse them instead of silently ignoring them."""
-    for section in cfg:
+    for entry in cfg:
+        section = str(entry)
         declared = {f.name for f in fields(SECTION_SCHEMAS[section])} if section in SECTION_SCHEMAS else set()
-        unknown = [key for key in cfg[section] if key not in declared] if declared else [""]
+        unknown = [str(key) for key in cfg[section] if key not in declared] if declared else [""]
         if unknown:
             raise BadInput(unknown_key_message(f"{section}.{unknown[0]}".rstrip(".")))
 

@@ -1,21 +1,22 @@
 """What the layers agree on: a batch, the label that is not predicted, what ``loss(batch)`` returns, perplexity,
-and the Protocols through which the trainer and ``run`` see a model, its data and its sinks.
+the base class of every model (TiedModule), and the Protocols through which the trainer and ``run`` see the data
+and the sinks.
 
-The models (tyingrun.models), the data (tyingrun.data) and the sinks (tyingrun.metrics.sinks) satisfy the
-Protocols by their shape; none of them subclasses one, and this module imports none of them.
+The models (tyingrun.models) subclass TiedModule; the data (tyingrun.data) and the sinks (tyingrun.metrics.sinks)
+satisfy the Protocols by their shape. This module imports none of them.
 """
 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterator, NamedTuple, Optional, Protocol
 
 import torch
+from torch import nn
 
 if TYPE_CHECKING:
-    from torch import nn
-
     from tyingrun.tying.stack import TiedStack
 
 # One batch: named tensors ("input_ids" and "labels" for language models, "images" and "labels" for images).
@@ -38,25 +39,17 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 700.0))
 
 
-class TiedModel(Protocol):
-    """A model the trainer trains: an ``nn.Module`` (GPT2, BERT, ViT) whose layer slots are one TiedStack."""
+class TiedModule(nn.Module, ABC):
+    """What every model is (GPT2, BERT, ViT): an ``nn.Module`` whose layer slots are one TiedStack, trained on
+    ``task``'s data through ``loss``."""
 
     task: str  # the kind of data it trains on: "lm" (token blocks) or "vision" (labelled images)
     stack: TiedStack  # the only place the tying map is applied (TiedStack.apply_map)
 
-    # Computes through the model's own call (``self(...)``): what hooks its forward (FSDP's gathers) sees it all.
-    def loss(self, batch: Batch) -> LossResult: ...
-
-    # The nn.Module methods the trainer and run call.
-    def train(self, mode: bool = True) -> Any: ...
-
-    def eval(self) -> Any: ...
-
-    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> Dict[str, Any]: ...
-
-    def to(self, *args: Any, **kwargs: Any) -> Any: ...
+    @abstractmethod
+    def loss(self, batch: Batch) -> LossResult:
+        """The batch's loss. Computed through the model's own call (``self(...)``), so that whatever hooks its
+        forward (FSDP's gathers) sees all of it."""
 
 
 class Sampler(Protocol):
@@ -101,7 +94,9 @@ class Sink(Protocol):
     """Where a rank records its run (RunSinks on rank 0, RankSinks on the others)."""
 
     out_dir: Path  # the run folder, where checkpoints go too
-    console: Console
+
+    @property
+    def console(self) -> Console: ...
 
     def metrics(self, row: Dict[str, Any]) -> None: ...
 

@@ -15,7 +15,7 @@ from tyingrun.run import load_checkpointed_model
 def load_run_model(run_dir: Path) -> GPT2:
     """The run's GPT-2 with the weights and tying map of its newest checkpoint, LoRA corrections merged."""
     cfg, _, model, _ = load_checkpointed_model(run_dir, "export")
-    if cfg.model.name != "gpt2":
+    if not isinstance(model, GPT2):
         raise BadInput(f"{run_dir} trained model={cfg.model.name}; only GPT-2 runs export to Hugging Face GPT-2")
     if model.stack.has_lora:
         # policy=recursive: each slot's weights become W + B A, every slot its own (Hugging Face GPT-2 has no ties).

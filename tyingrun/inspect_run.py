@@ -15,10 +15,10 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from tyingrun.errors import BadInput, fail
-from tyingrun.files import storage_key
 from tyingrun.run import load_checkpointed_model
 from tyingrun.train.optim import build_optimizer, sync_optimizer
 from tyingrun.tying import counts
+from tyingrun.tying.weights import storage_key
 
 CPU = torch.device("cpu")
 

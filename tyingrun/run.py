@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
 import shlex
 import sys
 from dataclasses import asdict, dataclass, replace
@@ -18,7 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tyingrun.config import Config, HardwareConfig, ModelConfig
-from tyingrun.contracts import Sink, TiedModel, TrainingData
+from tyingrun.contracts import Sink, TiedModule, TrainingData
 from tyingrun.data.build import build_dataset
 from tyingrun.errors import BadInput
 from tyingrun.files import (
@@ -29,12 +28,12 @@ from tyingrun.files import (
     SUMMARY_FILE,
     WEIGHTS_FILE,
     read_json,
-    read_tensors,
     write_json_atomic,
 )
 from tyingrun.metrics.meters import peak_memory, reset_peak_memory
 from tyingrun.metrics.sinks import ConsoleSink, RankSinks, RunSinks, WandbSink, check_jsonl
 from tyingrun.models import MODELS
+from tyingrun.overrides import hydra_value
 from tyingrun.policies import build_policy, stack_sharing
 from tyingrun.policies.base import Policy
 from tyingrun.preflight import preflight
@@ -48,6 +47,7 @@ from tyingrun.train.init_from import init_from, init_source
 from tyingrun.train.signals import RunInterrupted
 from tyingrun.train.trainer import Trainer
 from tyingrun.tying.counts import total_params
+from tyingrun.tying.weights import read_tensors
 
 
 def seed_stream(seed: int, name: str, *keys: int) -> None:
@@ -89,7 +89,7 @@ def build_data(cfg: Config) -> TrainingData:
 
 
 def build_model(model_cfg: ModelConfig, data: Optional[TrainingData], grad_mode: str, share: str = "block",
-                share_norms: bool = False) -> TiedModel:
+                share_norms: bool = False) -> TiedModule:
     """The model, its TiedStack set to ``grad_mode`` and to what a tie shares (policy.share, policy.share_norms)."""
     vocab_size = getattr(data, "vocab_size", None)
     if model_cfg.vocab_size is not None and vocab_size is not None and model_cfg.vocab_size < vocab_size:
@@ -114,7 +114,7 @@ def checkpoint_shapes(stored: Dict[str, torch.Tensor], checkpoint: Path) -> Simp
                    f"of a tyingrun model")
 
 
-def load_checkpointed_model(run_dir: Path, purpose: str) -> Tuple[Config, Path, TiedModel, Dict[str, Any]]:
+def load_checkpointed_model(run_dir: Path, purpose: str) -> Tuple[Config, Path, TiedModule, Dict[str, Any]]:
     """A run's config, newest checkpoint, model as that checkpoint left it (map, flags, weights; no data is built)
     and the checkpoint's state, for tools that read finished runs (``purpose``: what they do, for the message)."""
     cfg = load_run_config(run_dir)
@@ -138,18 +138,6 @@ def load_checkpointed_model(run_dir: Path, purpose: str) -> Tuple[Config, Path, 
 def check_config(cfg: Config) -> None:
     """Every check of ``cfg`` that needs no data and no device (the preflight)."""
     preflight(cfg)
-
-
-UNQUOTED = re.compile(r"[A-Za-z0-9_./+:@%~-]+")
-
-
-def hydra_value(text: str) -> str:
-    """``text`` as a Hydra override value: as it is where Hydra reads it so, else single-quoted."""
-    if UNQUOTED.fullmatch(text):
-        return text
-    # Hydra reads a backslash as an escape only before a quote or at the end of the value.
-    escaped = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), text)
-    return f"'{escaped}'"
 
 
 def resume_argument(out_dir: Path) -> str:
@@ -200,11 +188,11 @@ class RunParts:
     mesh: Mesh
     device: torch.device
     data: TrainingData
-    model: TiedModel
+    model: TiedModule
     policy: Policy
     checkpoint: Optional[Path]  # the checkpoint a resumed run continues from
     conversion: Optional[Dict[str, Any]] = None  # policy=recursive: what the conversion did (a new run only)
-    source_model: Optional[TiedModel] = None  # policy=recursive: the source, measured beside the converted model
+    source_model: Optional[TiedModule] = None  # policy=recursive: the source, measured beside the converted model
 
 
 def build_parts(cfg: Config, out_dir: Path, data: Optional[TrainingData] = None) -> RunParts:

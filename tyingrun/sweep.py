@@ -44,7 +44,7 @@ def failed_jobs(sweep_dir: Path) -> List[FailedJob]:
     failures = []
     for path in sorted(files, key=lambda path: path.stat().st_mtime):
         status = read_status(path.parent)
-        if status["status"] == "failed":
+        if status is not None and status["status"] == "failed":
             failures.append(FailedJob(path.parent, status["error"], status["exit_code"]))
     return failures
 

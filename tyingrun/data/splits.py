@@ -83,7 +83,8 @@ def carve_by_hash(texts: list[str], fraction: float) -> tuple[list[str], list[st
 
     Equal texts land on the same side, so a duplicated sentence never sits in both.
     """
-    kept, carved = [], []
+    kept: list[str] = []
+    carved: list[str] = []
     for text in texts:
         (carved if hash_fraction(text) < fraction else kept).append(text)
     return kept, carved

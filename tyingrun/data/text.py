@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 from urllib.parse import urlparse
 
-from tyingrun.config import DatasetConfig
+from tyingrun.config import DatasetConfig, registry_of
 from tyingrun.data.splits import (
     NamedDocuments,
     Splits,
@@ -53,7 +53,7 @@ PUBLISHED_SPLITS = {"wiki2": ("train", "val", "test"), "1b": ("train", "test")}
 # Words that mark a raw file's split, checked in this order ("heldout" is the One Billion Word test set).
 RAW_FILE_WORDS = (("test", "test"), ("heldout", "test"), ("valid", "val"), ("train", "train"))
 HUB_DEFAULTS = {"wiki2": ("wikitext", None), "1b": ("lm1b", None)}
-WIKI2_VARIANTS = {"raw": "wikitext-2-raw-v1", "v1": "wikitext-2-v1"}
+WIKI2_VARIANTS = registry_of("dataset.variant", {"raw": "wikitext-2-raw-v1", "v1": "wikitext-2-v1"})
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 HUB_PROBE_TIMEOUT_S = 3.0
 WIKI_ARTICLE_TITLE = re.compile(r"^ = [^=].* = $")

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tyingrun.files import local_view
+from tyingrun.tying.weights import local_view
 
 StateTensors = Callable[[], Iterable[torch.Tensor]]
 

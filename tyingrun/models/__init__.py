@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from torch import nn
-
 from tyingrun.config import ModelConfig
+from tyingrun.contracts import TiedModule
 from tyingrun.models.bert import BERT
 from tyingrun.models.gpt2 import GPT2
 from tyingrun.models.vit import ViT
@@ -17,7 +16,7 @@ from tyingrun.models.vit import ViT
 class ModelSpec:
     """``build(model config, data, gradient mode)``; ``task``: "lm" (token blocks) or "vision" (labelled images)."""
 
-    build: Callable[[ModelConfig, Any, str], nn.Module]
+    build: Callable[[ModelConfig, Any, str], TiedModule]
     task: str
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tyingrun.config import ModelConfig
-from tyingrun.contracts import IGNORE_INDEX, LossResult
+from tyingrun.contracts import IGNORE_INDEX, LossResult, TiedModule
 from tyingrun.models.blocks import PostLNBlock, init_normal
 from tyingrun.models.embeddings import TokenEmbedding
 from tyingrun.tying.stack import TiedStack
@@ -23,7 +23,7 @@ from tyingrun.tying.stack import TiedStack
 TOKEN_TYPES = 2
 
 
-class BERT(nn.Module):
+class BERT(TiedModule):
     task = "lm"
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, grad_mode: str = "shared"):

@@ -8,7 +8,7 @@ parameter counts leave them out (``padding_params``) and tyingrun-export trims t
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, cast
 
 import torch
 from torch import nn
@@ -60,4 +60,4 @@ class TokenEmbedding(nn.Module):
 
 def embedding_tables(model: nn.Module) -> List[nn.Parameter]:
     """The weights of every nn.Embedding (token, position, token type); a tied LM head is one of them."""
-    return [module.weight for module in model.modules() if isinstance(module, nn.Embedding)]
+    return [cast(nn.Parameter, module.weight) for module in model.modules() if isinstance(module, nn.Embedding)]

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import math
-from typing import Dict
+from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tyingrun.config import ModelConfig
-from tyingrun.contracts import LossResult
+from tyingrun.contracts import LossResult, TiedModule
 from tyingrun.models.blocks import PreLNBlock, init_normal
 from tyingrun.models.embeddings import TokenEmbedding
 from tyingrun.tying.stack import TiedStack
 
 
-class GPT2(nn.Module):
+class GPT2(TiedModule):
     task = "lm"
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, grad_mode: str = "shared"):
@@ -27,13 +27,13 @@ class GPT2(nn.Module):
         blocks = [PreLNBlock(cfg.d_model, cfg.n_head, cfg.dropout, cfg.bias, causal=True) for _ in range(cfg.n_layer)]
         self.stack = TiedStack(blocks, grad_mode)
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-        self._init_weights(cfg.n_layer)
+        self._init_weights(blocks)
 
-    def _init_weights(self, n_layer: int) -> None:
+    def _init_weights(self, blocks: List[PreLNBlock]) -> None:
         init_normal(self)
-        for block in self.stack.blocks:
+        for block in blocks:
             for weight in block.residual_projections():
-                nn.init.normal_(weight, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+                nn.init.normal_(weight, mean=0.0, std=0.02 / math.sqrt(2 * len(blocks)))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Tuple, cast
 
 import torch
 from safetensors.torch import save_file
@@ -17,9 +17,11 @@ from torch import nn
 
 from tyingrun.config import ModelConfig
 from tyingrun.errors import BadInput
-from tyingrun.files import copy_weights, read_json, read_tensors
+from tyingrun.files import read_json
+from tyingrun.models.blocks import PreLNBlock
 from tyingrun.models.embeddings import LM_HEAD_WEIGHT
 from tyingrun.models.gpt2 import GPT2
+from tyingrun.tying.weights import copy_weights, read_tensors
 
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
@@ -98,6 +100,7 @@ def set_layer_norm_eps(model: nn.Module, eps: float) -> None:
 def from_hf(folder: Path) -> GPT2:
     """tyingrun's GPT-2 with the weights of a local Hugging Face GPT-2 folder (every layer slot independent)."""
     cfg, eps = read_hf_config(folder)
+    assert cfg.vocab_size is not None  # read_hf_config always sets it
     model = GPT2(cfg, cfg.vocab_size)
     set_layer_norm_eps(model, eps)
     copy_weights(model, read_hf_weights(folder, cfg.tie_embeddings), f"Hugging Face model {folder}")
@@ -125,7 +128,7 @@ def hf_weights(model: GPT2) -> Dict[str, torch.Tensor]:
 def architecture(model: GPT2) -> ModelConfig:
     """The model config that builds ``model`` as it is now (its vocabulary size and embedding tie included)."""
     return ModelConfig(
-        name="gpt2", n_layer=len(model.stack), n_head=model.stack.blocks[0].attn.n_head,
+        name="gpt2", n_layer=len(model.stack), n_head=cast(PreLNBlock, model.stack.blocks[0]).attn.n_head,
         d_model=model.wpe.embedding_dim, dropout=model.drop.p, bias=model.ln_f.bias is not None,
         max_positions=model.wpe.num_embeddings, tie_embeddings=model.tokens.tied,
         vocab_size=model.tokens.vocab_size,

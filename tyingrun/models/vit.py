@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from tyingrun.config import ModelConfig
-from tyingrun.contracts import LossResult
+from tyingrun.contracts import LossResult, TiedModule
 from tyingrun.models.blocks import PreLNBlock, init_normal
 from tyingrun.tying.stack import TiedStack
 
 
-class ViT(nn.Module):
+class ViT(TiedModule):
     task = "vision"
 
     def __init__(self, cfg: ModelConfig, image_size: int, channels: int, n_classes: int, grad_mode: str = "shared"):

@@ -36,9 +36,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from tyingrun.config import PolicyConfig
+from tyingrun.config import PolicyConfig, registry_of
 from tyingrun.contracts import perplexity
-from tyingrun.errors import BadInput
 from tyingrun.policies.base import Decision, DecisionContext, Policy
 from tyingrun.policies.learning import GreedyRecord, RunningStats, spread_diagnostics
 from tyingrun.seeding import derive_seed
@@ -84,7 +83,7 @@ class Outcome:
 # Rewards clipped at a floor, and the floor: a reward at it carried no information about the action.
 REWARD_FLOORS = {"paper": PAPER_REWARD_FLOOR}
 
-REWARDS: Dict[str, Callable[[Outcome, PolicyConfig], float]] = {
+REWARDS: Dict[str, Callable[[Outcome, PolicyConfig], float]] = registry_of("policy.reward", {
     # The paper's clip(-exp(CE), -10, 10); minus a perplexity is never positive, so only -10 binds.
     "paper": lambda outcome, cfg: max(-perplexity(outcome.loss), PAPER_REWARD_FLOOR),
     "neg_loss": lambda outcome, cfg: -outcome.loss,
@@ -93,7 +92,7 @@ REWARDS: Dict[str, Callable[[Outcome, PolicyConfig], float]] = {
     # The same formula as improvement, but both losses are measured on the same reward batch (see after_step), so
     # the difference between two batches' losses does not enter it.
     "paired_improvement": lambda outcome, cfg: outcome.loss_at_decision - outcome.loss,
-}
+})
 
 
 @dataclass
@@ -163,6 +162,8 @@ class QLearner:
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate()
         if self.replay > 0:
+            if rng is None:
+                raise ValueError("a learner with replay draws its batches with rng; pass one")
             self.buffer = [*self.buffer, experience][-self.replay:]
             batch = [self.buffer[rng.randrange(len(self.buffer))] for _ in range(min(REPLAY_BATCH, len(self.buffer)))]
             self._step_batch(batch)
@@ -226,10 +227,6 @@ class EpisodicPolicy(Policy):
     epsilon: Optional[float]  # the probability that a decision is a uniformly random action; logged with each decision
 
     def __init__(self, cfg: PolicyConfig, n_layer: int, seed: int):
-        if cfg.reward not in REWARDS:
-            raise BadInput(f"policy.reward={cfg.reward!r} is not a reward; choose one of: {', '.join(REWARDS)}")
-        if cfg.steps_per_decision < 1:
-            raise BadInput(f"policy.steps_per_decision={cfg.steps_per_decision} must be at least 1")
         self.cfg, self.n_layer = cfg, n_layer
         self.rng = random.Random(derive_seed(seed, "exploration"))
         self.src = maps.identity(n_layer)
@@ -261,15 +258,15 @@ class EpisodicPolicy(Policy):
             # the model as it is now, before the new action.
             reward = None
             if self.pending is not None:
-                reward = self._reward_pending(context.score_batch(self.pending.batch), context.counts())
+                reward = self._reward_pending(self.pending, context.score_batch(self.pending.batch), context.counts())
             batch = context.reward_batch()
             return self._decide(context.score_batch(batch), reward, batch)
         loss = context.score_batch()
-        reward = self._reward_pending(loss, context.counts()) if self.pending is not None else None
+        reward = self._reward_pending(self.pending, loss, context.counts()) if self.pending is not None else None
         return self._decide(loss, reward)
 
-    def _reward_pending(self, loss: float, counts: Dict[str, int]) -> float:
-        outcome = Outcome(self.pending.loss_at_decision, loss, counts["trainable_layers"] / self.n_layer)
+    def _reward_pending(self, pending: Transition, loss: float, counts: Dict[str, int]) -> float:
+        outcome = Outcome(pending.loss_at_decision, loss, counts["trainable_layers"] / self.n_layer)
         reward = REWARDS[self.cfg.reward](outcome, self.cfg)
         self.rewards += 1
         self.clipped_rewards += int(reward <= REWARD_FLOORS.get(self.cfg.reward, float("-inf")))
@@ -278,7 +275,7 @@ class EpisodicPolicy(Policy):
         else:
             self.reward_stats.add(reward)
             learned = reward
-        self._learn(self.pending, learned)
+        self._learn(pending, learned)
         return reward
 
     def _decide(self, loss: float, reward: Optional[float],
@@ -358,14 +355,10 @@ class DynamicQPolicy(EpisodicPolicy):
     the options of docs/method.md#learning-options."""
 
     name = "dynamic_q"
+    epsilon: float
 
     def __init__(self, cfg: PolicyConfig, n_layer: int, seed: int):
         super().__init__(cfg, n_layer, seed)
-        if not 0.0 < cfg.epsilon_decay_per_decision <= 1.0:
-            raise BadInput(f"policy.epsilon_decay_per_decision={cfg.epsilon_decay_per_decision} must be in (0, 1]")
-        for key in ("replay", "target_update", "q_lr_decay_updates"):
-            if getattr(cfg, key) < 0:
-                raise BadInput(f"policy.{key}={getattr(cfg, key)} must be at least 0 (0: off)")
         self.epsilon = EPSILON_START
         self.learner = QLearner(n_layer, seed, cfg.replay, cfg.target_update, cfg.q_lr_decay_updates)
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import List, Optional
 
+from tyingrun.config import registry_of
 from tyingrun.errors import BadInput
 from tyingrun.files import MAPS_FILE, SUMMARY_FILE, read_json, read_jsonl
 from tyingrun.policies.base import Decision, Policy
@@ -21,12 +22,12 @@ FIXED_PATTERNS = {
 }
 
 # policy=recursive's policy.pattern names.
-RECURSIVE_PATTERNS = {
+RECURSIVE_PATTERNS = registry_of("policy.pattern", {
     "cycle": maps.cyclic,
     "sequence": maps.sequential,
     "middle_cycle": maps.middle_cycle,
     "middle_sequence": maps.middle_sequence,
-}
+})
 
 
 class FixedPolicy(Policy):

@@ -29,16 +29,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tyingrun.errors import BadInput
-from tyingrun.files import (
-    CHECKPOINTS_DIR,
-    STATE_FILE,
-    STATE_TENSORS_FILE,
-    WEIGHTS_FILE,
-    copy_weights,
-    read_json,
-    read_tensors,
-    save_weights,
-)
+from tyingrun.files import CHECKPOINTS_DIR, STATE_FILE, STATE_TENSORS_FILE, WEIGHTS_FILE, read_json
+from tyingrun.tying.weights import copy_weights, read_tensors, save_weights
 
 FORMAT_VERSION = 1
 TENSOR_REF = "__tensor__"

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List
 import torch
 from torch import nn
 
-from tyingrun.contracts import TiedModel
+from tyingrun.contracts import TiedModule
 
 # Graphs compiled per region since the process started, and those of them that recompiled a function: the backend
 # below is one object for every run (dynamo recompiles when the backend object changes), so the counts of one run
@@ -65,7 +65,7 @@ def _block_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
 class RegionalCompile:
     """Compile ``model``'s blocks (each class once) and the loss around its stack; count what compiles."""
 
-    def __init__(self, model: TiedModel):
+    def __init__(self, model: TiedModule):
         self._graphs_before, self._recompiles_before = Counter(_GRAPHS), Counter(_RECOMPILES)
         for block in model.stack.blocks:
             block.forward = functools.partial(_block_forward, block)

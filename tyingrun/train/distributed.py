@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from tyingrun.errors import BadInput
+from tyingrun.train.launch import launched_by_torchrun
 
 T = TypeVar("T")
 
@@ -55,10 +56,6 @@ def mesh_for(data_parallel: bool, device: str, preset: str = "ddp") -> Mesh:
         raise BadInput("hardware.device=cpu under torchrun on a machine with GPUs: data parallelism uses NCCL "
                        "on the GPUs; drop hardware.device=cpu")
     return mesh
-
-
-def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def init_from_env() -> Mesh:

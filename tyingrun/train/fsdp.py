@@ -34,11 +34,11 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from tyingrun.config import HardwareConfig
-from tyingrun.contracts import TiedModel
-from tyingrun.files import local_view, placed_like
+from tyingrun.contracts import TiedModule
 from tyingrun.models.embeddings import TokenEmbedding
 from tyingrun.tying import maps
 from tyingrun.tying.stack import SlotStorage, TiedStack
+from tyingrun.tying.weights import local_view, placed_like
 
 # The methods through which a model calls its TokenEmbedding: each gathers the group like a forward.
 TOKEN_METHODS = ("embed", "project")
@@ -51,7 +51,7 @@ def mixed_precision(hardware: HardwareConfig, device: torch.device) -> MixedPrec
     return MixedPrecisionPolicy()
 
 
-def shard_model(model: TiedModel, hardware: HardwareConfig, device: torch.device) -> None:
+def shard_model(model: TiedModule, hardware: HardwareConfig, device: torch.device) -> None:
     """Shard ``model`` in place over every rank of the process group; its map and trainable flags stay."""
     stack = model.stack
     src, trainable = list(stack.src), list(stack.trainable)

@@ -16,11 +16,12 @@ from torch import nn
 
 from tyingrun.config import ModelConfig
 from tyingrun.errors import BadInput
-from tyingrun.files import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE, copy_weights, read_tensors
+from tyingrun.files import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE
 from tyingrun.models.embeddings import LM_HEAD_WEIGHT
 from tyingrun.models.gpt2 import GPT2
 from tyingrun.models.hf_gpt2 import HF_CONFIG, architecture, read_hf_config, read_hf_weights
 from tyingrun.train.checkpoint import latest_checkpoint, read_state
+from tyingrun.tying.weights import copy_weights, read_tensors
 
 # The architecture keys a Hugging Face GPT-2 fixes.
 HF_ARCHITECTURE = ("n_layer", "n_head", "d_model", "max_positions", "vocab_size", "bias")

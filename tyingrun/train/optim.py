@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from tyingrun.config import HardwareConfig, TrainConfig
-from tyingrun.files import storage_key
 from tyingrun.models.embeddings import embedding_tables
 from tyingrun.tying.counts import trainable_parameters
+from tyingrun.tying.weights import storage_key
 
 
 def _split_by_decay(params: List[nn.Parameter], model: nn.Module):

@@ -13,20 +13,21 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from torch import nn
 
-from tyingrun.config import PolicyConfig
+from tyingrun.config import PolicyConfig, registry_of
 from tyingrun.errors import BadInput
-from tyingrun.files import WEIGHTS_FILE, read_tensors
+from tyingrun.files import WEIGHTS_FILE
 from tyingrun.models.hf_gpt2 import HF_CONFIG, read_hf_config
 from tyingrun.policies import recursive_map, stack_sharing  # noqa: F401 (export reads it here)
 from tyingrun.train.checkpoint import read_state
 from tyingrun.train.init_from import init_from
 from tyingrun.tying import maps
 from tyingrun.tying.stack import lora_key
+from tyingrun.tying.weights import read_tensors
 
 
 def lora_slots(src: List[int]) -> List[int]:
@@ -83,6 +84,17 @@ def region(pattern: str, n_layer: int) -> range:
     return range(1, n_layer - 1) if pattern.startswith("middle") else range(n_layer)
 
 
+# policy.init: the source layers a shared block starts from, given (the first slot the blocks serve, how many they
+# serve, the number of blocks, the block's index, the slots it serves).
+INIT_SOURCES: Dict[str, Callable[[int, int, int, int, List[int]], List[int]]] = registry_of("policy.init", {
+    "stepwise": lambda offset, middle, k, index, served: [offset + (index * middle) // k],
+    "average": lambda offset, middle, k, index, served: served,
+    "lower": lambda offset, middle, k, index, served: [offset + index],
+    "upper": lambda offset, middle, k, index, served: [offset + middle - k + index],
+    "random": lambda offset, middle, k, index, served: [],
+})
+
+
 def init_layers(cfg: PolicyConfig, n_layer: int) -> Dict[int, List[int]]:
     """For each root of the map, the source layers whose (mean) weights it starts from (random: [])."""
     src = recursive_map(cfg, n_layer)
@@ -92,13 +104,7 @@ def init_layers(cfg: PolicyConfig, n_layer: int) -> Dict[int, List[int]]:
     chosen = {}
     for index, root in enumerate(roots):
         served = [slot for slot in slots if src[slot] == root]
-        chosen[root] = {
-            "stepwise": [offset + (index * middle) // k],
-            "average": served,
-            "lower": [offset + index],
-            "upper": [offset + middle - k + index],
-            "random": [],
-        }[cfg.init]
+        chosen[root] = INIT_SOURCES[cfg.init](offset, middle, k, index, served)
     return chosen
 
 

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from tyingrun.config import Config
-from tyingrun.contracts import Batch, Sink, TiedModel, TrainingData, perplexity
-from tyingrun.files import WEIGHTS_FILE, unique_weights
+from tyingrun.contracts import Batch, Sink, TiedModule, TrainingData, perplexity
+from tyingrun.files import WEIGHTS_FILE
 from tyingrun.metrics.meters import RunningMean, Throughput, model_counts
 from tyingrun.metrics.mfu import mfu, peak_flops
 from tyingrun.metrics.tensor_memory import TensorMemoryTracker, training_state
@@ -42,6 +42,7 @@ from tyingrun.train.signals import RunInterrupted, StopSignals
 from tyingrun.tying.counts import train_state_bytes, trainable_parameters
 from tyingrun.tying.flops import sequence_length, train_flops_per_token, unique_blocks
 from tyingrun.tying.stack import TiedStack
+from tyingrun.tying.weights import unique_weights
 
 MEANS = ("trainable_params", "independent_layers", "trainable_layers")
 # What rank 0 broadcasts to the other ranks while its policy decides: a batch to score, then the decision.
@@ -92,7 +93,7 @@ class TrainerContext:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, model: TiedModel, stack: TiedStack, data: TrainingData, policy: Policy,
+    def __init__(self, cfg: Config, model: TiedModule, stack: TiedStack, data: TrainingData, policy: Policy,
                  device: torch.device, sinks: Sink, mesh: Mesh = SINGLE):
         self.cfg, self.model, self.stack, self.data, self.policy = cfg, model, stack, data, policy
         self.device, self.sinks, self.mesh = device, sinks, mesh
@@ -241,7 +242,7 @@ class Trainer:
         return values
 
     @torch.no_grad()
-    def _measure(self, batches, shard: bool = False, model: Optional[TiedModel] = None) -> Dict[str, float]:
+    def _measure(self, batches, shard: bool = False, model: Optional[TiedModule] = None) -> Dict[str, float]:
         """Mean loss over the items of ``batches`` in eval mode, of the trained model or of ``model``; accuracy too
         for models that report it.
 
@@ -275,7 +276,7 @@ class Trainer:
             broadcast_object((SCORE, batch), self.device)
         return self._measure([batch])["loss"]
 
-    def evaluate(self, split: str, limit: Optional[int], model: Optional[TiedModel] = None) -> Dict[str, float]:
+    def evaluate(self, split: str, limit: Optional[int], model: Optional[TiedModule] = None) -> Dict[str, float]:
         """``{split}_loss`` and ``{split}_ppl`` (or ``{split}_acc``) over ``limit`` batches of the split (None: all),
         of the trained model or of another ``model`` on the same protocol."""
         batches = self.data.eval_batches(split, self.cfg.train.batch_size, limit)

@@ -7,9 +7,8 @@ from typing import Dict, Iterable, Optional
 import torch
 from torch import nn
 
-# storage_key lives in tyingrun.files (layer 0), whose unique_weights needs it and may not import tying.
-from tyingrun.files import local_view, storage_key
 from tyingrun.tying.stack import TiedStack
+from tyingrun.tying.weights import local_view, storage_key
 
 
 def unique_parameters(params: Iterable[nn.Parameter]) -> Dict[tuple, nn.Parameter]:

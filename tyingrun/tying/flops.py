@@ -39,7 +39,7 @@ def _matmul_flops(module: nn.Module, seq_len: int, skip: Optional[set] = None) -
 
 
 def _slot_flops(stack: TiedStack, slot: int, seq_len: int, tokens_per_step: int) -> float:
-    module, corrections = stack.runs(slot), stack.lora[slot]
+    module, corrections = stack.runs(slot), stack.corrections(slot)
     flops = float(_matmul_flops(module, seq_len))
     for name, sub in module.named_modules():
         key = lora_key(f"{name}.weight")

@@ -4,9 +4,11 @@ Every slot keeps a block module so that a state dict always names every layer. W
 parameters are depends on the map:
 
 * an independent slot owns its Parameters (``requires_grad`` = its trainable flag);
-* a tied slot's Parameters are aliases of its root's: other Parameter objects over the same storage,
-  with ``requires_grad=False``, so the slot stores nothing, holds no ``.grad`` and the optimizer never
-  sees it. Optimizer updates are in place, so an alias always reads the root's current values.
+* a tied slot's shared Parameters are aliases of its root's: other Parameter objects over the same storage,
+  with ``requires_grad=False``, so the slot stores nothing of them, holds no ``.grad`` for them and the
+  optimizer never sees them (under ``policy.share=block`` that is every tensor of the slot; under ``attention``
+  or ``mlp`` the other sublayer stays the slot's own). Optimizer updates are in place, so an alias always reads
+  the root's current values.
 
 Gradient modes (docs/method.md#gradient-modes):
 
@@ -30,16 +32,17 @@ default; under hardware=fsdp, the slot's shards (tyingrun.train.fsdp).
 
 from __future__ import annotations
 
-from typing import Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, Iterator, List, MutableMapping, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import nn
 
+from tyingrun.config import CHOICES
 from tyingrun.tying import maps
 
-GRAD_MODES = ("frozen_copy", "shared")
+GRAD_MODES = CHOICES["policy.grad"]
 # "matrices" (internal, policy=recursive with LoRA): ties share every weight matrix; biases and norms stay per slot.
-SHARE_MODES = ("block", "attention", "mlp", "matrices")
+SHARE_MODES = (*CHOICES["policy.share"], "matrices")
 
 
 def shared_names(block: nn.Module, share: str = "block", share_norms: bool = False) -> FrozenSet[str]:
@@ -156,9 +159,13 @@ class TiedStack(nn.Module):
     def __len__(self) -> int:
         return len(self.blocks)
 
+    def corrections(self, slot: int) -> MutableMapping[str, LoRA]:
+        """Slot ``slot``'s LoRA corrections (a ModuleDict), by the lora_key of the weight each corrects."""
+        return cast(MutableMapping[str, LoRA], self.lora[slot])
+
     def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
         for slot in range(len(self.blocks)):
-            corrections = self.lora[slot]
+            corrections = self.corrections(slot)
             if len(corrections) == 0:
                 x = self._run(slot, x, **kwargs)
                 continue
@@ -180,17 +187,18 @@ class TiedStack(nn.Module):
         for slot in slots:
             for name, param in self.blocks[slot].named_parameters():
                 if name in self.shared and param.dim() == 2:
-                    self.lora[slot][lora_key(name)] = LoRA(param, rank, alpha)
+                    self.corrections(slot)[lora_key(name)] = LoRA(param, rank, alpha)
 
     @property
     def has_lora(self) -> bool:
-        return any(len(corrections) for corrections in self.lora)
+        return any(len(self.corrections(slot)) for slot in range(len(self)))
 
     def merge_lora(self) -> None:
         """Every slot independent with ``W + scale * B @ A`` as its own weights; the LoRA tensors go."""
         self.apply_map(maps.identity(len(self)), [True] * len(self))
         with torch.no_grad():
-            for slot, corrections in enumerate(self.lora):
+            for slot in range(len(self)):
+                corrections = self.corrections(slot)
                 for name, param in self.blocks[slot].named_parameters():
                     if lora_key(name) in corrections:
                         param.add_(corrections[lora_key(name)].delta())
