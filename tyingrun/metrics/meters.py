@@ -68,23 +68,25 @@ class Throughput:
         self.items = 0
         self._seconds = 0.0
         self._cuda = device is not None and device.type == "cuda"
-        self._started = None
+        self._started_at = 0.0
+        self._started_event: Optional[torch.cuda.Event] = None
         self._pending: List[Tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     def start(self) -> None:
         if self._cuda:
-            self._started = torch.cuda.Event(enable_timing=True)
-            self._started.record()
+            self._started_event = torch.cuda.Event(enable_timing=True)
+            self._started_event.record()
         else:
-            self._started = time.perf_counter()
+            self._started_at = time.perf_counter()
 
     def stop(self, items: int) -> None:
-        if self._cuda:
+        if self._started_event is not None:
             stopped = torch.cuda.Event(enable_timing=True)
             stopped.record()
-            self._pending.append((self._started, stopped))
+            self._pending.append((self._started_event, stopped))
+            self._started_event = None
         else:
-            self._seconds += time.perf_counter() - self._started
+            self._seconds += time.perf_counter() - self._started_at
         self.items += items
 
     @property

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Type
 
 import torch
 from torch import nn
@@ -49,11 +49,15 @@ def _counting_backend(region: str) -> Callable:
     return backend
 
 
-@functools.cache
-def _compiled_forward(kind: type) -> Callable:
-    """The compiled ``forward`` of block class ``kind``, shared by every instance (one code object, one cache)."""
-    return torch.compile(kind.forward, backend=_counting_backend(f"block:{kind.__name__}"), fullgraph=True,
-                         dynamic=False)
+# Per block class, its compiled ``forward``, shared by every instance (one code object, one cache).
+_COMPILED_FORWARD: Dict[Type[nn.Module], Callable] = {}
+
+
+def _compiled_forward(kind: Type[nn.Module]) -> Callable:
+    if kind not in _COMPILED_FORWARD:
+        _COMPILED_FORWARD[kind] = torch.compile(kind.forward, backend=_counting_backend(f"block:{kind.__name__}"),
+                                                fullgraph=True, dynamic=False)
+    return _COMPILED_FORWARD[kind]
 
 
 def _block_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -69,7 +73,7 @@ class RegionalCompile:
         self._graphs_before, self._recompiles_before = Counter(_GRAPHS), Counter(_RECOMPILES)
         for block in model.stack.blocks:
             block.forward = functools.partial(_block_forward, block)
-        model.stack.forward = torch.compiler.disable(model.stack.forward)
+        model.stack.forward = torch.compiler.disable(model.stack.forward)  # type: ignore[method-assign]
         self.loss = torch.compile(model.loss, backend=_counting_backend("loss"), dynamic=False)
 
     @property

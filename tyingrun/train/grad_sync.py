@@ -14,7 +14,7 @@ builds the buckets and hooks again for the tensors the optimizer now holds (the 
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -27,8 +27,8 @@ class _Bucket:
     def __init__(self, params: List[torch.Tensor]):
         self.params = params
         self.ready = 0
-        self.flat: Optional[torch.Tensor] = None
-        self.work: Optional[dist.Work] = None
+        # Once launched: the gradients, flattened into one tensor, and the all-reduce in flight on it.
+        self.launched: Optional[Tuple[List[torch.Tensor], torch.Tensor, dist.Work]] = None
 
 
 class OverlappedGradientAverage:
@@ -66,7 +66,7 @@ class OverlappedGradientAverage:
     def _reset(self) -> None:
         self._next = 0
         for bucket in self.buckets:
-            bucket.ready, bucket.flat, bucket.work = 0, None, None
+            bucket.ready, bucket.launched = 0, None
 
     def _on_ready(self, param: torch.Tensor) -> None:
         bucket = self.buckets[self._bucket_of[id(param)]]
@@ -81,8 +81,8 @@ class OverlappedGradientAverage:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
             grads.append(param.grad)
-        bucket.flat = _flatten_dense_tensors(grads)
-        bucket.work = dist.all_reduce(bucket.flat, async_op=True)
+        flat = _flatten_dense_tensors(grads)
+        bucket.launched = (grads, flat, dist.all_reduce(flat, async_op=True))
         self._next += 1
 
     def finish(self) -> None:
@@ -90,9 +90,10 @@ class OverlappedGradientAverage:
         while self._next < len(self.buckets):
             self._launch(self.buckets[self._next])
         for bucket in self.buckets:
-            bucket.work.wait()
-            bucket.flat.div_(self.world_size)
-            grads = [param.grad for param in bucket.params]
-            for grad, reduced in zip(grads, _unflatten_dense_tensors(bucket.flat, grads), strict=True):
+            assert bucket.launched is not None  # every bucket was launched above
+            grads, flat, work = bucket.launched
+            work.wait()
+            flat.div_(self.world_size)
+            for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
                 grad.copy_(reduced)
         self._reset()

@@ -28,7 +28,8 @@ def trainable_parameters(model: nn.Module) -> list:
 
 def padding_params(model: nn.Module, trainable_only: bool = False) -> int:
     """Parameters in padded vocabulary rows (model.pad_vocab_to): storage, not part of the model they describe."""
-    return sum(module.padding_params(trainable_only) for module in model.modules() if hasattr(module, "padding_params"))
+    counters = [getattr(module, "padding_params", None) for module in model.modules()]
+    return sum(counter(trainable_only) for counter in counters if callable(counter))
 
 
 def stored_params(model: nn.Module) -> int:
