@@ -76,3 +76,33 @@ def test_a_compiled_dynamic_q_run_records_its_graphs_and_recompiles(tmp_path):
     summary = run(cfg, tmp_path)
     assert summary["compile_graphs"]["block:PreLNBlock"] <= 2
     assert summary["compile_recompiles"]["block:PreLNBlock"] <= 1 and summary["compile_recompiles"]["loss"] == 0
+
+
+def test_lora_relaxed_slots_and_looped_maps_train_compiled_with_the_losses_of_eager():
+    build, make_batch = TINY_MODELS["gpt2"]
+    batch = make_batch()
+    models = []
+    for _ in range(2):
+        model = build(n_layer=N_LAYER)
+        model.stack.set_sharing("matrices")
+        model.stack.apply_map(maps.cyclic(N_LAYER, 2))  # slots 2 and 3 loop over the weights of 0 and 1
+        model.stack.add_lora(range(N_LAYER), rank=2, alpha=2.0)
+        with torch.no_grad():
+            for corrections in model.stack.lora:
+                for lora in corrections.values():
+                    lora.B.normal_(generator=torch.Generator().manual_seed(5))
+        models.append(model)
+    eager, compiled = models
+    regions = RegionalCompile(compiled)
+    losses = []
+    for model, loss_of in ((eager, eager.loss), (compiled, regions.loss)):
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        losses.append([])
+        for _ in range(3):
+            loss = loss_of(batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses[-1].append(loss.item())
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=1e-5)
+    assert regions.graphs["block:PreLNBlock"] <= 2
