@@ -1,6 +1,8 @@
 """hardware.compile=true compiles per block: one graph per block kind that every slot and tying map reuses (a second
 for slots whose weights need no gradient), never falling back to eager, with the losses of eager training."""
 
+import json
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -106,3 +108,17 @@ def test_lora_relaxed_slots_and_looped_maps_train_compiled_with_the_losses_of_ea
             losses[-1].append(loss.item())
     torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=1e-5)
     assert regions.graphs["block:PreLNBlock"] <= 2
+
+
+@pytest.mark.slow
+def test_fsdp_ranks_train_compiled_with_the_losses_of_eager_fsdp(tmp_path, cli):
+    from .test_distributed import rows, run
+
+    decisions = ("policy=dynamic_q", "policy.steps_per_decision=1")
+    eager = rows(run(cli, tmp_path / "eager", *decisions, ranks=2, parallel="fsdp") / "metrics.jsonl")
+    compiled_dir = run(cli, tmp_path / "compiled", *decisions, "hardware.compile=true", ranks=2, parallel="fsdp")
+    theirs = [row["train_loss"] for row in eager if "train_loss" in row]
+    ours = [row["train_loss"] for row in rows(compiled_dir / "metrics.jsonl") if "train_loss" in row]
+    assert len(ours) == len(theirs) == 12 and ours == pytest.approx(theirs, abs=1e-5)
+    summary = json.loads((compiled_dir / "summary.json").read_text())
+    assert summary["compile_graphs"]["block:PreLNBlock"] <= 2 and summary["compile_recompiles"]["loss"] == 0

@@ -324,7 +324,7 @@ def check(cfg: Config) -> None:
 
 def check_hardware(cfg: Config) -> None:
     """hardware.peak_flops is a positive number; hardware.fsdp shards over data-parallel ranks, whole blocks at a
-    time, in eager mode."""
+    time."""
     h, p = cfg.hardware, cfg.policy
     if h.peak_flops is not None:
         _in_range("hardware.peak_flops", h.peak_flops, 0, math.inf, low_open=True, high_open=True)
@@ -333,8 +333,6 @@ def check_hardware(cfg: Config) -> None:
     if not h.data_parallel:
         raise BadInput("hardware.fsdp=true shards over data-parallel ranks; use hardware=fsdp (it also sets "
                        "hardware.data_parallel=true)")
-    if h.compile:
-        raise BadInput("hardware=fsdp runs eager; drop hardware.compile=true (or use hardware=ddp to compile)")
     if p.name == "recursive" or p.share != "block":
         what = "policy=recursive" if p.name == "recursive" else f"policy.share={p.share}"
         raise BadInput(f"hardware=fsdp shards whole blocks, so a tie must share a whole block; {what} shares part "

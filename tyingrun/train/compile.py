@@ -54,6 +54,8 @@ _COMPILED_FORWARD: Dict[Type[nn.Module], Callable] = {}
 
 
 def _compiled_forward(kind: Type[nn.Module]) -> Callable:
+    # The class that defines forward: FSDP2 makes each sharded block an instance of a subclass (FSDPPreLNBlock).
+    kind = next(base for base in kind.__mro__ if "forward" in vars(base))
     if kind not in _COMPILED_FORWARD:
         _COMPILED_FORWARD[kind] = torch.compile(kind.forward, backend=_counting_backend(f"block:{kind.__name__}"),
                                                 fullgraph=True, dynamic=False)
