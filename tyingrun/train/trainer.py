@@ -388,7 +388,8 @@ class Trainer:
         A decision is taken after an evaluation of the same step, never at the run's last step, and applied
         before the next optimizer step: every evaluated map has trained, and the final evaluation scores the
         map the run ends with. Returns the stop signal the run obeys: rank 0's, like the map, so every rank
-        stops at the same step.
+        stops at the same step; under data parallelism it reaches the other ranks at log points only (a broadcast
+        waits for the device), so a run stops within train.log_interval steps of the signal.
         """
         if self.step > 0:
             self._decide()
@@ -396,12 +397,13 @@ class Trainer:
         for name in MEANS:
             self.means[name].add(self.counts[name])
         self.step += 1
-        if self.mesh.distributed:
-            stop_signal = broadcast_object(stop_signal, self.device)
-        self.sinks.console.progress(self.step, f"loss {self.last_train_loss:.3f}")
         train = self.cfg.train
         last = self.step == train.max_steps
-        if self.step % train.log_interval == 0 or last:
+        logged = self.step % train.log_interval == 0 or last
+        if self.mesh.distributed:
+            stop_signal = broadcast_object(stop_signal, self.device) if logged else None
+        self.sinks.console.progress(self.step, f"loss {self.last_train_loss:.3f}")
+        if logged:
             self._record_train(self.read_losses())
             self.losses_since_log.clear()
         if self.step % train.eval_interval == 0 or last:
