@@ -89,7 +89,7 @@ class TimedRun:
     def timed(self, steps: int) -> Dict[str, float]:
         """Tokens/s and MFU over ``steps`` steps after the ones already run."""
         synchronize(self.trainer.device)
-        started, first = time.perf_counter(), len(self.flops)
+        started, first, measured_before = time.perf_counter(), len(self.flops), len(self.trainer.measured_maps)
         for _ in range(steps):
             self.step()
         synchronize(self.trainer.device)
@@ -98,8 +98,11 @@ class TimedRun:
         tokens_per_s = steps * cfg.train.batch_size * cfg.dataset.block_size / seconds
         flops = sum(self.flops[first:]) / steps
         peak = peak_flops(self.trainer.device, cfg.hardware.peak_flops)
+        # A new (map, trainable flags) measures its peak tensor memory in an eager step (or two): under dynamic_q
+        # part of the window's time is that measurement, not training.
         return {"steps": steps, "seconds": seconds, "tokens_per_s": tokens_per_s, "train_flops_per_token": flops,
-                "mfu": mfu(flops, tokens_per_s, peak), "peak_flops": peak}
+                "mfu": mfu(flops, tokens_per_s, peak), "peak_flops": peak,
+                "maps_memory_measured": len(self.trainer.measured_maps) - measured_before}
 
 
 def compile_counts(trainer) -> Optional[Dict[str, Any]]:
