@@ -24,7 +24,6 @@ class TokenEmbedding(nn.Module):
         rows = -(-vocab_size // pad_to) * pad_to
         self.wte = nn.Embedding(rows, d_model)
         self.lm_head = nn.Linear(d_model, rows, bias=False)
-        self.register_buffer("padding", torch.arange(rows) >= vocab_size, persistent=False)
         if tie:
             self.tie()
 
@@ -46,7 +45,10 @@ class TokenEmbedding(nn.Module):
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)
-        return logits.masked_fill(self.padding, float("-inf")) if self.padding_rows else logits
+        if not self.padding_rows:
+            return logits
+        padding = torch.arange(logits.shape[-1], device=logits.device) >= self.vocab_size
+        return logits.masked_fill(padding, float("-inf"))
 
     def tie(self) -> None:
         """Make the head the embedding matrix itself (the head's own values are dropped)."""
