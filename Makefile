@@ -7,7 +7,7 @@ TORCH_INDEX ?=
 HAS_NVIDIA_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
 
-# make ablations [SCALE=cpu|paper|learn|recursive] [SEEDS=0,1,2] [JOBS=n] [STEPS=n] [ABLATION_ARGS="key=value ..."]
+# make ablations [SCALE=cpu|paper|learn|recursive|reasoning] [SEEDS=0,1,2] [JOBS=n] [STEPS=n] [ABLATION_ARGS="key=value ..."]
 SCALE ?= cpu
 SEEDS ?=
 JOBS ?=
@@ -30,18 +30,20 @@ endif
 demo: install
 	$(OFFLINE) $(VENV)/bin/tyingrun model=gpt2 dataset=pydoc policy=cyclic hardware=cpu
 
-# One test process per core (TEST_WORKERS=n to choose), each on one thread: much of the suite is starting
-# subprocesses and small models, where a second process gains far more than a second thread (on 2 cores: 8.7
-# minutes against 13). torch.compile tests cost ~30 s of compilation each on a cold cache: test-all includes them.
+# One test process per core (TEST_WORKERS=n to choose), each on one thread: a second process gains far more than
+# a second thread on small models. Tests marked `cli` start fresh interpreters (the tyingrun command, torchrun):
+# they check the exit status, the one stderr line and the files a real process leaves. torch.compile tests cost
+# ~30 s of compilation each on a cold cache: test-all includes them.
 TEST_WORKERS ?= auto
 PYTEST := $(OFFLINE) OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS)
 
 test: install
 	$(PYTEST) -m "not compile" --durations=15
 
-# The inner loop (under a minute on 2 cores): also skips the slow tests, those that train for seconds or more.
+# The inner loop (under a minute on 2 cores): in-process only, no tests that start interpreters (cli) or train for
+# seconds or more (slow).
 test-fast: install
-	$(PYTEST) -m "not slow and not compile"
+	$(PYTEST) -m "not slow and not compile and not cli"
 
 test-all: install
 	$(PYTEST)
@@ -73,11 +75,12 @@ lint: install
 	$(PY) tools/typecheck.py
 
 # docs/studies.md#ablations over SEEDS (default 0,1,2; recursive: 0,1), then report.md/report.csv/figures, under
-# outputs/ablations/<scale>-<date>_<time>. The cpu, learn and recursive scales need no network; the paper scale
-# downloads WikiText-2 and wants GPUs. SCALE=learn is the learning study (docs/studies.md#the-learning-study),
-# SCALE=recursive the conversion study (docs/studies.md#the-conversion-study).
+# outputs/ablations/<scale>-<date>_<time>. The cpu, learn, recursive and reasoning scales need no network; the paper
+# scale downloads WikiText-2 and wants GPUs. SCALE=learn is the learning study (docs/studies.md#the-learning-study),
+# SCALE=recursive the conversion study (docs/studies.md#the-conversion-study), SCALE=reasoning the looped-depth study
+# on generated reasoning tasks (docs/studies.md#the-reasoning-study).
 ablations: install
-	$(if $(filter cpu learn recursive,$(SCALE)),$(OFFLINE)) $(PY) -m tyingrun.ablations --scale $(SCALE) \
+	$(if $(filter cpu learn recursive reasoning,$(SCALE)),$(OFFLINE)) $(PY) -m tyingrun.ablations --scale $(SCALE) \
 		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(JOBS),--jobs $(JOBS)) \
 		$(if $(STEPS),train.max_steps=$(STEPS)) $(ABLATION_ARGS)
 

@@ -37,7 +37,7 @@ from tyingrun.metrics.sinks import ConsoleSink, RunSinks
 from tyingrun.metrics.tensor_memory import TensorMemoryTracker, training_state
 from tyingrun.run import build_data, build_parts
 from tyingrun.train.optim import optimizer_parameters
-from tyingrun.train.trainer import PEAK_TENSOR_KEYS, Trainer
+from tyingrun.train.trainer import Trainer
 from tyingrun.tying import maps
 from tyingrun.tying.counts import train_state_bytes
 from tyingrun.tying.flops import sequence_length, train_flops_per_token
@@ -155,8 +155,7 @@ def model_flops_utilisation(trainer: Trainer, tokens_per_s: float) -> float | No
 
 def remeasure(trainer: Trainer) -> None:
     """Make the trainer measure its next step's peak again, as a run does at its start and at each new map."""
-    trainer.measured_maps.clear()
-    trainer.peak_tensors = dict.fromkeys(PEAK_TENSOR_KEYS, 0)
+    trainer.peak.reset()
 
 
 def peak_tensors(none: Trainer, quarter: Trainer) -> dict:
@@ -167,13 +166,13 @@ def peak_tensors(none: Trainer, quarter: Trainer) -> dict:
     state removes, since every slot, tied or not, computes. Under frozen_copy the ratio falls below the first: a
     tied slot computes no weight gradient, so autograd keeps none of the inputs only a weight gradient needs.
     """
-    none_peak = none.peak_tensors["peak_tensor_bytes"]
+    none_peak = none.peak.highest["peak_tensor_bytes"]
     saved = train_state_bytes(none.model, none.optimizer) - train_state_bytes(quarter.model, quarter.optimizer)
     return {
-        "none": none.peak_tensors, "quarter_frozen_copy": quarter.peak_tensors,
-        "ratio": quarter.peak_tensors["peak_tensor_bytes"] / none_peak,
+        "none": none.peak.highest, "quarter_frozen_copy": quarter.peak.highest,
+        "ratio": quarter.peak.highest["peak_tensor_bytes"] / none_peak,
         "ratio_from_state_savings_alone": 1 - saved / none_peak,
-        "floor": quarter.peak_tensors["peak_other_bytes"] / none_peak,
+        "floor": quarter.peak.highest["peak_other_bytes"] / none_peak,
     }
 
 
@@ -190,7 +189,7 @@ def cuda_cross_check(trainer: Trainer) -> Optional[dict]:
     trainer.run_step()
     synchronize(trainer.device)
     allocated = torch.cuda.max_memory_allocated(trainer.device) - not_state
-    measured = trainer.peak_tensors["peak_tensor_bytes"]
+    measured = trainer.peak.highest["peak_tensor_bytes"]
     return {"peak_tensor_bytes": measured, "max_memory_allocated": allocated, "ratio": measured / allocated}
 
 
@@ -225,7 +224,7 @@ def run_time(cfg: Config, data, out_dir: Path, steps: int, measured: bool) -> fl
     """Wall time of a fresh run's first ``steps`` steps, measured at its start as every run is, or never."""
     trainer = build_trainer(cfg, data, out_dir)
     if not measured:
-        trainer.measured_maps.add(trainer.current_tying())
+        trainer.peak.measured.add(trainer.peak.tying())
 
     def run() -> None:
         for _ in range(steps):

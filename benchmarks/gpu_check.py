@@ -46,7 +46,7 @@ from tyingrun.tying.flops import sequence_length, train_flops_per_token  # noqa:
 
 TARGETS = {"mfu_gpt2_124m_compiled_none": 0.40, "dynamic_q_over_none_tokens_per_s": 0.90,
            "recompiles_per_block_kind": 2}
-FAMILIES = {"gpt2": "pydoc", "bert": "pydoc", "vit": "digits"}
+FAMILIES = {"gpt2": "pydoc", "bert": "pydoc", "vit": "digits", "llama": "pydoc"}
 POLICIES = ("none", "cyclic", "dynamic_q")
 DISTINCT_MAPS = 20
 # The test files that hold tests marked cuda (collecting only these keeps the section short).
@@ -80,7 +80,7 @@ class TimedRun:
 
     def step(self) -> None:
         self.trainer.run_step()
-        tying = self.trainer.current_tying()
+        tying = self.trainer.peak.tying()
         if tying not in self.maps:
             batch_size = self.trainer.cfg.train.batch_size
             self.maps[tying] = train_flops_per_token(self.trainer.model, self.seq_len, batch_size)
@@ -89,7 +89,7 @@ class TimedRun:
     def timed(self, steps: int) -> Dict[str, float]:
         """Tokens/s and MFU over ``steps`` steps after the ones already run."""
         synchronize(self.trainer.device)
-        started, first, measured_before = time.perf_counter(), len(self.flops), len(self.trainer.measured_maps)
+        started, first, measured_before = time.perf_counter(), len(self.flops), len(self.trainer.peak.measured)
         for _ in range(steps):
             self.step()
         synchronize(self.trainer.device)
@@ -102,7 +102,7 @@ class TimedRun:
         # part of the window's time is that measurement, not training.
         return {"steps": steps, "seconds": seconds, "tokens_per_s": tokens_per_s, "train_flops_per_token": flops,
                 "mfu": mfu(flops, tokens_per_s, peak), "peak_flops": peak,
-                "maps_memory_measured": len(self.trainer.measured_maps) - measured_before}
+                "maps_memory_measured": len(self.trainer.peak.measured) - measured_before}
 
 
 def compile_counts(trainer) -> Optional[Dict[str, Any]]:

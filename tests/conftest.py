@@ -1,37 +1,47 @@
+import fcntl
 import os
 import subprocess
 import sys
 
 import pytest
-import torch
-from omegaconf import OmegaConf
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from tyingrun.config import (  # noqa: E402
-    Config,
-    DatasetConfig,
-    HardwareConfig,
-    LogConfig,
-    ModelConfig,
-    PolicyConfig,
-    TrainConfig,
-)
-from tyingrun.data.lm import MaskedLM  # noqa: E402
-from tyingrun.models.bert import BERT  # noqa: E402
-from tyingrun.models.gpt2 import GPT2  # noqa: E402
-from tyingrun.models.vit import ViT  # noqa: E402
-from tyingrun.run import run  # noqa: E402
+from .helpers import run_folder, small_lm_config  # noqa: E402
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """A test that starts the `tyingrun` command (the ``cli`` fixture, directly or through a fixture of its own)
+    is marked ``cli``: `make test-fast` is the in-process rest (the marker is added before -m selects)."""
+    for item in items:
+        if "cli" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cli)
 
 
 @pytest.fixture(scope="session")
-def data_cache(tmp_path_factory):
-    """One tokenizer and token cache for the whole session, as a user's ~/.cache/tyingrun would be."""
-    return tmp_path_factory.mktemp("tyingrun-cache")
+def data_cache(tmp_path_factory, worker_id):
+    """One corpus, tokenizer and token cache for the whole test run, as a user's ~/.cache/tyingrun would be: the
+    xdist workers of one run share it (the cache's writes are atomic), so each corpus is built once per run."""
+    if worker_id == "master":
+        return tmp_path_factory.mktemp("tyingrun-cache")
+    shared = tmp_path_factory.getbasetemp().parent / "tyingrun-cache"
+    shared.mkdir(exist_ok=True)
+    return shared
+
+
+@pytest.fixture(scope="session")
+def pydoc_corpus_file(data_cache):
+    """The pydoc corpus in the shared data cache, built by the first worker that asks while the others wait."""
+    from tyingrun.data.text import pydoc_documents
+
+    with open(data_cache / ".pydoc.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        pydoc_documents(data_cache)
+    (path,) = (data_cache / "corpora").glob("pydoc-*.json")
+    return path
 
 
 @pytest.fixture(autouse=True)
@@ -43,8 +53,6 @@ def _offline(monkeypatch, data_cache):
 
 
 TYINGRUN = ("-m", "tyingrun.cli")
-# The model and batch of a CLI run that takes seconds; each test module adds its own schedule.
-TINY_RUN = ["model.n_layer=4", "model.d_model=64", "dataset.block_size=64", "train.batch_size=8", "log.progress=lines"]
 
 
 class CLI:
@@ -88,79 +96,6 @@ class CLI:
 def cli(data_cache):
     """Runs the `tyingrun` command in a subprocess (see CLI); session-scoped, so module fixtures can use it too."""
     return CLI(data_cache)
-
-
-def tiny_gpt2(n_layer=4, grad_mode="shared", vocab=64, d_model=32, seed=0, dropout=0.0, tie=True):
-    torch.manual_seed(seed)
-    cfg = ModelConfig(n_layer=n_layer, n_head=2, d_model=d_model, dropout=dropout, max_positions=32,
-                      tie_embeddings=tie)
-    return GPT2(cfg, vocab, grad_mode)
-
-
-def lm_batch(vocab=64, batch=4, length=16, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, vocab, (batch, length + 1), generator=generator)
-    return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
-
-
-def counted_flops_per_token(model, vocab=64, batch=2, length=32):
-    """FLOPs of one training step of ``model`` on a random batch, as torch's FlopCounterMode counts them, per token."""
-    batch = lm_batch(vocab=vocab, batch=batch, length=length)
-    # The math backend runs attention as matrix products, which the counter sees (fused kernels it may not).
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model.loss(batch).loss.backward()
-    return counter.get_total_flops() / batch["input_ids"].numel()
-
-
-def tiny_bert(n_layer=4, grad_mode="shared", vocab=64, d_model=32, seed=0, causal=False):
-    torch.manual_seed(seed)
-    cfg = ModelConfig(name="bert", n_layer=n_layer, n_head=2, d_model=d_model, max_positions=32, causal=causal)
-    return BERT(cfg, vocab, grad_mode)
-
-
-def mlm_batch(vocab=64, batch=4, length=16, seed=1):
-    """An lm_batch masked as BERT's data masks it ([MASK] is id 0; no other special tokens)."""
-    masking = MaskedLM(mask_id=0, vocab_size=vocab, special_ids=torch.tensor([0]))
-    return masking(lm_batch(vocab, batch, length, seed), torch.Generator().manual_seed(seed))
-
-
-def tiny_vit(n_layer=4, grad_mode="shared", d_model=32, seed=0, image_size=8, channels=1, n_classes=10):
-    torch.manual_seed(seed)
-    cfg = ModelConfig(name="vit", n_layer=n_layer, n_head=2, d_model=d_model, patch_size=2)
-    return ViT(cfg, image_size, channels, n_classes, grad_mode)
-
-
-def image_batch(batch=4, image_size=8, channels=1, n_classes=10, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    return {
-        "images": torch.randn(batch, channels, image_size, image_size, generator=generator),
-        "labels": torch.randint(0, n_classes, (batch,), generator=generator),
-    }
-
-
-# Each model with the batches it trains on, for tests that must hold for every architecture.
-TINY_MODELS = {"gpt2": (tiny_gpt2, lm_batch), "bert": (tiny_bert, mlm_batch), "vit": (tiny_vit, image_batch)}
-
-
-def small_lm_config(policy="cyclic", max_steps=6, model_keys=None, train_keys=None, policy_keys=None):
-    """A GPT-2 run on pydoc that takes seconds on a CPU."""
-    return Config(
-        model=ModelConfig(n_layer=4, d_model=64, n_head=4, **(model_keys or {})),
-        dataset=DatasetConfig(block_size=64),
-        policy=PolicyConfig(name=policy, **{"n_sets": 2, **(policy_keys or {})}),
-        hardware=HardwareConfig(name="cpu", device="cpu", precision="fp32"),
-        train=TrainConfig(**{"max_steps": max_steps, "batch_size": 8, "warmup_steps": 2, "eval_interval": max_steps,
-                             "eval_batches": 2, "log_interval": max_steps, **(train_keys or {})}),
-        log=LogConfig(progress="lines"),
-    )
-
-
-def run_folder(cfg, folder):
-    """Run ``cfg`` in-process into ``folder``, leaving the .hydra/config.yaml that the CLI's Hydra would write."""
-    summary = run(cfg, folder)
-    (folder / ".hydra").mkdir()
-    OmegaConf.save(OmegaConf.structured(cfg), folder / ".hydra" / "config.yaml")
-    return summary
 
 
 @pytest.fixture(scope="session")

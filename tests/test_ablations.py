@@ -3,16 +3,10 @@
 import json
 
 import pytest
-from hydra import compose, initialize_config_module
 
 from tyingrun.ablations import Outcome, arm_outcome, stage_2
-from tyingrun.config import register_configs
 
-
-def compose_config(overrides, **kwargs):
-    register_configs()
-    with initialize_config_module("tyingrun.conf", version_base="1.3"):
-        return compose("config", overrides=overrides, **kwargs)
+from .helpers import compose
 
 
 def test_stage_2_matches_dynamic_q_budget_and_gradient_mode(tmp_path):
@@ -43,14 +37,14 @@ def test_arm_outcome_rounds_the_mean_and_picks_the_best_map(tmp_path):
 
 @pytest.mark.parametrize("scale, n_layer, dataset", [("cpu", 8, "pydoc"), ("paper", 48, "wiki2")])
 def test_ablation_presets_compose(scale, n_layer, dataset):
-    cfg = compose_config([f"+experiment=ablation_{scale}", "policy=dynamic_q"])
+    cfg = compose([f"+experiment=ablation_{scale}", "policy=dynamic_q"])
     assert cfg.model.n_layer == n_layer and cfg.dataset.name == dataset and cfg.policy.name == "dynamic_q"
-    assert compose_config([f"+experiment=ablation_{scale}", "model.n_layer=3"]).model.n_layer == 3
+    assert compose([f"+experiment=ablation_{scale}", "model.n_layer=3"]).model.n_layer == 3
 
 
 def test_slurm_preset_never_resubmits():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install 'tyingrun[launchers]'")
-    launcher = compose_config(["hydra/launcher=slurm"], return_hydra_config=True).hydra.launcher
+    launcher = compose(["hydra/launcher=slurm"], return_hydra_config=True).hydra.launcher
     assert launcher.max_num_timeout == 0 and launcher.gpus_per_node == 1 and launcher.timeout_min > 0
 
 
@@ -68,12 +62,11 @@ def test_the_conversion_study_converts_each_seeds_parent_at_every_init_and_rank(
     conversions = {arm: overrides for arm, (overrides, _) in arms.items() if arm.startswith("recursive_")}
     assert len(conversions) == len(CHOICES["policy.init"]) * 2
     for arm, (overrides, note) in {**RECURSIVE_STAGE_1, **arms}.items():
-        hydra_cfg = compose_config([f"+experiment={study.experiment}", *overrides, "train.seed=1"],
-                                   return_hydra_config=True)
+        hydra_cfg = compose([f"+experiment={study.experiment}", *overrides, "train.seed=1"], return_hydra_config=True)
         assert hydra_cfg.hydra.sweep.subdir == "1" and note
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config),
-                                                  compose_config([f"+experiment={study.experiment}", *overrides,
-                                                                  "train.seed=1"])))
+                                                  compose([f"+experiment={study.experiment}", *overrides,
+                                                           "train.seed=1"])))
         preflight(cfg)
         if arm in conversions:
             # Seed 1's conversion reads seed 1's parent, into half as many unique blocks.

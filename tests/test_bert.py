@@ -16,8 +16,7 @@ from tyingrun.errors import BadInput
 from tyingrun.models.bert import BERT
 from tyingrun.run import build_data
 
-from .conftest import lm_batch, mlm_batch, tiny_bert
-from .test_cli import SUMMARY_KEYS
+from .helpers import SUMMARY_KEYS, compose_and_run, lm_batch, mlm_batch, tiny_bert
 
 VOCAB = 1000
 SPECIAL = torch.tensor([0, 1, 2, 3, 4])
@@ -133,13 +132,12 @@ def test_masked_lm_needs_a_mask_token():
 
 
 @pytest.mark.slow
-def test_bert_cyclic_run_writes_a_full_summary(tmp_path, cli):
-    result = cli(
+def test_bert_cyclic_run_writes_a_full_summary(tmp_path):
+    compose_and_run([
         "model=bert", "dataset=pydoc", "policy=cyclic", "policy.n_sets=2", "model.d_model=64",
         "dataset.block_size=32", "dataset.vocab_size=512", "dataset.max_documents=40", "train.batch_size=8",
-        "train.max_steps=4", "train.eval_interval=2", "train.eval_batches=2", f"hydra.run.dir={tmp_path}",
-    )
-    assert result.returncode == 0, result.stderr
+        "train.max_steps=4", "train.eval_interval=2", "train.eval_batches=2",
+    ], tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert SUMMARY_KEYS <= summary.keys()
     assert summary["model"] == "bert" and summary["final_map"] == [0, 1, 0, 1]

@@ -4,6 +4,8 @@ run starts (``tyingrun --help`` among them). Checked in one fresh interpreter, s
 import subprocess
 import sys
 
+import pytest
+
 HEAVY = ("torch", "safetensors.torch")
 
 PROBE = f"""
@@ -17,6 +19,7 @@ tyingrun.cli.main()
 """
 
 
+@pytest.mark.cli
 def test_the_report_the_sweep_and_cli_help_import_no_torch():
     done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

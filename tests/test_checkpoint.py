@@ -13,7 +13,7 @@ from tyingrun.train.init_from import init_from, init_source
 from tyingrun.tying import counts, maps
 from tyingrun.tying.weights import unique_weights
 
-from .conftest import lm_batch, run_folder, small_lm_config, tiny_gpt2
+from .helpers import lm_batch, run_folder, small_lm_config, tiny_gpt2
 
 
 def saved(model, run_dir):

@@ -1,4 +1,5 @@
-"""The real `tyingrun` command in subprocesses: a full run's files, and one clear line for every bad input."""
+"""The `tyingrun` command: a full run's files (a real process), and one clear line for every bad input (in-process
+through the CLI's own composition and checks; a real process for each stage's exit status and stderr)."""
 
 import json
 import os
@@ -8,30 +9,19 @@ import zipfile
 
 import pytest
 
-SUMMARY_KEYS = {
-    "status", "model", "dataset", "policy", "steps", "n_layer", "final_map", "independent_layers",
-    "trainable_layers", "independent_layers_mean", "val_loss", "val_ppl", "total_params", "trainable_params",
-    "trainable_params_mean", "stored_params", "train_state_bytes", "peak_memory_bytes", "peak_memory_kind",
-    "wall_time_s", "tokens_per_s", "seed", "mfu", "compile_graphs", "compile_recompiles",
-}
+from .helpers import SUMMARY_KEYS, assert_one_line, bad_input_line, compose_and_run, read_jsonl
+
 SMALL = ["model.d_model=64", "dataset.block_size=64", "train.batch_size=8", "train.eval_batches=4"]
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
 def cyclic_and_none(tmp_path_factory, cli):
-    runs = {}
-    for policy in ("cyclic", "none"):
-        run_dir = tmp_path_factory.mktemp(policy)
-        result = cli(
-            "model=gpt2", "dataset=pydoc", f"policy={policy}", "policy.n_sets=2", "model.n_layer=4",
-            "train.max_steps=12", "train.eval_interval=6", "train.log_interval=3", *SMALL, f"hydra.run.dir={run_dir}",
-        )
-        assert result.returncode == 0, result.stderr
-        runs[policy] = run_dir
+    """A cyclic run by the real command, and the policy=none run it is compared with (in-process, same config)."""
+    schedule = ["model=gpt2", "dataset=pydoc", "model.n_layer=4", "train.max_steps=12", "train.eval_interval=6",
+                "train.log_interval=3", *SMALL]
+    runs = {policy: tmp_path_factory.mktemp(policy) for policy in ("cyclic", "none")}
+    cli(*schedule, "policy=cyclic", "policy.n_sets=2", f"hydra.run.dir={runs['cyclic']}", expect=0)
+    compose_and_run([*schedule, "policy=none"], runs["none"])
     return runs
 
 
@@ -70,7 +60,8 @@ BAD_INPUTS = {
     "added key": (["+model.n_layerz=3"], "unknown config key model.n_layerz"),
     "wrong type": (["train.max_steps=many"], "bad value for train.max_steps"),
     "unknown group option": (
-        ["dataset=nonexistent"], "unknown option dataset=nonexistent; choose one of: 1b, cifar10, digits, pydoc"
+        ["dataset=nonexistent"],
+        "unknown option dataset=nonexistent; choose one of: 1b, addition, cifar10, digits, parity, phop, pydoc"
     ),
     "n_sets not dividing": (
         ["policy=sequential", "policy.n_sets=3", "model.n_layer=4"], "policy.n_sets=3 does not fit model.n_layer=4"
@@ -94,40 +85,39 @@ BAD_INPUTS = {
 }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", BAD_INPUTS)
+def test_bad_input_is_one_line_before_anything_is_written(tmp_path, name):
+    overrides, expected = BAD_INPUTS[name]
+    assert expected in bad_input_line(overrides, tmp_path / "run")
+
+
+# The real command on one error of each stage (composition, preflight, data): exit 2, one line, no traceback.
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["misspelt key", "n_sets not dividing", "missing text file"])
 def test_bad_input_exits_2_with_one_line(tmp_path, cli, name):
     overrides, expected = BAD_INPUTS[name]
     result = cli(*overrides, f"hydra.run.dir={tmp_path / 'run'}")
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tyingrun: error: "), result.stderr
-    assert expected in lines[0]
-    assert "Traceback" not in result.stdout + result.stderr
+    assert_one_line(result, 2, expected)
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
-@pytest.mark.slow
-def test_from_file_rejects_a_map_of_the_wrong_length(tmp_path, cli):
+def test_from_file_rejects_a_map_of_the_wrong_length(tmp_path):
     saved = tmp_path / "summary.json"
     saved.write_text(json.dumps({"final_map": [0, 0, 2]}))
-    result = cli("policy=from_file", f"policy.path={saved}", f"hydra.run.dir={tmp_path / 'run'}")
-    assert result.returncode == 2
-    assert "has 3 entries but the model has 4 layers" in result.stderr
+    line = bad_input_line(["policy=from_file", f"policy.path={saved}"], tmp_path / "run")
+    assert "has 3 entries but the model has 4 layers" in line
 
 
 @pytest.mark.slow
-def test_from_file_retrains_a_saved_map(tmp_path, cli, cyclic_and_none):
+def test_from_file_retrains_a_saved_map(tmp_path, cyclic_and_none):
     saved = cyclic_and_none["cyclic"] / "maps.jsonl"
-    result = cli(
-        "policy=from_file", f"policy.path={saved}", "model.n_layer=4", "train.max_steps=2", *SMALL,
-        f"hydra.run.dir={tmp_path}",
-    )
-    assert result.returncode == 0, result.stderr
+    compose_and_run(["policy=from_file", f"policy.path={saved}", "model.n_layer=4", "train.max_steps=2", *SMALL],
+                    tmp_path)
     assert json.loads((tmp_path / "summary.json").read_text())["final_map"] == [0, 1, 0, 1]
 
 
 @pytest.mark.slow
+@pytest.mark.cli
 def test_wheel_ships_the_config_tree(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), "."],
@@ -159,12 +149,15 @@ FILE_INPUTS = {
 }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", FILE_INPUTS)
-def test_bad_files_exit_2_with_one_line(tmp_path, cli, name):
+def test_bad_files_are_one_line_before_anything_is_written(tmp_path, name):
     make_overrides, expected = FILE_INPUTS[name]
+    assert expected in bad_input_line(make_overrides(tmp_path), tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_a_corpus_smaller_than_one_block_exits_2_with_one_line(tmp_path, cli):
+    make_overrides, expected = FILE_INPUTS["corpus smaller than one block"]
     result = cli(*make_overrides(tmp_path), f"hydra.run.dir={tmp_path / 'run'}")
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert_one_line(result, 2, expected)
     assert not (tmp_path / "run" / "summary.json").exists()

@@ -10,9 +10,9 @@ from tyingrun.metrics.mfu import peak_flops
 from tyingrun.run import run
 from tyingrun.train.compile import RegionalCompile
 
-from .conftest import lm_batch, small_lm_config, tiny_gpt2
-from .test_host_sync import LOG_INTERVAL, STEPS, count_host_reads
+from .helpers import count_host_reads, lm_batch, small_lm_config, tiny_gpt2
 
+STEPS, LOG_INTERVAL = 40, 10
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -31,9 +32,14 @@ def offline(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def pydoc_cache(tmp_path_factory) -> Path:
-    """One cache for the pydoc tests, so the standard library is parsed once."""
-    return tmp_path_factory.mktemp("pydoc-cache")
+def pydoc_cache(tmp_path_factory, pydoc_corpus_file) -> Path:
+    """A cache of this module's own for the pydoc tests, holding only the run's pydoc corpus (the standard library
+    is parsed once per run): its tokenizers and token ids are built here."""
+    cache = tmp_path_factory.mktemp("pydoc-cache")
+    (cache / "corpora").mkdir()
+    for path in pydoc_corpus_file.parent.glob(pydoc_corpus_file.name + "*"):  # the corpus and its content hash
+        shutil.copy(path, cache / "corpora")
+    return cache
 
 
 def pydoc_config(cache: Path, **overrides) -> DatasetConfig:
@@ -48,9 +54,12 @@ def paragraphs(count: int, words: int = 30) -> str:
 # ---- corpora ----
 
 
-def test_pydoc_split_is_deterministic_disjoint_and_nonempty(pydoc_cache):
-    built = load_corpus(pydoc_config(pydoc_cache, max_documents=None))
-    cached = load_corpus(pydoc_config(pydoc_cache, max_documents=None))
+@pytest.mark.slow
+def test_pydoc_split_is_deterministic_disjoint_and_nonempty(tmp_path):
+    """Parses the standard library (seconds), into a cache of its own so that it is a build."""
+    built = load_corpus(pydoc_config(tmp_path, max_documents=None))
+    assert list((tmp_path / "corpora").glob("pydoc-*.json"))
+    cached = load_corpus(pydoc_config(tmp_path, max_documents=None))
     assert (built.train, built.val, built.test) == (cached.train, cached.val, cached.test)
     assert built.train and built.val and built.test
     assert not set(built.train) & set(built.val)
@@ -178,6 +187,7 @@ HUB_LOAD_IN_FRESH_PYTHON = textwrap.dedent(
 
 
 @pytest.mark.slow
+@pytest.mark.cli
 @pytest.mark.parametrize("target, fix", [("wiki2", "dataset.path="), ("gpt2", "dataset.tokenizer_path=")])
 @pytest.mark.parametrize("network", ["offline-env", "no-network"])
 def test_hub_download_not_cached_fails_fast_with_one_clean_line(tmp_path, network, target, fix):

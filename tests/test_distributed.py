@@ -4,44 +4,44 @@ import json
 
 import pytest
 
-TINY = [
-    "model.n_layer=4", "model.d_model=64", "dataset.block_size=64", "train.batch_size=8", "train.eval_batches=4",
-    "train.max_steps=12", "train.log_interval=1", "train.eval_interval=6", "log.progress=lines",
-]
+from .helpers import LAUNCHER, bad_input_line, parallel_run, read_jsonl
+
+# dynamic_q deciding after every step: the ranks must agree on every map, and their losses on one process's.
+DECIDING = ["policy=dynamic_q", "policy.steps_per_decision=1"]
 
 
-LAUNCHER = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node")
-
-
-def run(cli, run_dir, *overrides, ranks=1, parallel="ddp"):
-    """A TINY run on the CPU: one process, or ``ranks`` gloo ranks under hardware=``parallel`` (ddp or fsdp). Each
-    process computes on one thread, as torchrun sets it for its ranks: a run's time does not depend on what else
-    keeps the cores busy (a spinning second thread of one process is slow on a busy machine)."""
-    launcher = (*LAUNCHER, str(ranks)) if ranks > 1 else ()
-    hardware = f"hardware={parallel}" if ranks > 1 else "hardware=cpu"
-    cli(*TINY, hardware, *overrides, f"hydra.run.dir={run_dir}", entry=(*launcher, "-m", "tyingrun.cli"), expect=0,
-        env={"OMP_NUM_THREADS": "1"})
-    return run_dir
-
-
-def rows(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, cli):
+    return parallel_run(cli, tmp_path_factory.mktemp("ddp"), *DECIDING, ranks=2)
 
 
 @pytest.mark.slow
-def test_every_rank_holds_rank_zeros_map_after_every_decision(tmp_path, cli):
-    run_dir = run(cli, tmp_path / "ddp", "policy=dynamic_q", "policy.steps_per_decision=1", ranks=2)
-    rank0 = [(row["step"], row["map"], row["trainable"]) for row in rows(run_dir / "maps.jsonl")]
-    rank1 = [(row["step"], row["map"], row["trainable"]) for row in rows(run_dir / "ranks" / "rank1_maps.jsonl")]
+def test_every_rank_holds_rank_zeros_map_after_every_decision(ddp_run):
+    rank0 = [(row["step"], row["map"], row["trainable"]) for row in read_jsonl(ddp_run / "maps.jsonl")]
+    rank1 = [(row["step"], row["map"], row["trainable"]) for row in read_jsonl(ddp_run / "ranks" / "rank1_maps.jsonl")]
     assert len(rank0) == 12 and rank1 == rank0  # the start, then a decision after each step but the last
-    assert json.loads((run_dir / "summary.json").read_text())["final_map"] == rank0[-1][1]
+    assert json.loads((ddp_run / "summary.json").read_text())["final_map"] == rank0[-1][1]
 
 
 @pytest.mark.slow
-def test_data_parallel_losses_match_one_process_with_the_same_global_batch(tmp_path, cli):
-    single = rows(run(cli, tmp_path / "single") / "metrics.jsonl")
-    parallel = rows(run(cli, tmp_path / "ddp", ranks=2) / "metrics.jsonl")
+def test_data_parallel_losses_match_one_process_with_the_same_global_batch(tmp_path, cli, ddp_run):
+    single = read_jsonl(parallel_run(cli, tmp_path / "single", *DECIDING) / "metrics.jsonl")
+    parallel = read_jsonl(ddp_run / "metrics.jsonl")
     assert [row["step"] for row in parallel] == [row["step"] for row in single]
+    for key in ("train_loss", "val_loss"):
+        ours = [row[key] for row in parallel if key in row]
+        theirs = [row[key] for row in single if key in row]
+        assert len(ours) == len(theirs) > 1
+        assert ours == pytest.approx(theirs, abs=1e-5)
+    ours, theirs = ([(row["step"], row["map"]) for row in read_jsonl(run / "maps.jsonl")]
+                    for run in (ddp_run, tmp_path / "single"))
+    assert ours == theirs
+
+
+@pytest.mark.slow
+def test_llama_data_parallel_losses_match_one_process(tmp_path, cli):
+    single = read_jsonl(parallel_run(cli, tmp_path / "single", "model=llama") / "metrics.jsonl")
+    parallel = read_jsonl(parallel_run(cli, tmp_path / "ddp", "model=llama", ranks=2) / "metrics.jsonl")
     for key in ("train_loss", "val_loss"):
         ours = [row[key] for row in parallel if key in row]
         theirs = [row[key] for row in single if key in row]
@@ -49,11 +49,8 @@ def test_data_parallel_losses_match_one_process_with_the_same_global_batch(tmp_p
         assert ours == pytest.approx(theirs, abs=1e-5)
 
 
-@pytest.mark.slow
-def test_ddp_without_torchrun_is_one_clear_line(tmp_path, cli):
-    result = cli("hardware=ddp", f"hydra.run.dir={tmp_path}", timeout=120)
-    assert result.returncode == 2
-    assert result.stderr.strip() == (
+def test_ddp_without_torchrun_is_one_clear_line(tmp_path):
+    assert bad_input_line(["hardware=ddp"], tmp_path / "run") == (
         "tyingrun: error: hardware=ddp needs several processes: torchrun --nproc_per_node=N -m tyingrun.cli "
         "hardware=ddp ... (or use hardware=auto for one process)"
     )

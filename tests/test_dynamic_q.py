@@ -26,16 +26,18 @@ from tyingrun.train.optim import build_optimizer, optimizer_parameters, sync_opt
 from tyingrun.tying import maps
 from tyingrun.tying.counts import trainable_parameters
 
-from .conftest import lm_batch, small_lm_config, tiny_gpt2
+from .helpers import lm_batch, run_steps, small_lm_config, tiny_gpt2
 
 
 class ScriptedContext:
-    """A DecisionContext whose loss is a fixed function of the step and whose counts are fixed."""
+    """A DecisionContext whose loss is a fixed function of the step and whose counts are fixed; its map (``src``,
+    ``trainable``: the model's, which the policy reads) follows the decisions run_steps applies."""
 
-    def __init__(self, step=0, trainable_layers=2):
+    def __init__(self, step=0, trainable_layers=2, src=None, trainable=None):
         self.step = step
         self.trainable_layers = trainable_layers
         self.scored_at = []
+        self.src, self.trainable = src, trainable
 
     def score_batch(self):
         self.scored_at.append(self.step)
@@ -48,16 +50,6 @@ class ScriptedContext:
 
 def policy_config(name="dynamic_q", **keys):
     return PolicyConfig(name=name, grad="frozen_copy", **keys)
-
-
-def run_steps(policy, context, steps):
-    decisions = []
-    for _ in range(steps):
-        context.step += 1
-        decision = policy.after_step(context)
-        if decision is not None:
-            decisions.append(decision)
-    return decisions
 
 
 @pytest.mark.parametrize("n_layer", range(1, 9))
@@ -206,14 +198,17 @@ def test_state_dict_round_trip_repeats_every_later_decision(name):
     cfg = policy_config(name, steps_per_decision=2)
     policy = build_policy(cfg, n_layer=5, seed=3)
     policy.start(5)
-    run_steps(policy, ScriptedContext(), 7)
+    first = ScriptedContext()
+    run_steps(policy, first, 7)
     buffer = io.BytesIO()
     torch.save(policy.state_dict(), buffer)
     buffer.seek(0)
     restored = build_policy(cfg, n_layer=5, seed=99)
     restored.load_state_dict(torch.load(buffer))
     assert restored.start(5) == policy.start(5)
-    ours, theirs = run_steps(policy, ScriptedContext(step=7), 300), run_steps(restored, ScriptedContext(step=7), 300)
+    # The map is the model's: a resumed run continues from the map its checkpoint saved.
+    ours, theirs = (run_steps(agent, ScriptedContext(step=7, src=first.src, trainable=first.trainable), 300)
+                    for agent in (policy, restored))
     assert [(d.src, d.trainable, d.info) for d in ours] == [(d.src, d.trainable, d.info) for d in theirs]
     if name == "dynamic_q":
         greedy = [d for d in ours if d.info["epsilon"] < 0.5]
@@ -234,6 +229,14 @@ class ModelContext:
 
     def __init__(self, model):
         self.model, self.step = model, 0
+
+    @property
+    def src(self):
+        return list(self.model.stack.src)
+
+    @property
+    def trainable(self):
+        return list(self.model.stack.trainable)
 
     @torch.no_grad()
     def score_batch(self):

@@ -15,7 +15,7 @@ from tyingrun.train.freeze import freeze_tensors
 from tyingrun.train.optim import build_optimizer, optimizer_parameters
 from tyingrun.tying import counts
 
-from .conftest import TINY_MODELS, lm_batch, run_folder, small_lm_config, tiny_gpt2
+from .helpers import TINY_MODELS, lm_batch, run_folder, small_lm_config, tiny_gpt2
 
 CPU = torch.device("cpu")
 

@@ -1,4 +1,4 @@
-"""hardware=fsdp: two gloo ranks of FSDP2 (test_distributed's harness) against one process on the same global batch,
+"""hardware=fsdp: two gloo ranks of FSDP2 (helpers.parallel_run) against one process on the same global batch,
 and the checks that refuse what FSDP cannot shard."""
 
 import json
@@ -13,8 +13,7 @@ from tyingrun.errors import BadInput
 from tyingrun.run import build_data, load_run_config
 from tyingrun.train.distributed import Mesh, mesh_for, rank_share
 
-from .conftest import small_lm_config
-from .test_distributed import LAUNCHER, rows, run
+from .helpers import LAUNCHER, parallel_run, read_jsonl, small_lm_config
 
 STEPS = ["train.max_steps=20", "train.eval_interval=5", "train.checkpoint_interval=10"]
 POLICIES = {
@@ -22,20 +21,21 @@ POLICIES = {
     "cyclic": ["policy=cyclic"],  # grad=shared: a tied slot runs its root's block
     "from_file": ["policy=from_file", "policy.map=[0,0,2,2]", "policy.grad=frozen_copy"],
     "dynamic_q": ["policy=dynamic_q", "policy.steps_per_decision=1"],  # its preset's grad=frozen_copy; K=1
+    "llama_cyclic": ["model=llama", "policy=cyclic"],  # grouped-query attention, RoPE tables passed through the stack
 }
 TIMING_KEYS = ("tokens_per_s", "wall_time_s", "peak_memory_bytes")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cli):
-    """``runs(policy, ranks)``: the folder of a 20-step TINY run (checkpoints at 10 and 20), made once per module:
+    """``runs(policy, ranks)``: the folder of a 20-step PARALLEL_RUN (checkpoints at 10 and 20), made once per module:
     one process, or two FSDP ranks."""
     made = {}
 
     def folder(policy, ranks):
         if (policy, ranks) not in made:
             run_dir = tmp_path_factory.mktemp(f"{policy}-{ranks}")
-            made[policy, ranks] = run(cli, run_dir, *STEPS, *POLICIES[policy], ranks=ranks, parallel="fsdp")
+            made[policy, ranks] = parallel_run(cli, run_dir, *STEPS, *POLICIES[policy], ranks=ranks, parallel="fsdp")
         return made[policy, ranks]
 
     return folder
@@ -52,18 +52,18 @@ def summary(run_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", POLICIES)
 def test_sharded_losses_and_maps_match_one_process_on_the_same_global_batch(runs, policy):
-    single, sharded = rows(runs(policy, 1) / "metrics.jsonl"), rows(runs(policy, 2) / "metrics.jsonl")
+    single, sharded = read_jsonl(runs(policy, 1) / "metrics.jsonl"), read_jsonl(runs(policy, 2) / "metrics.jsonl")
     assert [row["step"] for row in sharded] == [row["step"] for row in single]
     for key, count in (("train_loss", 20), ("val_loss", 5)):
         ours = [row[key] for row in sharded if key in row]
         theirs = [row[key] for row in single if key in row]
         assert len(ours) == len(theirs) == count
         assert ours == pytest.approx(theirs, abs=1e-5)
-    applied = [(row["step"], row["map"], row["trainable"]) for row in rows(runs(policy, 2) / "maps.jsonl")]
+    applied = [(row["step"], row["map"], row["trainable"]) for row in read_jsonl(runs(policy, 2) / "maps.jsonl")]
     on_rank1 = [(row["step"], row["map"], row["trainable"])
-                for row in rows(runs(policy, 2) / "ranks" / "rank1_maps.jsonl")]
+                for row in read_jsonl(runs(policy, 2) / "ranks" / "rank1_maps.jsonl")]
     assert on_rank1 == applied == [(row["step"], row["map"], row["trainable"])
-                                   for row in rows(runs(policy, 1) / "maps.jsonl")]
+                                   for row in read_jsonl(runs(policy, 1) / "maps.jsonl")]
     if policy == "dynamic_q":
         assert len(applied) == 20 and len({tuple(src) for _, src, _ in applied}) > 2  # ties and unties
 
@@ -85,7 +85,7 @@ def test_a_sharded_checkpoint_resumes_bit_identically_on_fsdp_and_also_in_one_pr
     shutil.copytree(whole, resumed, ignore=shutil.ignore_patterns(".tyingrun.lock", "summary.json", "step_00000020"))
     entry = (*LAUNCHER, "2", "-m", "tyingrun.cli") if hardware == "fsdp" else ("-m", "tyingrun.cli")
     cli(f"train.resume={resumed}", f"hardware={hardware}", entry=entry, expect=0, env={"OMP_NUM_THREADS": "1"})
-    ours, theirs = rows(resumed / "metrics.jsonl"), rows(whole / "metrics.jsonl")
+    ours, theirs = read_jsonl(resumed / "metrics.jsonl"), read_jsonl(whole / "metrics.jsonl")
     if hardware == "fsdp":
         assert [without_timing(row) for row in ours] == [without_timing(row) for row in theirs]
         assert without_timing(summary(resumed)) == without_timing(summary(whole))

@@ -8,8 +8,7 @@ import torch.distributed as dist
 from tyingrun.train.grad_sync import OverlappedGradientAverage
 from tyingrun.tying.counts import trainable_parameters
 
-from .conftest import lm_batch, tiny_gpt2
-from .test_distributed import rows, run
+from .helpers import lm_batch, parallel_run, read_jsonl, tiny_gpt2
 
 
 @pytest.fixture
@@ -43,8 +42,8 @@ def test_buckets_are_all_reduced_during_the_backward_and_follow_the_trainable_se
 @pytest.mark.slow
 def test_two_gloo_ranks_train_with_the_losses_of_one_process_through_decisions(tmp_path, cli):
     decisions = ("policy=dynamic_q", "policy.steps_per_decision=2")
-    single = rows(run(cli, tmp_path / "single", *decisions) / "metrics.jsonl")
-    parallel = rows(run(cli, tmp_path / "ddp", *decisions, ranks=2) / "metrics.jsonl")
+    single = read_jsonl(parallel_run(cli, tmp_path / "single", *decisions) / "metrics.jsonl")
+    parallel = read_jsonl(parallel_run(cli, tmp_path / "ddp", *decisions, ranks=2) / "metrics.jsonl")
     ours = [row["train_loss"] for row in parallel if "train_loss" in row]
     theirs = [row["train_loss"] for row in single if "train_loss" in row]
     assert len(ours) == len(theirs) == 12

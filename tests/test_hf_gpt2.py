@@ -14,7 +14,7 @@ from tyingrun.models.hf_gpt2 import from_hf, to_hf
 from tyingrun.train.init_from import init_from
 from tyingrun.tying import counts, maps
 
-from .conftest import tiny_gpt2
+from .helpers import tiny_gpt2
 
 transformers = pytest.importorskip("transformers")
 

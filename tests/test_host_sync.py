@@ -8,41 +8,11 @@ import torch
 
 from tyingrun.models.gpt2 import GPT2
 from tyingrun.run import run
-from tyingrun.train.trainer import NonFiniteLoss, Trainer
+from tyingrun.train.trainer import NonFiniteLoss
 
-from .conftest import small_lm_config
+from .helpers import count_host_reads, small_lm_config
 
 STEPS, LOG_INTERVAL = 40, 10
-
-
-def count_host_reads(monkeypatch):
-    """Counts Tensor.item and Tensor.tolist calls inside Trainer.run_step: in the training step and its log line
-    ("training"), in the evaluations it runs ("evaluation", Trainer._measure), and in the optimizer's step
-    ("optimizer": the CPU's AdamW reads its own step counter, a CPU tensor; CUDA's fused AdamW does not)."""
-    reads = {"training": 0, "evaluation": 0, "optimizer": 0}
-    where = []
-    for method in ("item", "tolist"):
-        original = getattr(torch.Tensor, method)
-
-        def counted(tensor, *args, _original=original, **kwargs):
-            if where:
-                reads[where[-1]] += 1
-            return _original(tensor, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, method, counted)
-    for owner, name, role in ((Trainer, "run_step", "training"), (Trainer, "_measure", "evaluation"),
-                              (torch.optim.AdamW, "step", "optimizer")):
-        original = getattr(owner, name)
-
-        def inside(self, *args, _original=original, _role=role, **kwargs):
-            where.append(_role)
-            try:
-                return _original(self, *args, **kwargs)
-            finally:
-                where.pop()
-
-        monkeypatch.setattr(owner, name, inside)
-    return reads
 
 
 def test_the_loop_reads_the_loss_once_per_log_interval(tmp_path, monkeypatch):

@@ -16,10 +16,10 @@ PACKAGE = ROOT / "tyingrun"
 
 # Low to high. A unit is a top-level module or a package (all its modules).
 LAYERS: Dict[str, int] = {
-    # 0: neutral - the facts everyone shares (errors, contracts, files, seeds, config, a run's status, how an
-    # override value is quoted)
+    # 0: neutral - the facts everyone shares (errors, contracts, files, seeds, config, a run's status and summary,
+    # how an override value is quoted)
     "tyingrun.errors": 0, "tyingrun.contracts": 0, "tyingrun.files": 0, "tyingrun.seeding": 0,
-    "tyingrun.config": 0, "tyingrun.run_status": 0, "tyingrun.overrides": 0,
+    "tyingrun.config": 0, "tyingrun.run_status": 0, "tyingrun.summary": 0, "tyingrun.overrides": 0, "tyingrun.hub": 0,
     # 1: the tying map and stack, the data, the report (neither data nor report knows models or training)
     "tyingrun.tying": 1, "tyingrun.data": 1, "tyingrun.report": 1,
     # 2: models, measurements, policies
@@ -27,10 +27,10 @@ LAYERS: Dict[str, int] = {
     # 3: the training loop, and the checks a config passes before anything is built
     "tyingrun.train": 3, "tyingrun.preflight": 3,
     # 4: one run, and the sweep callback
-    "tyingrun.run": 4, "tyingrun.sweep": 4,
+    "tyingrun.run": 4, "tyingrun.sweep": 4, "tyingrun.run_folder": 4,
     # 5: entry points
     "tyingrun.cli": 5, "tyingrun.export": 5, "tyingrun.ablations": 5, "tyingrun.data_cli": 5,
-    "tyingrun.inspect_run": 5,
+    "tyingrun.inspect_run": 5, "tyingrun.launch": 5,
 }
 
 NEUTRAL = frozenset(unit for unit, layer in LAYERS.items() if layer == 0)
@@ -41,15 +41,18 @@ def _units(*names: str) -> FrozenSet[str]:
 
 
 # What each unit may import besides itself. Every arrow points to a lower layer, except inside layer 0 and
-# data_cli -> cli (the data tool composes the config as the Hydra app does and explains its errors the same way).
+# data_cli -> cli (the data tool composes the config as the Hydra app does and explains its errors the same way)
+# and launch -> cli (the launcher reads its ranks' overrides as the Hydra app does).
 ALLOWED: Dict[str, FrozenSet[str]] = {
     "tyingrun.errors": frozenset(),
     "tyingrun.contracts": frozenset(),
     "tyingrun.seeding": frozenset(),
+    "tyingrun.summary": frozenset(),
     "tyingrun.config": _units("errors"),
     "tyingrun.files": frozenset(),
     "tyingrun.run_status": _units("files"),
     "tyingrun.overrides": frozenset(),
+    "tyingrun.hub": _units("errors"),
     "tyingrun.tying": NEUTRAL,
     "tyingrun.data": NEUTRAL,
     "tyingrun.report": NEUTRAL,
@@ -60,15 +63,19 @@ ALLOWED: Dict[str, FrozenSet[str]] = {
     "tyingrun.preflight": NEUTRAL | _units("data", "models", "policies"),
     "tyingrun.run": NEUTRAL | _units("tying", "data", "models", "metrics", "policies", "train", "preflight"),
     "tyingrun.sweep": NEUTRAL,
-    "tyingrun.cli": NEUTRAL | _units("report", "train", "run", "sweep"),
+    "tyingrun.run_folder": NEUTRAL,
+    "tyingrun.cli": NEUTRAL | _units("report", "train", "run", "sweep", "run_folder"),
     "tyingrun.export": NEUTRAL | _units("models", "train", "run"),
     "tyingrun.inspect_run": NEUTRAL | _units("tying", "train", "run"),
-    "tyingrun.ablations": NEUTRAL | _units("report"),
+    "tyingrun.ablations": NEUTRAL | _units("report", "cli", "data_cli"),
     "tyingrun.data_cli": NEUTRAL | _units("data", "preflight", "cli"),
+    "tyingrun.launch": NEUTRAL | _units("train", "cli"),
 }
 # The arrows within one layer that ALLOWED grants on purpose.
 SAME_LAYER = {("tyingrun.config", "tyingrun.errors"), ("tyingrun.run_status", "tyingrun.files"),
-              ("tyingrun.data_cli", "tyingrun.cli")}
+              ("tyingrun.hub", "tyingrun.errors"),
+              ("tyingrun.data_cli", "tyingrun.cli"), ("tyingrun.ablations", "tyingrun.cli"),
+              ("tyingrun.ablations", "tyingrun.data_cli"), ("tyingrun.launch", "tyingrun.cli")}
 
 
 def module_name(path: Path) -> str:

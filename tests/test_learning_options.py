@@ -12,8 +12,6 @@ import statistics
 import pytest
 import torch
 
-from tests.conftest import run_folder, small_lm_config
-from tests.test_dynamic_q import run_steps
 from tyingrun.config import PolicyConfig
 from tyingrun.errors import BadInput
 from tyingrun.policies import build_policy
@@ -23,11 +21,7 @@ from tyingrun.preflight import check_policy, preflight
 from tyingrun.run import run
 from tyingrun.tying import maps
 
-# The option set of the learning study's dynamic_q_learning arm (docs/studies.md#the-learning-study), without its K
-# (tests/test_learning_study.py keeps the two equal).
-BEST = dict(reward="paired_improvement", reward_normalization=True, epsilon_schedule="decision",
-            epsilon_decay_per_decision=0.985, td_target="next_decision", replay=256, target_update=20,
-            q_lr_decay_updates=20)
+from .helpers import BEST, follow, run_folder, run_steps, small_lm_config
 
 
 def policy_config(name="dynamic_q", **keys):
@@ -36,11 +30,12 @@ def policy_config(name="dynamic_q", **keys):
 
 class BatchContext:
     """A DecisionContext with a reward stream of numbered batches; the loss of batch b at step s is
-    ``loss(b, s)``, and every call is recorded."""
+    ``loss(b, s)``, and every call is recorded; its map follows the decisions (run_steps, drive)."""
 
     def __init__(self, loss=lambda batch, step: 2.0 + 0.1 * batch - 0.01 * step, trainable_layers=2):
         self.step, self.loss, self.trainable_layers = 0, loss, trainable_layers
         self.drawn, self.scored = 0, []
+        self.src = self.trainable = None
 
     def reward_batch(self):
         self.drawn += 1
@@ -371,11 +366,14 @@ class ArmContext(NoisyBatchContext):
 
 
 def drive(policy, context, decisions):
+    if context.trainable is None:
+        follow(context, policy.start(policy.n_layer))
     taken = []
     while len(taken) < decisions:
         context.step += 1
         decision = policy.after_step(context)
         if decision is not None:
+            follow(context, decision)
             context.apply(decision)
             taken.append(decision)
     return taken

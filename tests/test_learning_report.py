@@ -1,8 +1,7 @@
 """tyingrun-report's learning diagnostics: the value spread, the greedy share and the greedy map's stability, with
 their lowest seed, and the warning for an agent whose greedy map never settled."""
 
-from tests.test_report import make_run
-from tests.test_report_stats import report, run_summary
+from .helpers import make_run, report, run_summary
 
 
 def diagnostics(spread, stability, greedy=0.99):

@@ -6,15 +6,16 @@ import math
 import pytest
 from omegaconf import OmegaConf
 
-from tests.test_ablations import compose_config
 from tyingrun.ablations import LEARN_STAGE_1, STAGE_1, STUDIES, learn_stage_2
 from tyingrun.config import Config
 from tyingrun.policies.dynamic_q import EPSILON_DECAY, EPSILON_FLOOR
 from tyingrun.preflight import preflight
 
+from .helpers import BEST, compose
+
 
 def composed(overrides):
-    cfg = compose_config(["+experiment=dlt_learning", *overrides])
+    cfg = compose(["+experiment=dlt_learning", *overrides])
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
 
 
@@ -52,8 +53,6 @@ def test_each_learned_run_takes_300_decisions_and_reaches_the_epsilon_floor(arm)
 
 
 def test_the_learning_arm_runs_the_option_set_the_tests_check():
-    from tests.test_learning_options import BEST
-
     policy = composed(LEARN_STAGE_1["dynamic_q_learning"][0]).policy
     assert {key: getattr(policy, key) for key in BEST} == BEST
     for arm, reward in (("dynamic_q_learning_neg_loss", "neg_loss"), ("dynamic_q_learning_paper_reward", "paper")):

@@ -1,16 +1,19 @@
 """model.pad_vocab_to: padded embedding and head rows that take no probability mass, no gradient from the loss, no
-place in the parameter counts, and that tyingrun-export trims (logit parity with transformers)."""
+place in the parameter counts, and that tyingrun-export trims and train.init_from of a Hugging Face folder restores
+(logit parity with transformers, GPT-2 and Llama)."""
 
 import pytest
 import torch
 
 from tyingrun.config import ModelConfig
+from tyingrun.models import hf_gpt2, hf_llama
 from tyingrun.models.bert import BERT
 from tyingrun.models.gpt2 import GPT2
-from tyingrun.models.hf_gpt2 import to_hf
+from tyingrun.models.llama import Llama
+from tyingrun.train.init_from import init_from
 from tyingrun.tying import counts, maps
 
-from .conftest import lm_batch, mlm_batch
+from .helpers import lm_batch, mlm_batch
 
 VOCAB = 100
 
@@ -59,15 +62,43 @@ def test_bert_pads_its_head_bias_and_masks_the_padding():
     assert torch.isfinite(model.loss(batch).loss)
 
 
+def llama(pad_to, tie=True):
+    torch.manual_seed(0)
+    return Llama(ModelConfig(name="llama", n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=48, max_positions=32,
+                             tie_embeddings=tie, pad_vocab_to=pad_to), VOCAB)
+
+
+EXPORTS = {"gpt2": (gpt2, hf_gpt2.to_hf), "llama": (llama, hf_llama.to_hf)}
+
+
+@pytest.mark.parametrize("family", sorted(EXPORTS))
 @pytest.mark.parametrize("tie", [True, False])
-def test_export_trims_the_padding_and_transformers_gives_the_same_logits(tmp_path, tie):
+def test_export_trims_the_padding_and_transformers_gives_the_same_logits(tmp_path, family, tie):
     transformers = pytest.importorskip("transformers")
-    model = gpt2(64, tie)
+    build, to_hf = EXPORTS[family]
+    model = build(64, tie)
+    assert model.tokens.wte.num_embeddings == 128
     model.stack.apply_map(maps.cyclic(2, 1))
     to_hf(model, tmp_path)
-    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert hf.config.vocab_size == VOCAB
     ids = lm_batch(vocab=VOCAB)["input_ids"]
     with torch.no_grad():
         ours = model.eval()(ids)[..., :VOCAB]
         torch.testing.assert_close(hf(ids).logits, ours, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(EXPORTS))
+def test_a_hugging_face_folder_starts_a_padded_model_with_its_logits(tmp_path, family):
+    pytest.importorskip("transformers")
+    build, to_hf = EXPORTS[family]
+    source = build(1)
+    to_hf(source, tmp_path)
+    model = build(64)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_()  # nothing of the model's own initialisation survives the import
+    init_from(model, tmp_path)
+    ids = lm_batch(vocab=VOCAB)["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids)[..., :VOCAB], source.eval()(ids), rtol=0, atol=1e-6)

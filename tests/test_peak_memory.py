@@ -11,15 +11,14 @@ import torch
 from rich.console import Console
 
 from tyingrun.config import PolicyConfig
+from tyingrun.metrics import memory as memory_module
 from tyingrun.metrics.tensor_memory import TensorMemoryTracker
 from tyingrun.report import write_report
 from tyingrun.run import run
-from tyingrun.train import trainer as trainer_module
 from tyingrun.train.checkpoint import latest_checkpoint, list_checkpoints, read_state
 
-from .conftest import run_folder, small_lm_config
-from .test_report import make_run
-from .test_report import summary as report_summary
+from .helpers import make_run, run_folder, small_lm_config
+from .helpers import summary as report_summary
 
 MIB = 2**20
 
@@ -38,7 +37,7 @@ def measurements(monkeypatch):
             counted["steps"] += 1
             return super().__enter__()
 
-    monkeypatch.setattr(trainer_module, "TensorMemoryTracker", CountingTracker)
+    monkeypatch.setattr(memory_module, "TensorMemoryTracker", CountingTracker)
     return counted
 
 

@@ -8,12 +8,13 @@ import shutil
 import pytest
 import torch
 
-from tests.conftest import run_folder, small_lm_config
 from tyingrun.data.lm import BlockSampler
 from tyingrun.metrics.sinks import JsonlFile, decided_before
 from tyingrun.run import build_data, build_model, run
 from tyingrun.seeding import derive_seed
 from tyingrun.train.trainer import Trainer
+
+from .helpers import run_folder, small_lm_config
 
 K = 4
 

@@ -17,7 +17,7 @@ from tyingrun.train.optim import build_optimizer, sync_optimizer
 from tyingrun.tying import counts
 from tyingrun.tying.flops import train_flops_per_token
 
-from .conftest import counted_flops_per_token, lm_batch, small_lm_config, tiny_gpt2
+from .helpers import bad_input_line, counted_flops_per_token, lm_batch, small_lm_config, tiny_gpt2
 
 CPU = torch.device("cpu")
 N_LAYER, WIDTH = 6, 32
@@ -227,7 +227,7 @@ def test_n_sets_the_pattern_cannot_use_with_the_source_depth(source):
 @pytest.fixture(scope="module")
 def parent_and_child(tmp_path_factory, data_cache):
     """A 4-layer parent run on pydoc, and its recursive child (2 blocks, LoRA rank 8), both with checkpoints."""
-    from .conftest import run_folder
+    from .helpers import run_folder
     parent, child = tmp_path_factory.mktemp("parent"), tmp_path_factory.mktemp("child")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("TYINGRUN_CACHE", str(data_cache))
@@ -319,17 +319,12 @@ def test_inspect_shows_each_slots_lora_and_the_rows_add_up(parent_and_child, cap
     (["policy=recursive"], "policy=recursive converts a trained model; set train.init_from="),
     (["policy=recursive", "train.init_from=/x", "policy.lora_rank=-2"], "policy.lora_rank=-2 must be an integer"),
 ])
-def test_the_command_exits_2_with_one_line(tmp_path, cli, overrides, expected):
-    result = cli(*overrides, f"hydra.run.dir={tmp_path / 'run'}")
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0], result.stderr
+def test_the_command_refuses_with_one_line(tmp_path, overrides, expected):
+    assert expected in bad_input_line(overrides, tmp_path / "run")
 
 
-def test_the_command_refuses_a_source_of_another_width_with_one_line(tmp_path, cli, source):
-    _, folder = source  # 6 layers, width 32, 64 tokens: the pydoc run's vocabulary differs first
-    result = cli("policy=recursive", f"train.init_from={folder}", "model.n_layer=6", "model.d_model=32",
-                 "model.n_head=2", f"hydra.run.dir={tmp_path / 'run'}")
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "has a vocabulary of 64 tokens but this run's is" in lines[0], result.stderr
+def test_the_command_refuses_a_source_of_another_width_with_one_line(tmp_path, source):
+    _, folder = source  # 6 layers, width 32, 64 tokens: the pydoc run's vocabulary (512, of 40 documents) differs first
+    line = bad_input_line(["policy=recursive", f"train.init_from={folder}", "model.n_layer=6", "model.d_model=32",
+                           "model.n_head=2", "dataset.vocab_size=512", "dataset.max_documents=40"], tmp_path / "run")
+    assert "has a vocabulary of 64 tokens but this run's is" in line

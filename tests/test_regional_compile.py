@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 from tyingrun.train.compile import RegionalCompile
 from tyingrun.tying import maps
 
-from .conftest import TINY_MODELS, small_lm_config
+from .helpers import TINY_MODELS, parallel_run, read_jsonl, small_lm_config
 
 pytestmark = [pytest.mark.compile, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -112,13 +112,12 @@ def test_lora_relaxed_slots_and_looped_maps_train_compiled_with_the_losses_of_ea
 
 @pytest.mark.slow
 def test_fsdp_ranks_train_compiled_with_the_losses_of_eager_fsdp(tmp_path, cli):
-    from .test_distributed import rows, run
-
     decisions = ("policy=dynamic_q", "policy.steps_per_decision=1")
-    eager = rows(run(cli, tmp_path / "eager", *decisions, ranks=2, parallel="fsdp") / "metrics.jsonl")
-    compiled_dir = run(cli, tmp_path / "compiled", *decisions, "hardware.compile=true", ranks=2, parallel="fsdp")
+    eager = read_jsonl(parallel_run(cli, tmp_path / "eager", *decisions, ranks=2, parallel="fsdp") / "metrics.jsonl")
+    compiled_dir = parallel_run(cli, tmp_path / "compiled", *decisions, "hardware.compile=true", ranks=2,
+                                parallel="fsdp")
     theirs = [row["train_loss"] for row in eager if "train_loss" in row]
-    ours = [row["train_loss"] for row in rows(compiled_dir / "metrics.jsonl") if "train_loss" in row]
+    ours = [row["train_loss"] for row in read_jsonl(compiled_dir / "metrics.jsonl") if "train_loss" in row]
     assert len(ours) == len(theirs) == 12 and ours == pytest.approx(theirs, abs=1e-5)
     summary = json.loads((compiled_dir / "summary.json").read_text())
     assert summary["compile_graphs"]["block:PreLNBlock"] <= 2 and summary["compile_recompiles"]["loss"] == 0

@@ -1,47 +1,17 @@
 """tyingrun.report on hand-made run folders: grouping by config minus seed, labels, means, stds and intervals."""
 
 import csv
-import json
 import os
 import statistics
 
 import pytest
-from omegaconf import OmegaConf
 from rich.console import Console
 
 from tyingrun.report import write_report
 from tyingrun.report.runs import find_runs, group_runs, labels
 from tyingrun.sweep import failed_jobs
 
-
-def make_run(folder, seed=0, summary=None, status=None, **policy):
-    config = {
-        "model": {"name": "gpt2", "n_layer": 4},
-        "dataset": {"name": "pydoc"},
-        "policy": {"name": "dynamic_q", "reward": "paper", "steps_per_decision": 4, **policy},
-        "train": {"seed": seed, "max_steps": 8},
-        "log": {"progress": "auto"},
-    }
-    (folder / ".hydra").mkdir(parents=True)
-    OmegaConf.save(config, folder / ".hydra" / "config.yaml")
-    if summary is not None:
-        (folder / "summary.json").write_text(json.dumps({"steps": 8, "seed": seed, **summary}))
-        (folder / "maps.jsonl").write_text(
-            json.dumps({"step": 0, "map": [0, 1, 2, 3], "trainable": [True, False, False, False]}) + "\n"
-            + json.dumps({"step": 4, "map": [0, 0, 2, 3], "trainable": [True, False, True, False]}) + "\n"
-        )
-    if status is not None:
-        (folder / "status.json").write_text(json.dumps(status))
-    return folder
-
-
-def summary(ppl, params, layers=2.0):
-    return {
-        "val_ppl": ppl, "val_loss": 1.0, "trainable_params": params, "trainable_params_mean": params * 1.5,
-        "independent_layers": layers, "independent_layers_mean": layers + 1, "trainable_layers": layers,
-        "trainable_layers_mean": layers, "train_state_bytes": params * 16, "peak_memory_bytes": 2**28,
-        "peak_memory_kind": "cpu_rss", "wall_time_s": 3.0, "tokens_per_s": 1000.0,
-    }
+from .helpers import make_run, summary
 
 
 @pytest.fixture()

@@ -2,38 +2,20 @@
 learning diagnostics, the fallback to val for summaries without a test split, and the ablation arms section."""
 
 import csv
-import io
 import json
 import math
 
 import pytest
-from rich.console import Console
 
-from tests.test_report import make_run, summary
 from tyingrun.cli import report_main
-from tyingrun.report import figure_metric, write_report
+from tyingrun.report import figure_metric
 from tyingrun.report.runs import ARMS_FILE, find_runs, group_runs, reference_groups
 from tyingrun.report.stats import estimate, paired_differences
 
+from .helpers import make_run, report, run_summary
+
 # t_{0.975, df} for df = 1, 2, 3 (tables of Student's t).
 T_975 = {1: 12.706204736, 2: 4.302652730, 3: 3.182446305}
-
-
-def run_summary(test_ppl=None, val_ppl=None, **extra):
-    """A summary with val_ppl (one more than test_ppl unless given) and, where given, test_ppl."""
-    values = summary(val_ppl if val_ppl is not None else test_ppl + 1.0, 1000)
-    if test_ppl is not None:
-        values["test_ppl"] = test_ppl
-    return {**values, **extra}
-
-
-def report(root, out, reference="none"):
-    """Write the report of ``root`` into ``out``; its CSV rows by group name, report.md and the console output."""
-    console = Console(file=io.StringIO(), width=400)
-    write_report([root], out, console, reference=reference)
-    rows = {" ".join(filter(None, (row["policy"], row["label"]))): row
-            for row in csv.DictReader((out / "report.csv").open())}
-    return rows, (out / "report.md").read_text(), console.file.getvalue()
 
 
 def test_t_interval_of_a_known_sample():

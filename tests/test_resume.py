@@ -3,38 +3,25 @@
 import json
 import signal
 import subprocess
-import time
 
 import pytest
 
-from .conftest import TINY_RUN
+from .helpers import TINY_RUN, bad_input_line, compose_and_run, read_jsonl, start_and_wait_for_checkpoint
 
 TINY = [*TINY_RUN, "train.eval_batches=2", "train.max_steps=120", "train.checkpoint_interval=20",
         "train.log_interval=5", "train.eval_interval=20"]
 TIMING_KEYS = ("tokens_per_s", "samples_per_s")
 
 
-def start_and_wait_for_checkpoint(cli, run_dir, *args):
-    process = cli.popen(*TINY, *args, f"hydra.run.dir={run_dir}", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not list((run_dir / "checkpoints").glob("step_*")):
-        assert process.poll() is None, process.stderr.read()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    return process
-
-
-def rows(path):
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in path.open()]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["none", "dynamic_q"])
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, cli, policy):
+    # 60 steps: killed soon after the checkpoint at 20 (40 steps to spare), resumed from it to the end.
+    schedule = [f"policy={policy}", "train.max_steps=60"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert cli(*TINY, f"policy={policy}", f"hydra.run.dir={whole}").returncode == 0
+    compose_and_run([*TINY, *schedule], whole)  # in-process: the CLI's config, one run without a stop
 
-    process = start_and_wait_for_checkpoint(cli, killed, f"policy={policy}")
+    process = start_and_wait_for_checkpoint(cli, killed, *TINY, *schedule)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (killed / "summary.json").exists()
@@ -42,7 +29,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, cli, po
     resumed = cli(f"train.resume={killed}")
     assert resumed.returncode == 0, resumed.stderr
     for name in ("metrics.jsonl", "maps.jsonl"):
-        assert rows(killed / name) == rows(whole / name)
+        assert read_jsonl(killed / name, drop=TIMING_KEYS) == read_jsonl(whole / name, drop=TIMING_KEYS)
     summaries = [json.loads((folder / "summary.json").read_text()) for folder in (whole, killed)]
     for summary in summaries:
         for key in ("wall_time_s", "peak_memory_bytes", *TIMING_KEYS):
@@ -53,7 +40,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, cli, po
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_143_then_resumes_to_completion(tmp_path, cli):
     run_dir = tmp_path / "run"
-    process = start_and_wait_for_checkpoint(cli, run_dir, "policy=cyclic")
+    process = start_and_wait_for_checkpoint(cli, run_dir, *TINY, "policy=cyclic")
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 143
@@ -66,7 +53,8 @@ def test_sigterm_checkpoints_and_exits_143_then_resumes_to_completion(tmp_path, 
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 120 and summary["final_map"] == [0, 1, 0, 1]
-    assert [row["step"] for row in rows(run_dir / "metrics.jsonl") if "val_loss" in row] == list(range(0, 121, 20))
+    evaluated = [row["step"] for row in read_jsonl(run_dir / "metrics.jsonl") if "val_loss" in row]
+    assert evaluated == list(range(0, 121, 20))
 
 
 @pytest.fixture(scope="module")
@@ -120,11 +108,8 @@ def test_checkpoint_of_another_model_shape(tmp_path, cli, finished_run):
     assert len(result.stderr.splitlines()) == 1
 
 
-@pytest.mark.slow
-def test_resume_of_a_folder_that_is_not_a_run(tmp_path, cli):
-    result = cli(f"train.resume={tmp_path}")
-    assert result.returncode == 2
-    assert "is not a tyingrun run folder" in result.stderr and len(result.stderr.splitlines()) == 1
+def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
+    assert "is not a tyingrun run folder" in bad_input_line([f"train.resume={tmp_path}"], tmp_path)
 
 
 @pytest.mark.slow

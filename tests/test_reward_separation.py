@@ -7,10 +7,10 @@ import random
 
 import pytest
 
-from tests.test_report import make_run
-from tests.test_report_stats import report, run_summary
 from tyingrun.report.rewards import episodes, layer_separation, reward_separation
 from tyingrun.report.stats import welch_t
+
+from .helpers import make_run, report, run_summary
 
 N_LAYER = 4
 

@@ -15,7 +15,7 @@ from tyingrun.tying.flops import train_flops_per_token
 from tyingrun.tying.stack import shared_names
 from tyingrun.tying.weights import read_tensors, unique_weights
 
-from .conftest import TINY_MODELS, counted_flops_per_token, lm_batch, tiny_gpt2
+from .helpers import TINY_MODELS, counted_flops_per_token, lm_batch, tiny_gpt2
 
 CPU = torch.device("cpu")
 PART = {"attention": "attn.", "mlp": "mlp."}
@@ -257,7 +257,7 @@ def test_a_looped_block_costs_as_much_as_independent_ones():
 @pytest.fixture(scope="module")
 def attention_run(tmp_path_factory, data_cache):
     """A finished GPT-2 run with cyclic ties that share attention only, with its checkpoint."""
-    from .conftest import run_folder, small_lm_config
+    from .helpers import run_folder, small_lm_config
 
     folder = tmp_path_factory.mktemp("attention-run")
     with pytest.MonkeyPatch.context() as env:
@@ -266,6 +266,7 @@ def attention_run(tmp_path_factory, data_cache):
     return folder, summary
 
 
+@pytest.mark.slow
 def test_a_run_reports_unique_blocks_flops_and_its_sharing(attention_run, capsys):
     import json
 

@@ -27,6 +27,8 @@ from tyingrun.data_cli import DOCUMENT_SEPARATOR, compose_config, main, read_dum
 from tyingrun.errors import BadInput
 from tyingrun.seeding import derive_seed
 
+from .helpers import call_main
+
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "val", "test")
 # Two paragraphs of 64+ characters and one shorter, as help topics repeat them.
@@ -107,7 +109,7 @@ def test_stratified_split_keeps_class_shares_and_ignores_no_seed_but_its_own():
 
 
 @pytest.fixture(scope="module")
-def pydoc_corpus():
+def pydoc_corpus(pydoc_corpus_file):
     return load_corpus(DatasetConfig(name="pydoc"))
 
 
@@ -121,10 +123,10 @@ def test_pydoc_splits_are_pairwise_disjoint_by_document(pydoc_corpus):
 
 
 @pytest.mark.slow
-def test_pydoc_dump_is_clean_of_training_paragraphs(tmp_path, cli, pydoc_corpus):
+def test_pydoc_dump_is_clean_of_training_paragraphs(tmp_path, capsys, monkeypatch, pydoc_corpus):
     """`tyingrun-data dataset=pydoc --dump DIR` as a user runs it; the leak is measured on what it wrote."""
-    result = cli("dataset=pydoc", "dataset.vocab_size=512", "--dump", str(tmp_path / "dump"),
-                 entry=("-m", "tyingrun.data_cli"), cwd=REPO)
+    monkeypatch.chdir(REPO)
+    result = call_main(main, ["dataset=pydoc", "dataset.vocab_size=512", "--dump", str(tmp_path / "dump")], capsys)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == ["pydoc train", "pydoc val", "pydoc test"]
@@ -285,7 +287,7 @@ def test_builder_prepares_bert_data_as_masked_wordpiece(tmp_path):
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        (["dataset=nonexistent"], "unknown option dataset=nonexistent; choose one of: 1b, cifar10, digits"),
+        (["dataset=nonexistent"], "unknown option dataset=nonexistent; choose one of: 1b, addition, cifar10, digits"),
         (["dataset=text_files", "dataset.files=[absent.txt]"], "dataset.files: no such file 'absent.txt'"),
         (["dataset=wiki2", "dataset.variant=v3"], "dataset.variant='v3' is not an option"),
         (["dataset=pydoc", "dataset.test_fraction=0.99"], "plus dataset.test_fraction=0.99 must be below 1"),

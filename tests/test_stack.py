@@ -10,7 +10,7 @@ from tyingrun.train.optim import build_optimizer, optimizer_parameters, sync_opt
 from tyingrun.tying import counts, maps
 from tyingrun.tying.stack import SlotStorage
 
-from .conftest import TINY_MODELS, lm_batch, tiny_gpt2
+from .helpers import TINY_MODELS, lm_batch, tiny_gpt2
 
 CPU = torch.device("cpu")
 

@@ -6,12 +6,15 @@ from pathlib import Path
 
 import pytest
 
+from tyingrun.cli import report_main
+
+from .helpers import call_main
+
 TINY = [
     "model.d_model=32", "dataset.block_size=32", "train.batch_size=4", "train.max_steps=4", "train.eval_batches=2",
     "train.log_interval=2", "log.progress=lines",
 ]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-REPORT = ("-c", "from tyingrun.cli import report_main; report_main()")
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +47,9 @@ def test_the_sweep_exits_non_zero_with_one_line_per_failed_job(sweep):
 
 
 @pytest.mark.slow
-def test_report_numbers_equal_the_summaries(sweep, tmp_path, cli):
+def test_report_numbers_equal_the_summaries(sweep, tmp_path, capsys):
     sweep_dir, _ = sweep
-    result = cli(str(sweep_dir), "--out", str(tmp_path), entry=REPORT)
+    result = call_main(report_main, [str(sweep_dir), "--out", str(tmp_path)], capsys)
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader((tmp_path / "report.csv").open()))
     assert len(rows) == 3
@@ -68,9 +71,8 @@ def test_report_numbers_equal_the_summaries(sweep, tmp_path, cli):
         assert path.read_bytes()[:8] == PNG_SIGNATURE and path.stat().st_size > 5000
 
 
-@pytest.mark.slow
-def test_report_of_nothing_is_one_line(tmp_path, cli):
-    result = cli(str(tmp_path), entry=REPORT)
+def test_report_of_nothing_is_one_line(tmp_path, capsys):
+    result = call_main(report_main, [str(tmp_path)], capsys)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         f"tyingrun-report: error: no run folders (with .hydra/config.yaml) under {tmp_path}"]

@@ -11,8 +11,7 @@ from tyingrun.policies.dynamic_q import REWARDS, Outcome
 from tyingrun.preflight import check_model_and_dataset
 from tyingrun.run import build_data, build_model, run
 
-from .conftest import image_batch, tiny_vit
-from .test_cli import SUMMARY_KEYS
+from .helpers import SUMMARY_KEYS, compose_and_run, image_batch, tiny_vit
 
 VISION_SUMMARY_KEYS = (SUMMARY_KEYS - {"val_ppl", "tokens_per_s"}) | {"val_acc", "samples_per_s"}
 
@@ -83,12 +82,11 @@ def test_every_reward_rises_with_accuracy():
 
 
 @pytest.mark.slow
-def test_vit_dynamic_q_on_digits_writes_a_full_summary(tmp_path, cli):
-    result = cli(
+def test_vit_dynamic_q_on_digits_writes_a_full_summary(tmp_path):
+    compose_and_run([
         "model=vit", "dataset=digits", "policy=dynamic_q", "model.d_model=32", "train.max_steps=16",
-        "train.eval_interval=8", "train.eval_batches=4", f"hydra.run.dir={tmp_path}",
-    )
-    assert result.returncode == 0, result.stderr
+        "train.eval_interval=8", "train.eval_batches=4",
+    ], tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert VISION_SUMMARY_KEYS <= summary.keys()
     assert summary["model"] == "vit" and summary["policy"] == "dynamic_q" and len(summary["final_map"]) == 4

@@ -15,12 +15,15 @@ tying policy learns at all within a single-machine budget. Stage 1: none, dynami
 the learning options, a per-layer bandit and the random control; stage 2: the fixed maps (the learned map from
 file, cyclic, sequential) at as many independent layers as the learning-option dynamic_q kept.
 
+``--scale reasoning`` is the looped-depth study on generated reasoning tasks (docs/studies.md#the-reasoning-study): one
+stage of k⊗1, k⊗L and kL⊗1 on p-hop induction and on n-ary addition, every arm at the same steps.
+
 ``--scale recursive`` is the recursive-conversion study (docs/studies.md#the-conversion-study): stage 1 trains the
 parent; stage 2 converts each seed's parent into half as many unique blocks under every ``policy.init`` with and
 without LoRA and continues training each for the parent's steps, beside the parent continued for those steps and a
 model with as many layers as unique blocks trained from scratch for both spans together.
 
-    python -m tyingrun.ablations [--scale cpu|paper|learn|recursive] [--seeds 0,1,2] [--jobs N] [--out DIR]
+    python -m tyingrun.ablations [--scale cpu|paper|learn|recursive|reasoning] [--seeds 0,1,2] [--jobs N] [--out DIR]
                                  [override ...]
 """
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -40,7 +44,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
+from omegaconf.errors import OmegaConfBaseException
+
 from tyingrun.config import CHOICES
+from tyingrun.errors import BadInput, fail
 from tyingrun.files import ARMS_FILE, SUMMARY_FILE, read_json, write_json_atomic
 from tyingrun.overrides import hydra_value
 from tyingrun.report import write_report
@@ -106,6 +113,26 @@ LEARN_STAGE_1: Arms = {
 # conversion reads the parent of its own seed): every policy.init, strict (rank 0) and relaxed by LoRA of this rank.
 RECURSIVE_RANKS = (0, 8)
 RECURSIVE_STAGE_1: Arms = {"parent": (["policy=none"], "the parent: the source model, conventional training")}
+
+
+# The reasoning study (--scale reasoning, +experiment=reasoning_cpu; docs/studies.md#the-reasoning-study), in the
+# k⊗L notation of Saunshi et al. (ICLR 2025): k⊗1 (k layers), k⊗L (k blocks looped L times: cyclic over kL slots)
+# and kL⊗1 (kL layers), on each task, at the same steps, batch and width.
+REASONING_TASKS = ("phop", "addition")
+REASONING_K, REASONING_L = 1, 4
+
+
+def reasoning_arms(k: int = REASONING_K, loops: int = REASONING_L) -> Arms:
+    arms: Arms = {}
+    for task in REASONING_TASKS:
+        arms[f"{task}_{k}x1"] = ([f"dataset={task}", "policy=none", f"model.n_layer={k}"],
+                                 f"{k}⊗1: {k} layer(s)")
+        arms[f"{task}_{k}x{loops}"] = (
+            [f"dataset={task}", "policy=cyclic", f"policy.n_sets={k}", f"model.n_layer={k * loops}"],
+            f"{k}⊗{loops}: {k} block(s) looped {loops} times (cyclic, {k} set(s) over {k * loops} slots)")
+        arms[f"{task}_{k * loops}x1"] = ([f"dataset={task}", "policy=none", f"model.n_layer={k * loops}"],
+                                         f"{k * loops}⊗1: {k * loops} layers, the reference")
+    return arms
 
 
 @dataclass(frozen=True)
@@ -188,10 +215,13 @@ class Study:
 
     experiment: str
     stage_1: Arms
-    source: str
-    stage_2: Callable[[Outcome], Arms]
+    source: Optional[str]  # None: a study of one stage
+    stage_2: Optional[Callable[[Outcome], Arms]]
     seeds: str = "0,1,2"
     one_thread_per_run: bool = False
+    # The report pairs arms of another budget with the reference (the recursive study's scratch arm trains for the
+    # parent's and the continuation's steps together, by design).
+    pairs_other_budgets: bool = False
 
     def default_jobs(self) -> int:
         return (os.cpu_count() or 1) if self.one_thread_per_run else 1
@@ -215,7 +245,8 @@ STUDIES = {
     "learn": Study("dlt_learning", LEARN_STAGE_1, "dynamic_q_learning", _copying(learn_stage_2),
                    one_thread_per_run=True),
     "recursive": Study("recursive_cpu", RECURSIVE_STAGE_1, "parent", recursive_stage_2, seeds="0,1",
-                       one_thread_per_run=True),
+                       one_thread_per_run=True, pairs_other_budgets=True),
+    "reasoning": Study("reasoning_cpu", reasoning_arms(), None, None, one_thread_per_run=True),
 }
 
 
@@ -271,17 +302,49 @@ def record_arm(out_dir: Path, arm: str, folder: str, overrides: List[str], note:
     write_json_atomic(path, recorded)
 
 
+def parse_seeds(seeds: str) -> List[str]:
+    """The train.seed values of ``--seeds``; BadInput for one that is not an integer or is given twice (its jobs
+    would run into one folder)."""
+    values = [value.strip() for value in seeds.split(",")]
+    for value in values:
+        if not re.fullmatch(r"\d+", value):
+            raise BadInput(f"--seeds {seeds}: {value!r} is not a seed; give train.seed values like 0,1,2")
+    repeated = sorted({int(value) for value in values if [int(v) for v in values].count(int(value)) > 1})
+    if repeated:
+        raise BadInput(f"--seeds {seeds} gives seed {repeated[0]} twice: its jobs would run into one folder; give "
+                       f"each seed once")
+    return values
+
+
+def check_arms(arms: Arms, common: List[str], seed: str) -> None:
+    """Compose every arm's config as its jobs will (typed, every check of the preflight) before any job starts;
+    BadInput naming the first arm that cannot run."""
+    # Here, not at the top: the data tool imports torch, which the driver's start (and --help) does without.
+    from tyingrun.cli import CONFIG_ERRORS, explain
+    from tyingrun.data_cli import compose_config
+
+    for arm, (specific, _) in arms.items():
+        try:
+            compose_config([*common, *specific, f"train.seed={seed}"])
+        except BadInput as err:
+            raise BadInput(f"arm {arm}: {err}") from None
+        except (*CONFIG_ERRORS, OmegaConfBaseException) as err:
+            raise BadInput(f"arm {arm}: {explain(err)}") from None
+
+
 def run_stage(out_dir: Path, arms: Arms, first_index: int, common: List[str], seeds: str, jobs: int,
               env: Dict[str, str]) -> List[str]:
     """Run each arm at each of ``seeds`` into a numbered folder (the report keeps the study's order), ``jobs`` runs
-    at a time; the arms that had a failed run."""
+    at a time; the arms that had a failed run. The seeds and every arm's config are checked before any job starts."""
+    seed_values = parse_seeds(seeds)
+    check_arms(arms, common, seed_values[0])
     queue = []
     for index, (arm, (specific, note)) in enumerate(arms.items(), first_index):
         # The arm's own keys come after the common ones, so they win (stage 2's layer count above all).
         overrides = [*common, *specific]
         folder = f"{index:02d}_{arm}"
         record_arm(out_dir, arm, folder, [*overrides, f"train.seed={seeds}"], note)
-        queue += [Job(arm, folder, overrides, seed) for seed in seeds.split(",")]
+        queue += [Job(arm, folder, overrides, seed) for seed in seed_values]
     failed: Set[str] = set()
     side_by_side = jobs > 1
     stopping = threading.Event()
@@ -308,25 +371,32 @@ def run_stage(out_dir: Path, arms: Arms, first_index: int, common: List[str], se
     return [arm for arm in arms if arm in failed]
 
 
+def run_stage_2(study: Study, out_dir: Path, common: List[str], seeds: str, jobs: int) -> List[str]:
+    """The arms built from the source arm's outcome (none for a study of one stage); what failed (all of stage 2 when
+    no source run finished)."""
+    source, stage_2 = study.source, study.stage_2
+    if source is None or stage_2 is None:
+        return []
+    outcome = arm_outcome(out_dir / f"{list(study.stage_1).index(source) + 1:02d}_{source}")
+    if outcome is None:
+        print(f"no {source} run finished: skipping the arms built from its outcome", file=sys.stderr)
+        return ["stage 2"]
+    print(f"\n{source} kept {outcome.kept} of {outcome.n_layer} layers independent; best seed: {outcome.best}",
+          flush=True)
+    return run_stage(out_dir, stage_2(outcome), len(study.stage_1) + 1, common, seeds, jobs, study.env())
+
+
 def run_ablations(scale: str, seeds: Optional[str], out_dir: Path, extra: List[str],
                   jobs: Optional[int] = None) -> int:
-    """Both stages and the report; returns 0 when every job finished, 1 otherwise."""
+    """The study's stages and the report; returns 0 when every job finished, 1 otherwise. BadInput (before any job)
+    for seeds or overrides that a stage's arms cannot run with."""
     study = STUDIES[scale]
     common = [f"+experiment={study.experiment}", *extra]
     seeds = seeds or study.seeds
     jobs = jobs or study.default_jobs()
     failed = run_stage(out_dir, study.stage_1, 1, common, seeds, jobs, study.env())
-    source = study.source
-    outcome = arm_outcome(out_dir / f"{list(study.stage_1).index(source) + 1:02d}_{source}")
-    if outcome is None:
-        print(f"no {source} run finished: skipping the arms built from its outcome", file=sys.stderr)
-        failed.append("stage 2")
-    else:
-        print(f"\n{source} kept {outcome.kept} of {outcome.n_layer} layers independent; best seed: {outcome.best}",
-              flush=True)
-        failed += run_stage(out_dir, study.stage_2(outcome), len(study.stage_1) + 1, common, seeds, jobs,
-                            study.env())
-    write_report([out_dir])
+    failed += run_stage_2(study, out_dir, common, seeds, jobs)
+    write_report([out_dir], pair_other_budgets=study.pairs_other_budgets)
     if failed:
         print(f"ablations: jobs failed in {', '.join(failed)} (see above and {out_dir / 'report.md'})",
               file=sys.stderr)
@@ -338,7 +408,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--scale", choices=tuple(STUDIES), default="cpu",
                         help="cpu: 8x128 GPT-2 on pydoc (~22 min on 2 cores); paper: 48x1600 on WikiText-2 (GPUs); "
                              "learn: the learning study, 6x64 GPT-2 on pydoc (~15 min on 2 cores); recursive: the "
-                             "conversion study, an 8x128 GPT-2 parent on pydoc (~21 min on 2 cores)")
+                             "conversion study, an 8x128 GPT-2 parent on pydoc (~21 min on 2 cores); reasoning: "
+                             "1⊗1, 1⊗4 and 4⊗1 GPT-2 of width 64 on p-hop and addition (docs/method.md"
+                             "#the-reasoning-study)")
     parser.add_argument("--seeds", help="train.seed values, comma-separated (default 0,1,2; recursive: 0,1)")
     parser.add_argument("--out", type=Path, help="default: outputs/ablations/<scale>-<date>_<time>")
     parser.add_argument("--jobs", type=int, help="runs at a time (default: cpu, learn, recursive: one per core, each "
@@ -350,6 +422,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     out_dir = args.out or Path("outputs/ablations") / f"{args.scale}-{datetime.now():%Y-%m-%d_%H-%M-%S}"
     try:
         sys.exit(run_ablations(args.scale, args.seeds, out_dir.resolve(), args.overrides, args.jobs))
+    except BadInput as err:
+        fail(str(err), program="ablations")
     except KeyboardInterrupt:
         print(f"ablations: stopped; no further run was started, and each run that was under way stopped as a run "
               f"does (its folder in {out_dir} says how to resume it)", file=sys.stderr)

@@ -8,12 +8,11 @@ import copy
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple, cast
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -27,17 +26,19 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from tyingrun.config import (
     RESUMABLE_KEYS,
     RESUMABLE_SECTIONS,
+    Config,
     register_configs,
     reject_unknown_keys,
     unknown_key_message,
 )
 from tyingrun.errors import EXIT_BAD_INPUT, EXIT_FAILED, BadInput, fail
-from tyingrun.files import CONFIG_FILE, NOT_RUN_FILES, OVERRIDES_FILE, FolderInUse, lock_folder
+from tyingrun.files import CHECKPOINTS_DIR, CONFIG_FILE, OVERRIDES_FILE
 from tyingrun.overrides import hydra_value
+from tyingrun.run_folder import RunFolder, process_run_folder
 from tyingrun.run_status import write_status
 from tyingrun.sweep import unstarted_notice
 from tyingrun.train.launch import launched_by_torchrun
-from tyingrun.train.signals import StopNow
+from tyingrun.train.signals import STOP_SIGNALS
 
 CONFIG_ERRORS = (HydraException, ConfigKeyError, ConfigAttributeError, ValidationError)
 
@@ -72,40 +73,6 @@ def describe_failure(err: Exception) -> Tuple[str, int]:
     return f"{type(err).__name__}: {' '.join(str(err).split())} (traceback in run.log)", EXIT_FAILED
 
 
-# What this process knows of its run folder: held (the lock's descriptor), the snapshot a failed resume restores,
-# and whether training began (from then on the folder is the run's own record, never restored).
-# "sweep_job": (sweep folder, job number) of a job that an in-process sweep runs, whose stop ends the sweep.
-FOLDER: Dict[str, Any] = {"dir": None, "lock": None, "snapshot": None, "training": False, "sweep_job": None}
-# The files a failed resume must leave as they were (a log is cut back to its old length).
-SNAPSHOT_FILES = (".hydra/config.yaml", ".hydra/hydra.yaml", OVERRIDES_FILE, "status.json", "summary.json")
-SNAPSHOT_LOGS = ("run.log", "metrics.jsonl", "maps.jsonl")
-
-
-def take_snapshot(folder: Path) -> Dict[str, Any]:
-    files = {name: (folder / name).read_bytes() if (folder / name).is_file() else None for name in SNAPSHOT_FILES}
-    logs = {name: (folder / name).stat().st_size if (folder / name).is_file() else None for name in SNAPSHOT_LOGS}
-    return {"files": files, "logs": logs}
-
-
-def restore_snapshot() -> None:
-    """Put back what a resume that failed before training changed (Hydra's files, status, the log)."""
-    folder, snapshot = FOLDER["dir"], FOLDER["snapshot"]
-    if folder is None or snapshot is None or FOLDER["training"]:
-        return
-    for name, content in snapshot["files"].items():
-        path = folder / name
-        if content is None:
-            path.unlink(missing_ok=True)
-        elif not path.is_file() or path.read_bytes() != content:
-            path.write_bytes(content)
-    for name, size in snapshot["logs"].items():
-        path = folder / name
-        if size is None:
-            path.unlink(missing_ok=True)
-        elif path.is_file() and path.stat().st_size > size:
-            os.truncate(path, size)
-
-
 def task_config(config: DictConfig) -> DictConfig:
     """The run's config without Hydra's own node."""
     task = copy.deepcopy(config)
@@ -118,61 +85,27 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def hold_folder(folder: Path, key: str) -> None:
-    """Lock ``folder`` for this process (once); exit 2 naming the holder when another process has it."""
-    if FOLDER["lock"] is not None:
-        return
-    try:
-        FOLDER["lock"] = lock_folder(folder)
-    except FolderInUse as err:
-        fail(f"{key}={folder}: {err}; wait for it to end, or give another folder")
-    except OSError as err:
-        fail(f"{key}={folder} cannot be a run folder: {err.strerror or err}; give a writable folder")
-    FOLDER["dir"] = folder
-
-
-def holds_run_files(folder: Path) -> List[str]:
-    try:
-        return sorted(path.name for path in folder.iterdir() if path.name not in NOT_RUN_FILES)
-    except OSError:
-        return []
-
-
-def claim_run_folder(config: DictConfig) -> None:
-    """Before Hydra writes anything: lock the run folder, then check the config and the folder - a new run
-    refuses a folder holding another run's files (unless train.overwrite=true, which clears it once every check
-    has passed), a resume checks its checkpoint - so a refused run leaves the folder exactly as it was."""
+def claim_run_folder(config: DictConfig, folder: RunFolder) -> None:
+    """Before Hydra writes anything: lock the run folder (rank 0), check the config, then let the folder check
+    itself (RunFolder.claim), so a refused run leaves the folder exactly as it was."""
     from tyingrun.run import check_config, resume_point
 
+    path = Path(str(config.hydra.run.dir)).expanduser()
     if not is_main_process():
+        folder.path = path
         return
-    folder = Path(str(config.hydra.run.dir)).expanduser()
-    hold_folder(folder, "hydra.run.dir")
-    train = config.train
-    found = holds_run_files(folder)
-    if not found:
+    folder.hold(path, "hydra.run.dir")
+    if not folder.names():
         return
     try:
         task = task_config(config)
         reject_unknown_keys(task)
-        cfg = OmegaConf.to_object(task)
+        cfg = cast(Config, OmegaConf.to_object(task))
         check_config(cfg)
-        if train.resume:
-            FOLDER["snapshot"] = take_snapshot(folder)
-            resume_point(train.resume, folder)
-            return
+        folder.claim(cfg, resume_point, resume_command(path))
     except Exception as err:  # noqa: BLE001 - every failure here is one line, and the folder is untouched
+        folder.leave_refused()
         fail(*describe_failure(err))
-    if not train.overwrite:
-        fail(f"hydra.run.dir={folder} already holds another run's files ({', '.join(found[:3])}"
-             f"{', ...' if len(found) > 3 else ''}); resume it with {resume_argument(folder)}, give another folder, "
-             f"or add train.overwrite=true to clear it first")
-    for name in found:
-        path = folder / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
 
 
 class RunFolderCallback(Callback):
@@ -180,7 +113,7 @@ class RunFolderCallback(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
-            claim_run_folder(config)
+            claim_run_folder(config, process_run_folder())
         except (OSError, OmegaConfBaseException) as err:
             fail(f"hydra.run.dir cannot be used: {' '.join(str(err).split())}")
 
@@ -191,22 +124,23 @@ def _hydra_main(cfg: DictConfig) -> float:
 
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
+    folder = process_run_folder()
     if hydra_cfg.mode == RunMode.MULTIRUN and is_main_process():
-        FOLDER["lock"] = None
-        hold_folder(out_dir, "job folder")
+        folder.hold(out_dir, "job folder")
         if hydra_cfg.launcher._target_.endswith("BasicLauncher"):
-            FOLDER["sweep_job"] = (Path(hydra_cfg.sweep.dir), hydra_cfg.job.num)
+            folder.sweep_job = (Path(hydra_cfg.sweep.dir), hydra_cfg.job.num)
+    folder.path = out_dir
     try:
         reject_unknown_keys(cfg)
         parts = build_parts(OmegaConf.to_object(cfg), out_dir)
-        FOLDER["training"] = True
+        folder.begin_training()
         summary = execute(parts)
     except Exception as err:
         message, exit_code = describe_failure(err)
-        if FOLDER["snapshot"] is not None and not FOLDER["training"]:
-            # A resume that failed before training leaves its folder as it was.
+        if folder.restorable:
+            # A resume or an overwrite that failed before training leaves its folder as it was.
             log.error(message)
-            restore_snapshot()
+            folder.restore()
             fail(message, exit_code)
         log.error(message, exc_info=exit_code != EXIT_BAD_INPUT)
         if is_main_process():  # rank 0 owns the folder: another rank's status could land before rank 0 claims it
@@ -237,6 +171,16 @@ def override_key(arg: str) -> str:
     return found.key_or_group if found is not None else arg.split("=", 1)[0].lstrip("+~")
 
 
+def override_value(argv: List[str], key: str) -> Optional[str]:
+    """The value the last override of ``key`` in ``argv`` gives (None when none does, or it gives null)."""
+    given = None
+    for arg in argv:
+        if override_key(arg) == key:
+            found = parsed(arg)
+            given = str(found.value()) if found is not None else arg.split("=", 1)[1]
+    return None if given in ("null", "None") else given
+
+
 def hydra_path(path: Any) -> str:
     return hydra_value(str(path))
 
@@ -246,14 +190,10 @@ def with_resume_arguments(argv: List[str]) -> List[str]:
 
     Only RESUMABLE_KEYS may differ from the run's own config: anything else would change what the run is while
     its checkpoint goes on, so it is refused naming the key and the run's value."""
-    given = []
-    for arg in argv:
-        if override_key(arg) == "train.resume":
-            found = parsed(arg)
-            given.append(str(found.value()) if found is not None else arg.split("=", 1)[1])
-    if not given or given[-1] in ("null", "None"):
+    given = override_value(argv, "train.resume")
+    if given is None:
         return argv
-    folder = Path(given[-1]).expanduser()
+    folder = Path(given).expanduser()
     try:
         saved = folder / OVERRIDES_FILE
         if not saved.is_file():
@@ -261,9 +201,9 @@ def with_resume_arguments(argv: List[str]) -> List[str]:
         earlier = [arg for arg in OmegaConf.load(saved) if not arg.lstrip("+").startswith(("train.resume=", "hydra."))]
         refuse_changes(folder, argv)
     except OSError as err:
-        fail(f"train.resume={given[-1]} cannot be read: {err.strerror or err}")
+        fail(f"train.resume={given} cannot be read: {err.strerror or err}")
     except OmegaConfBaseException as err:
-        fail(f"train.resume={given[-1]}: {saved} is damaged ({str(err).splitlines()[0]})")
+        fail(f"train.resume={given}: {saved} is damaged ({str(err).splitlines()[0]})")
     new = [arg for arg in argv if override_key(arg) != "train.resume"]
     run_dir = [] if any(arg.startswith("hydra.run.dir=") for arg in argv) else [f"hydra.run.dir={hydra_path(folder)}"]
     return [*earlier, *new, f"train.resume={hydra_path(folder)}", *run_dir]
@@ -314,14 +254,30 @@ def with_rank_arguments(argv: List[str]) -> List[str]:
     return [*argv, *run_dir, *quiet]
 
 
-def _stop_now(signum, frame):
-    raise StopNow(signum)
+def stop_at_once(signum: int, frame: Any) -> None:
+    """A stop signal outside the training loop, or a second one in it: one line, the folder put back when nothing
+    trained yet, and exit 128 + signal at once. All of it happens in the handler: an exception raised from a
+    handler surfaces wherever the interpreter is, and inside a finalizer (``__del__``, a weakref callback) it is
+    swallowed, which let a stopped run go on to the end."""
+    folder = process_run_folder()
+    if folder.training and any((folder.at / CHECKPOINTS_DIR).glob("step_*")):
+        where = f"at once during training; the newest checkpoint is kept, resume with: {resume_command(folder.at)}"
+        if is_main_process():
+            write_status(folder.at, "stopped", error=f"stopped by {signal.Signals(signum).name} at once",
+                         exit_code=128 + signum, resume=resume_command(folder.at))
+    elif folder.training:
+        where = "at once, before the run's first checkpoint; start it again"
+    else:
+        folder.restore()
+        where = "during start-up; nothing was saved yet"
+    lines = [f"tyingrun: stopped by {signal.Signals(signum).name} {where}", *unstarted_jobs()]
+    os.write(sys.stderr.fileno(), ("\n".join(lines) + "\n").encode())
+    os._exit(128 + signum)
 
 
 def main() -> None:
-    # A stop signal before (or after) the training loop ends the process at once with one line, 128 + signal.
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _stop_now)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, stop_at_once)
     try:
         # Let exceptions reach us instead of Hydra's multi-line report, so each becomes one line.
         os.environ["HYDRA_FULL_ERROR"] = "1"
@@ -342,39 +298,26 @@ def main() -> None:
                 leave_process_group()
     except SystemExit as stop:
         if isinstance(stop.code, int) and stop.code > 128:  # a run that checkpointed after a stop signal
-            announce_unstarted_jobs()
+            for line in unstarted_jobs():
+                sys.stderr.write(line + "\n")
         raise
-    except KeyboardInterrupt as err:
-        signum = getattr(err, "signum", signal.SIGINT)
-        name = signal.Signals(signum).name
-        if FOLDER["training"]:
-            where = (f"at once (a second stop signal) during training; the newest checkpoint is kept, resume with: "
-                     f"tyingrun {resume_argument(FOLDER['dir'])}")
-        else:
-            restore_snapshot()
-            where = "during start-up; nothing was saved yet"
-        sys.stderr.write(f"tyingrun: stopped by {name} {where}\n")
-        announce_unstarted_jobs()
-        sys.stderr.flush()
-        os._exit(128 + signum)
 
 
-def announce_unstarted_jobs() -> None:
-    """After a stop signal in a job of an in-process sweep: name the jobs that will not start."""
-    if FOLDER["sweep_job"] is not None:
-        line = unstarted_notice(*FOLDER["sweep_job"])
-        if line:
-            sys.stderr.write(line + "\n")
+def unstarted_jobs() -> List[str]:
+    """After a stop signal in a job of an in-process sweep: the line naming the jobs that will not start."""
+    sweep_job = process_run_folder().sweep_job
+    line = unstarted_notice(*sweep_job) if sweep_job is not None else None
+    return [line] if line else []
 
 
-def resume_argument(folder: Optional[Path]) -> str:
-    from tyingrun.run import resume_argument as argument
+def resume_command(folder: Path) -> str:
+    from tyingrun.run import resume_command as command
 
-    return argument(folder) if folder is not None else "train.resume=<run folder>"
+    return command(folder)
 
 
 def report_main(argv: Optional[List[str]] = None) -> None:
-    """``tyingrun-report PATH [PATH ...] [--out DIR] [--reference POLICY]``."""
+    """``tyingrun-report PATH [PATH ...] [--out DIR] [--reference POLICY] [--pair-other-budgets]``."""
     parser = argparse.ArgumentParser(
         prog="tyingrun-report",
         description="Tables (report.md, report.csv) and PNG figures from tyingrun run folders; runs that differ "
@@ -386,11 +329,14 @@ def report_main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--reference", default="none", metavar="POLICY",
                         help="policy.name of the group every other group of its model and dataset is compared with, "
                              "on the seeds both ran (default: none)")
+    parser.add_argument("--pair-other-budgets", action="store_true",
+                        help="pair a group with a reference of another budget (train.max_steps, train.batch_size, "
+                             "dataset.block_size), which is refused otherwise")
     args = parser.parse_args(argv)
     from tyingrun.report import write_report
 
     try:
-        write_report(args.paths, args.out, reference=args.reference)
+        write_report(args.paths, args.out, reference=args.reference, pair_other_budgets=args.pair_other_budgets)
     except BadInput as err:
         fail(str(err), program="tyingrun-report")
     except OSError as err:

@@ -41,6 +41,18 @@ class ModelConfig:
     causal: bool = False
     # vit: side of the square patches; it must divide the dataset's image size.
     patch_size: int = 4
+    # llama (docs/llama.md): key/value heads of grouped-query attention (null: n_head; it must divide n_head),
+    # width of one head (null: d_model / n_head), the SwiGLU MLP's hidden width (null: 4 * d_model), RoPE's base,
+    # RMSNorm's epsilon, a per-head RMSNorm of queries and keys before RoPE (Qwen3), and biases on the four attention
+    # projections and on the MLP's three matrices (model.bias is GPT-2's, BERT's and ViT's).
+    n_kv_head: Optional[int] = None
+    head_dim: Optional[int] = None
+    d_ff: Optional[int] = None
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    qk_norm: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
 
 
 @dataclass
@@ -65,8 +77,12 @@ class DatasetConfig:
     # Hugging Face dataset id and configuration (wiki2, 1b, cifar10).
     hf_name: Optional[str] = None
     hf_config: Optional[str] = None
+    # Hub revision (branch, tag or commit) of dataset.hf_name; null: the default dataset's own (1b: its
+    # auto-converted parquet branch refs/convert/parquet, since current `datasets` loads no scripts), else main.
+    hf_revision: Optional[str] = None
     # "bpe": byte-level BPE trained on the corpus and cached (model=bert trains WordPiece instead);
-    # "wordpiece": BERT's WordPiece trained on the corpus and cached; "gpt2": the GPT-2 tokenizer.
+    # "wordpiece": BERT's WordPiece trained on the corpus and cached; "gpt2": the GPT-2 tokenizer; "from_model": the
+    # tokenizer.json of the Hugging Face model that train.init_from names (docs/llama.md).
     tokenizer: str = "bpe"
     # A local tokenizer.json to use instead of training or downloading one.
     tokenizer_path: Optional[str] = None
@@ -76,6 +92,24 @@ class DatasetConfig:
     cache_dir: Optional[str] = None
     # Vision training batches: random crop (after padding 4 pixels) and horizontal flip.
     augment: bool = False
+    # Reasoning tasks (phop, addition, parity; docs/reasoning.md), generated from the run's seed streams.
+    # phop: symbols in the alphabet; phop and parity: sequence length (parity: bits) in training.
+    alphabet: int = 4
+    length: int = 16
+    # phop: hops in training; test_hops: the test split's hops (null or []: the training hops).
+    hops: int = 2
+    test_hops: Optional[List[int]] = None
+    # addition: digits per operand, operands in training, the test split's operand counts, and the answer's digits
+    # least significant first instead of most significant first.
+    digits: int = 3
+    operands: int = 2
+    test_operands: Optional[List[int]] = None
+    reverse_answer: bool = False
+    # parity: the test split's lengths (null or []: the training length).
+    test_length: Optional[List[int]] = None
+    # Instances in the fixed val and test sets (distinct prompts, never drawn in training).
+    val_size: int = 2000
+    test_size: int = 2000
 
 
 @dataclass
@@ -189,11 +223,17 @@ class TrainConfig:
     # A run folder to continue exactly where it stopped (its config is reused; only the keys of
     # RESUMABLE_KEYS may be overridden, e.g. train.max_steps to extend it).
     resume: Optional[str] = None
-    # Start a new run in a folder that holds another run's files: clear the folder first (else refused).
+    # Start a new run in a folder that holds another run's files: clear the folder (else refused). Only a run
+    # folder (a run's config and nothing but the names a run writes, files.RUN_FOLDER_NAMES) that no source
+    # (train.init_from, policy.path) lives in; its files are deleted once the new run has read its sources and
+    # built, and put back if it fails before that.
     overwrite: bool = False
     # Start from earlier weights: a run folder (its newest checkpoint), a checkpoint folder, or a local
     # Hugging Face GPT-2 folder (config.json + model.safetensors). Ignored when resuming.
     init_from: Optional[str] = None
+    # train.init_from (and policy=recursive) refuse a checkpoint trained with another tokenizer than this run's (its
+    # embedding rows would stand for other tokens); true accepts it (docs/reliability-notes.md#source-identity).
+    allow_other_tokenizer: bool = False
     # Weight-decay the embedding tables (and so a tied head, once) like other matrices, as nanoGPT does now.
     decay_embeddings: bool = True
 
@@ -237,7 +277,7 @@ CHOICES = {
     "hardware.precision": ("bf16", "fp32"),
     "train.schedule": ("cosine", "constant"),
     "log.progress": ("auto", "bar", "lines"),
-    "dataset.tokenizer": ("bpe", "gpt2", "wordpiece"),
+    "dataset.tokenizer": ("bpe", "gpt2", "wordpiece", "from_model"),
     "dataset.variant": ("raw", "v1"),
 }
 
@@ -309,8 +349,12 @@ def check(cfg: Config) -> None:
             raise BadInput(f"{key}={value} must be at least 1")
     check_numbers(cfg)
     check_eval_batches(t.eval_batches)
-    if m.d_model % m.n_head:
+    if m.head_dim is None and m.d_model % m.n_head:
         raise BadInput(f"model.n_head={m.n_head} does not divide model.d_model={m.d_model}; pick a divisor of it")
+    check_llama_keys(m)
+    if d.tokenizer == "from_model" and not t.init_from:
+        raise BadInput("dataset.tokenizer=from_model reads the tokenizer of the model train.init_from names; set "
+                       "train.init_from= a Hugging Face model folder or hf:<repo id>")
     if d.block_size > m.max_positions:
         raise BadInput(
             f"dataset.block_size={d.block_size} exceeds the model's {m.max_positions} positions; "
@@ -320,6 +364,32 @@ def check(cfg: Config) -> None:
         raise BadInput(f"model.dropout={m.dropout} must be in [0, 1)")
     check_freeze(m)
     check_hardware(cfg)
+
+
+# The model=llama keys, at their defaults (which another model must leave them at).
+LLAMA_ONLY = {"n_kv_head": None, "head_dim": None, "d_ff": None, "rope_theta": 10000.0, "norm_eps": 1e-5,
+              "qk_norm": False, "attention_bias": False, "mlp_bias": False}
+
+
+def check_llama_keys(m: ModelConfig) -> None:
+    """The grouped-query and head-width keys of model=llama fit together; other models leave them unset."""
+    if m.name != "llama":
+        for key, unset in LLAMA_ONLY.items():
+            if getattr(m, key) != unset:
+                raise BadInput(f"model.{key} is a key of model=llama; model={m.name} does not use it")
+        return
+    for key in ("n_kv_head", "head_dim", "d_ff"):
+        value = getattr(m, key)
+        if value is not None and (isinstance(value, bool) or value < 1):
+            raise BadInput(f"model.{key}={value} must be at least 1 (or null)")
+    if m.n_kv_head is not None and m.n_head % m.n_kv_head:
+        raise BadInput(f"model.n_kv_head={m.n_kv_head} does not divide model.n_head={m.n_head}; each key/value "
+                       f"head serves a whole group of query heads")
+    head_dim = m.head_dim or m.d_model // m.n_head
+    if head_dim % 2:
+        raise BadInput(f"model.head_dim={head_dim} is odd; RoPE rotates pairs of features, so it must be even")
+    _in_range("model.rope_theta", m.rope_theta, 0, math.inf, low_open=True, high_open=True)
+    _in_range("model.norm_eps", m.norm_eps, 0, 1, low_open=True)
 
 
 def check_hardware(cfg: Config) -> None:

@@ -25,6 +25,10 @@ Batch = Dict[str, torch.Tensor]
 # The label of a position that is not predicted (masked-LM batches); torch's cross_entropy skips it by default.
 IGNORE_INDEX = -100
 
+# The batch key of answer-only batches (reasoning tasks): each example's difficulty. Their labels are IGNORE_INDEX
+# but on answer tokens, and a model scores them per answer (LossResult.exact).
+DIFFICULTY = "difficulty"
+
 
 class LossResult(NamedTuple):
     """What every model's ``loss(batch)`` returns, whatever its task."""
@@ -32,6 +36,7 @@ class LossResult(NamedTuple):
     loss: torch.Tensor  # mean over the predicted items, with a graph in training
     n_items: int  # predicted tokens (language models) or samples (classifiers)
     n_correct: Optional[torch.Tensor] = None  # correct predictions, for models that report accuracy
+    exact: Optional[torch.Tensor] = None  # answer-only batches: bool [batch], each example's whole answer right
 
 
 def perplexity(loss: float) -> float:
@@ -66,6 +71,10 @@ class TrainingData(Protocol):
     """A dataset's three splits as the trainer and run use them (LMData, VisionData)."""
 
     unit: str  # what items_in counts, for throughput and split sizes: "tokens" or "samples"
+
+    # What a token id means (text data; None for images): checkpoints record it.
+    @property
+    def tokenizer_sha256(self) -> Optional[str]: ...
 
     def train_sampler(self, batch_size: int, seed: int) -> Sampler: ...
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import sys
-from typing import NoReturn
+from typing import NoReturn, Set
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -17,3 +18,18 @@ def fail(message: str, exit_code: int = EXIT_BAD_INPUT, program: str = "tyingrun
     """Print ``<program>: error: <message>`` as one line on stderr and exit with ``exit_code``."""
     sys.stderr.write(f"{program}: error: {message}\n")
     sys.exit(exit_code)
+
+
+_WARNED: Set[str] = set()
+
+
+def warn(message: str, program: str = "tyingrun") -> None:
+    """``<program>: warning: <message>`` as one line on stderr, and in run.log inside the Hydra app; once per
+    process (the run folder's checks and the run itself read the same files)."""
+    if message in _WARNED:
+        return
+    _WARNED.add(message)
+    logger = logging.getLogger("tyingrun")
+    if logger.hasHandlers():
+        logger.warning("%s", message)
+    sys.stderr.write(f"{program}: warning: {message}\n")

@@ -8,6 +8,7 @@ imports no torch and nothing of tyingrun. Weight files (tensors) are tyingrun.ty
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -34,8 +35,16 @@ STATE_TENSORS_FILE = "state.safetensors"
 ARMS_FILE = "ablation_arms.json"
 
 LOCK_FILE = ".tyingrun.lock"  # held (flock) by the process that runs in the folder; holds its pid
-# What a run folder may hold without being another run's: the lock alone.
-NOT_RUN_FILES = frozenset({LOCK_FILE})
+RUN_LOG_FILE = "run.log"  # Hydra's job log (conf/hydra/job_logging/file_only.yaml)
+WANDB_DIR = "wandb"  # log.wandb=true: wandb's own files, unless WANDB_DIR is set
+# train.overwrite=true: the earlier run's files, held here until the new run has read its sources and built
+# (put back if it fails before training, deleted once it trains).
+OVERWRITTEN_DIR = ".tyingrun-overwritten"
+# Every name a run writes at the top of its folder: a folder holding these and nothing else is a run folder.
+RUN_FOLDER_NAMES = frozenset({
+    SUMMARY_FILE, METRICS_FILE, MAPS_FILE, CONVERSION_FILE, STATUS_FILE, CONFIG_FILE.split("/")[0], RANKS_DIR,
+    CHECKPOINTS_DIR, LOCK_FILE, RUN_LOG_FILE, WANDB_DIR, OVERWRITTEN_DIR,
+})
 
 # mkstemp's 0600 would hide results and shared caches from the other users of a machine.
 FILE_MODE = 0o644
@@ -112,6 +121,15 @@ def lock_folder(folder: Path) -> int:
 def read_json(path: Path) -> Any:
     """The JSON document at ``path``; FileNotFoundError, json.JSONDecodeError and UnicodeDecodeError pass."""
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of the bytes of ``path`` (hex), read in chunks: what the data cache and checkpoints record."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_jsonl(path: Path) -> List[Any]:

@@ -12,6 +12,7 @@ from dataclasses import fields
 from tyingrun import config as config_module
 from tyingrun.config import Config, PolicyConfig
 from tyingrun.data.build import DATASET_IMAGE_SIZES, DATASET_TASKS
+from tyingrun.data.reasoning import check_reasoning_config
 from tyingrun.errors import BadInput
 from tyingrun.models import MODELS
 from tyingrun.policies import POLICIES, recursive_map
@@ -36,8 +37,8 @@ def check_model_and_dataset(cfg: Config) -> None:
     model, dataset = cfg.model.name, cfg.dataset.name
     if model not in MODELS:
         raise BadInput(f"model.name={model!r} is not a model; choose one of: {', '.join(MODELS)}")
-    task = MODELS[model].task
-    suitable = [name for name, kind in DATASET_TASKS.items() if kind == task]
+    tasks = MODELS[model].tasks
+    suitable = [name for name, kind in DATASET_TASKS.items() if kind in tasks]
     if dataset not in suitable:
         problem = "is not a dataset" if dataset not in DATASET_TASKS else f"does not suit model={model}"
         raise BadInput(f"dataset={dataset} {problem}; model={model} trains on one of: {', '.join(suitable)}")
@@ -47,6 +48,8 @@ def check_model_and_dataset(cfg: Config) -> None:
             f"model.patch_size={cfg.model.patch_size} does not divide the dataset's {image_size}-pixel images; "
             f"pick a divisor of {image_size}"
         )
+    if DATASET_TASKS[dataset] == "reasoning":
+        check_reasoning_config(cfg.dataset, cfg.model.max_positions)
 
 
 def check_policy(cfg: Config) -> None:
@@ -81,9 +84,9 @@ def check_recursive(cfg: Config) -> None:
     policy = cfg.policy
     if not cfg.train.init_from:
         raise BadInput("policy=recursive converts a trained model; set train.init_from= a finished run, a checkpoint "
-                       "or a Hugging Face GPT-2 folder")
-    if cfg.model.name != "gpt2":
-        raise BadInput(f"policy=recursive converts GPT-2 models, not model={cfg.model.name}")
+                       "or a Hugging Face GPT-2, Llama or Qwen3 folder")
+    if cfg.model.name not in ("gpt2", "llama"):
+        raise BadInput(f"policy=recursive converts GPT-2 and Llama models, not model={cfg.model.name}")
     if isinstance(policy.lora_rank, bool) or not isinstance(policy.lora_rank, int) or not (
             0 <= policy.lora_rank <= cfg.model.d_model):
         raise BadInput(f"policy.lora_rank={policy.lora_rank!r} must be an integer from 0 (strict tying) to the full "

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 import shlex
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, cast
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from tyingrun.config import Config, HardwareConfig, ModelConfig
 from tyingrun.contracts import Sink, TiedModule, TrainingData
 from tyingrun.data.build import build_dataset
+from tyingrun.data.tokenizer import with_model_tokenizer
 from tyingrun.errors import BadInput
 from tyingrun.files import (
     CONFIG_FILE,
@@ -30,21 +32,24 @@ from tyingrun.files import (
     read_json,
     write_json_atomic,
 )
-from tyingrun.metrics.meters import peak_memory, reset_peak_memory
-from tyingrun.metrics.sinks import ConsoleSink, RankSinks, RunSinks, WandbSink, check_jsonl
+from tyingrun.metrics.memory import peak_memory, reset_peak_memory
+from tyingrun.metrics.sinks import ConsoleSink, RankSinks, RunSinks, WandbSink, decided_before, logged_by, resumed_lines
 from tyingrun.models import MODELS
 from tyingrun.overrides import hydra_value
 from tyingrun.policies import build_policy, stack_sharing
 from tyingrun.policies.base import Policy
 from tyingrun.preflight import preflight
+from tyingrun.run_status import LAUNCH_COMMAND_ENV, write_status
 from tyingrun.seeding import derive_seed
+from tyingrun.summary import Summary
 from tyingrun.train import recursive
-from tyingrun.train.checkpoint import checkpoint_step, latest_checkpoint, load_weights, read_state, scan_checkpoints
+from tyingrun.train.checkpoint import checkpoint_step, newest_intact_checkpoint, read_state, restore_model
 from tyingrun.train.distributed import SINGLE, Mesh, mesh_for
 from tyingrun.train.freeze import freeze_tensors
 from tyingrun.train.fsdp import shard_model
-from tyingrun.train.init_from import init_from, init_source
-from tyingrun.train.signals import RunInterrupted
+from tyingrun.train.init_from import check_source_data, init_from, init_source
+from tyingrun.train.signals import RunInterrupted, StopSignals
+from tyingrun.train.summary import run_summary
 from tyingrun.train.trainer import Trainer
 from tyingrun.tying.counts import total_params
 from tyingrun.tying.weights import read_tensors
@@ -85,7 +90,8 @@ def load_run_config(run_dir: Path) -> Config:
 
 def build_data(cfg: Config) -> TrainingData:
     """The data the model trains on (the preflight has checked that the two suit each other)."""
-    return build_dataset(cfg.dataset, cfg.model)
+    data = build_dataset(with_model_tokenizer(cfg.dataset, cfg.train.init_from), cfg.model, seed=cfg.train.seed)
+    return cast(TrainingData, data)
 
 
 def build_model(model_cfg: ModelConfig, data: Optional[TrainingData], grad_mode: str, share: str = "block",
@@ -118,20 +124,18 @@ def load_checkpointed_model(run_dir: Path, purpose: str) -> Tuple[Config, Path, 
     """A run's config, newest checkpoint, model as that checkpoint left it (map, flags, weights; no data is built)
     and the checkpoint's state, for tools that read finished runs (``purpose``: what they do, for the message)."""
     cfg = load_run_config(run_dir)
-    checkpoint = latest_checkpoint(run_dir)
+    checkpoint = newest_intact_checkpoint(run_dir)
     if checkpoint is None:
         raise BadInput(f"{run_dir} has no checkpoint to {purpose}; let the run finish (or resume it) first")
-    stored = read_tensors(checkpoint / WEIGHTS_FILE)
-    shapes = checkpoint_shapes(stored, checkpoint)
+    shapes = checkpoint_shapes(read_tensors(checkpoint / WEIGHTS_FILE), checkpoint)
     _, state = read_state(checkpoint)
-    sharing = state.get("sharing", {"share": cfg.policy.share, "share_norms": cfg.policy.share_norms})
+    # The vocabulary without model.pad_vocab_to's padding rows, which the stored weights include.
     vocab_size = state.get("vocab_size") or getattr(shapes, "vocab_size", cfg.model.vocab_size)
     model_cfg = replace(cfg.model, vocab_size=vocab_size)
-    model = build_model(model_cfg, shapes, cfg.policy.grad, sharing["share"], sharing["share_norms"])
+    model = build_model(model_cfg, shapes, cfg.policy.grad, *stack_sharing(cfg.policy))
     recursive.prepare(model, cfg.policy)
     freeze_tensors(model, cfg.model.freeze)
-    model.stack.apply_map(state["map"], state["trainable"])
-    load_weights(model, checkpoint / WEIGHTS_FILE)
+    restore_model(model, checkpoint, state)
     return cfg, checkpoint, model, state
 
 
@@ -145,6 +149,11 @@ def resume_argument(out_dir: Path) -> str:
     return shlex.quote(f"train.resume={hydra_value(str(out_dir))}")
 
 
+def resume_command(out_dir: Path) -> str:
+    """The whole command that continues the run in ``out_dir``, as this run was launched."""
+    return f"{os.environ.get(LAUNCH_COMMAND_ENV, 'tyingrun')} {resume_argument(out_dir)}"
+
+
 def resume_point(run_dir: str, out_dir: Path) -> Path:
     """The newest checkpoint of the run folder that ``train.resume`` names, which must be this run's folder."""
     folder = Path(run_dir).expanduser()
@@ -154,19 +163,14 @@ def resume_point(run_dir: str, out_dir: Path) -> Path:
     if folder.resolve() != out_dir.resolve():
         raise BadInput(f"train.resume={run_dir} continues that run in its own folder, not in {out_dir}; "
                        f"drop hydra.run.dir")
-    good, other = scan_checkpoints(folder)
-    damaged = [(path, why) for path, why in other if path.name.startswith("step_") and "state.json" in why]
-    if damaged:
-        # A checkpoint that does not read back may be the newest: refuse rather than continue an older one.
-        raise BadInput(damaged[-1][1])
-    checkpoint = latest_checkpoint(folder)
+    checkpoint = newest_intact_checkpoint(folder)
     if checkpoint is None:
         raise BadInput(f"train.resume={run_dir} has no checkpoint to resume from; start the run afresh")
     # Everything the resume reads is read once here, before anything in the folder is touched.
-    read_state(checkpoint)
+    step, _ = read_state(checkpoint)
     read_tensors(checkpoint / WEIGHTS_FILE)
-    for name in (METRICS_FILE, MAPS_FILE):
-        check_jsonl(folder / name)
+    for name, rule in ((METRICS_FILE, logged_by), (MAPS_FILE, decided_before)):
+        resumed_lines(folder / name, step, rule, warn_dropped=False)
     return checkpoint
 
 
@@ -218,6 +222,9 @@ def build_parts(cfg: Config, out_dir: Path, data: Optional[TrainingData] = None)
         conversion, source_model = recursive.convert(model, start, cfg.policy)
     elif start is not None:
         init_from(model, start)
+    if start is not None:
+        label = "policy=recursive: train.init_from" if cfg.policy.name == "recursive" else "train.init_from"
+        check_source_data(start, data.tokenizer_sha256, cfg.dataset.name, cfg.train.allow_other_tokenizer, label)
     if cfg.hardware.fsdp:
         shard_model(model, cfg.hardware, device)
     # What the global RNGs draw from now on is dropout: a stream of its own on every rank.
@@ -232,14 +239,20 @@ def converted_losses(trainer: Trainer, parts: RunParts) -> Dict[str, Any]:
     losses = {}
     for name, model in (("source", parts.source_model), ("converted", parts.model)):
         for split in ("val", "test"):
-            losses[f"{name}_{split}_loss"] = trainer.evaluate(split, None, model)[f"{split}_loss"]
+            losses[f"{name}_{split}_loss"] = trainer.evaluator.evaluate(split, None, model)[f"{split}_loss"]
     parts.model.train()
     parts.source_model = None
     return {"conversion": parts.conversion, **losses}
 
 
-def execute(parts: RunParts) -> Dict[str, Any]:
-    """Train the built parts; write metrics.jsonl, maps.jsonl and, when the run completes, summary.json."""
+def execute(parts: RunParts) -> Summary:
+    """Train the built parts; write metrics.jsonl, maps.jsonl and, when the run completes, summary.json. From
+    the first line on, a stop signal stops the run after its next step, checkpointed."""
+    with StopSignals() as signals:
+        return train_and_record(parts, signals)
+
+
+def train_and_record(parts: RunParts, signals: StopSignals) -> Summary:
     cfg, out_dir, mesh, device, model = parts.cfg, parts.out_dir, parts.mesh, parts.device, parts.model
     if parts.checkpoint is not None:
         (out_dir / SUMMARY_FILE).unlink(missing_ok=True)
@@ -262,38 +275,24 @@ def execute(parts: RunParts) -> Dict[str, Any]:
         elif parts.checkpoint is not None and (out_dir / CONVERSION_FILE).is_file():
             converted = read_json(out_dir / CONVERSION_FILE)  # a resumed conversion reports its start too
         try:
-            measured = trainer.fit(resume_from=parts.checkpoint)
+            measured = trainer.fit(resume_from=parts.checkpoint, signals=signals)
         except RunInterrupted as stop:
             console.close()
             if mesh.is_main:
-                resume = resume_argument(out_dir)
-                sys.stderr.write(f"tyingrun: {stop}; checkpoint saved, resume with: tyingrun {resume}\n")
+                resume = resume_command(out_dir)
+                write_status(out_dir, "stopped", error=str(stop), exit_code=stop.exit_code, resume=resume)
+                sys.stderr.write(f"tyingrun: {stop}; checkpoint saved, resume with: {resume}\n")
             raise SystemExit(stop.exit_code) from None
-        memory_bytes, memory_kind = peak_memory(device)
-        summary = {
-            "status": "completed",
-            "model": cfg.model.name,
-            "dataset": cfg.dataset.name,
-            "policy": cfg.policy.name,
-            "grad_mode": cfg.policy.grad,
-            "steps": cfg.train.max_steps,
-            "n_layer": cfg.model.n_layer,
-            "total_params": total_params(model),
-            **measured,
-            **converted,
-            "peak_memory_bytes": memory_bytes,
-            "peak_memory_kind": memory_kind,
-            "seed": cfg.train.seed,
-        }
-        sinks.summary(summary)
+        summary = run_summary(cfg, model, measured, converted, peak_memory(device))
+        sinks.summary(dict(summary))
         console.close()
-        console.table("summary", summary)
+        console.table("summary", dict(summary))
         console.line(f"summary written to {out_dir / SUMMARY_FILE}")
     finally:
         sinks.close()
     return summary
 
 
-def run(cfg: Config, out_dir: Path) -> Dict[str, Any]:
+def run(cfg: Config, out_dir: Path) -> Summary:
     """Train one model under one policy into ``out_dir``: check, build, then execute."""
     return execute(build_parts(cfg, out_dir))

@@ -13,6 +13,8 @@ predict the masked ones only; every other position is labelled ``IGNORE_INDEX``.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
 import logging
 from dataclasses import dataclass
@@ -87,6 +89,11 @@ class LMData:
     tokenizer: tokenizers.Tokenizer
     masking: Optional[MaskedLM] = None  # masked-LM batches (BERT) instead of causal ones
     unit = "tokens"
+
+    @functools.cached_property
+    def tokenizer_sha256(self) -> str:
+        """What the token ids mean: the SHA-256 of the tokenizer's serialisation (checkpoints record it)."""
+        return hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest()
 
     @property
     def block_size(self) -> int:

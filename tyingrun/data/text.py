@@ -37,7 +37,7 @@ from tyingrun.data.splits import (
     without_leaks,
 )
 from tyingrun.errors import BadInput
-from tyingrun.files import atomic_path
+from tyingrun.files import atomic_path, file_sha256
 
 T = TypeVar("T")
 
@@ -53,6 +53,13 @@ PUBLISHED_SPLITS = {"wiki2": ("train", "val", "test"), "1b": ("train", "test")}
 # Words that mark a raw file's split, checked in this order ("heldout" is the One Billion Word test set).
 RAW_FILE_WORDS = (("test", "test"), ("heldout", "test"), ("valid", "val"), ("train", "train"))
 HUB_DEFAULTS = {"wiki2": ("wikitext", None), "1b": ("lm1b", None)}
+# The revision of a default hub id. One Billion Word ("lm1b", now billion-word-benchmark/lm1b, to which the hub
+# redirects) is a loading script on its main branch, which datasets 4.0 and later no longer run; the hub's own
+# conversion of it to parquet files lives on the refs/convert/parquet branch, which they load as plain data files.
+HUB_DEFAULT_REVISIONS = {"1b": "refs/convert/parquet"}
+# What `datasets` raises for a script-based dataset: "Dataset scripts are no longer supported, but found x.py", or,
+# where the repository holds nothing but its script, DataFilesNotFoundError.
+SCRIPT_DATASET_ERRORS = ("Dataset scripts are no longer supported", "DataFilesNotFoundError")
 WIKI2_VARIANTS = registry_of("dataset.variant", {"raw": "wikitext-2-raw-v1", "v1": "wikitext-2-v1"})
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 HUB_PROBE_TIMEOUT_S = 3.0
@@ -105,14 +112,6 @@ def atomic_output(path: Path) -> Iterator[Path]:
 CONTENT_HASH_SUFFIX = ".sha256"
 
 
-def _content_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_cached(path: Path, load: Callable[[Path], T], what: str) -> Optional[T]:
     """``load(path)`` when the cache holds ``path`` with the content hash ``write_cached`` saved beside it; None
     when it must be built (again): not there, without its hash (written before hashes, or cut short before its
@@ -123,7 +122,7 @@ def read_cached(path: Path, load: Callable[[Path], T], what: str) -> Optional[T]
     if not hash_path.is_file():
         log.info("the cached %s %s has no content hash; building it again", what, path)
         return None
-    if _content_hash(path) != hash_path.read_text().strip():
+    if file_sha256(path) != hash_path.read_text().strip():
         sys.stderr.write(f"tyingrun: warning: the cached {what} {path} is damaged (its content hash differs); "
                          f"building it again\n")
         return None
@@ -135,7 +134,7 @@ def write_cached(path: Path, save: Callable[[Path], None]) -> None:
     with atomic_output(path) as tmp:
         save(tmp)
     with atomic_output(path.with_name(path.name + CONTENT_HASH_SUFFIX)) as tmp:
-        tmp.write_text(_content_hash(path))
+        tmp.write_text(file_sha256(path))
 
 
 def short_hash(*parts: object) -> str:
@@ -290,6 +289,14 @@ def chosen_hub_id(cfg: DatasetConfig, default_name: str, default_config: Optiona
     return cfg.hf_name or default_name, cfg.hf_config or default_config
 
 
+def hub_revision(cfg: DatasetConfig, hf_name: str) -> Optional[str]:
+    """dataset.hf_revision when given; else, for the dataset's default hub id, its default revision (None: main)."""
+    if cfg.hf_revision:
+        return cfg.hf_revision
+    default_name = HUB_DEFAULTS.get(cfg.name, (None,))[0]
+    return HUB_DEFAULT_REVISIONS.get(cfg.name) if hf_name == default_name else None
+
+
 def wiki_articles(lines: list[str]) -> list[str]:
     """Group WikiText lines into articles: each starts at a ``" = Title = "`` line.
 
@@ -366,7 +373,8 @@ def load_hub_dataset(cfg: DatasetConfig, hf_name: str, hf_config: Optional[str],
     Offline and not cached, it fails at once with a BadInput that names ``local_copy``, the kind of
     dataset.path folder that replaces the hub.
     """
-    label = hf_name if hf_config is None else f"{hf_name}/{hf_config}"
+    revision = hub_revision(cfg, hf_name)
+    label = (hf_name if hf_config is None else f"{hf_name}/{hf_config}") + (f"@{revision}" if revision else "")
     go_offline_unless_hub_reachable()
     import datasets
 
@@ -374,7 +382,7 @@ def load_hub_dataset(cfg: DatasetConfig, hf_name: str, hf_config: Optional[str],
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            dataset_dict = datasets.load_dataset(hf_name, hf_config)
+            dataset_dict = datasets.load_dataset(hf_name, hf_config, revision=revision)
     # datasets signals "not cached" and "no such dataset" with many unrelated exception types.
     except Exception as error:
         raise BadInput(_hub_failure(cfg.name, label, error, local_copy)) from error
@@ -383,6 +391,12 @@ def load_hub_dataset(cfg: DatasetConfig, hf_name: str, hf_config: Optional[str],
 
 def _hub_failure(name: str, label: str, error: Exception, local_copy: str) -> str:
     fix = f"or download it and pass dataset.path=FOLDER ({local_copy})"
+    if any(sign in f"{type(error).__name__}: {error}" for sign in SCRIPT_DATASET_ERRORS):
+        return (
+            f"dataset={name}: the Hugging Face dataset {label!r} is a loading script, which this `datasets` no longer "
+            f"runs; set dataset.hf_name to a copy stored as data files (parquet), or dataset.hf_revision="
+            f"refs/convert/parquet for the hub's own conversion of it, {fix}"
+        )
     if hub_offline():
         return (
             f"dataset={name}: the Hugging Face dataset {label!r} is neither cached nor reachable (offline); "

@@ -4,8 +4,9 @@ tokenizer.json."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -22,12 +23,17 @@ from tyingrun.data.text import (
     write_cached,
 )
 from tyingrun.errors import BadInput
+from tyingrun.hub import model_folder
 
-__all__ = ["EOS", "MASK", "SEP", "cache_root", "document_separator", "load_tokenizer", "train_bpe", "train_wordpiece"]
+__all__ = ["EOS", "MASK", "SEP", "cache_root", "document_separator", "load_tokenizer", "train_bpe", "train_wordpiece",
+           "with_model_tokenizer"]
 
 log = logging.getLogger("tyingrun")
 
 EOS = "<|endoftext|>"
+# The end-of-sequence token of SentencePiece-style vocabularies (Llama 2, TinyLlama).
+SENTENCE_END = "</s>"
+MODEL_TOKENIZER = "tokenizer.json"
 # BERT's special tokens, in BERT's order (ids 0-4 of a trained WordPiece vocabulary).
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 BPE_FORMAT = 1
@@ -49,12 +55,28 @@ def load_tokenizer(cfg: DatasetConfig, corpus: Corpus) -> Tokenizer:
         return _cached_trained(cfg, corpus, "bpe", BPE_FORMAT, train_bpe)
     if cfg.tokenizer == "wordpiece":
         return _cached_trained(cfg, corpus, "wordpiece", WORDPIECE_FORMAT, train_wordpiece)
-    raise BadInput(f"dataset.tokenizer={cfg.tokenizer!r} is not an option; choose one of: bpe, gpt2, wordpiece")
+    if cfg.tokenizer == "from_model":
+        raise BadInput("dataset.tokenizer=from_model reads the tokenizer of the model train.init_from names; set "
+                       "train.init_from")
+    raise BadInput(f"dataset.tokenizer={cfg.tokenizer!r} is not an option; choose one of: bpe, gpt2, wordpiece, "
+                   f"from_model")
+
+
+def with_model_tokenizer(cfg: DatasetConfig, init_from: Optional[str]) -> DatasetConfig:
+    """``cfg`` with dataset.tokenizer=from_model resolved to the tokenizer.json of train.init_from's model folder."""
+    if cfg.tokenizer != "from_model" or not init_from:
+        return cfg
+    path = model_folder(init_from) / MODEL_TOKENIZER
+    if not path.is_file():
+        raise BadInput(f"dataset.tokenizer=from_model: train.init_from={init_from} has no {MODEL_TOKENIZER}; give a "
+                       f"Hugging Face model folder with one, or pick another dataset.tokenizer")
+    return replace(cfg, tokenizer_path=str(path))
 
 
 def document_separator(tokenizer: Tokenizer) -> int:
-    """The id that ends each document in a token stream: ``<|endoftext|>``, else WordPiece's ``[SEP]``."""
-    for token in (EOS, SEP):
+    """The id that ends each document in a token stream: ``<|endoftext|>``, else ``</s>``, else WordPiece's
+    ``[SEP]``."""
+    for token in (EOS, SENTENCE_END, SEP):
         token_id = tokenizer.token_to_id(token)
         if token_id is not None:
             return token_id

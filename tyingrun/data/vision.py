@@ -55,6 +55,7 @@ class VisionData:
     std: torch.Tensor  # [channels, 1, 1]
     augment: bool
     unit = "samples"
+    tokenizer_sha256 = None  # images have no tokenizer
 
     @property
     def channels(self) -> int:

@@ -1,9 +1,8 @@
-"""Measurements of a run: parameter counts, peak memory, throughput (perplexity is in tyingrun.contracts)."""
+"""Measurements of a run: parameter counts, running means, throughput (memory: tyingrun.metrics.memory;
+perplexity: tyingrun.contracts)."""
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -21,19 +20,6 @@ def model_counts(model: nn.Module, stack: TiedStack) -> Dict[str, int]:
         "independent_layers": stack.independent_layers,
         "trainable_layers": stack.trainable_layers,
     }
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory(device: torch.device) -> Tuple[int, str]:
-    """CUDA: bytes allocated at peak by tensors; CPU: the process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (rss if sys.platform == "darwin" else rss * 1024), "cpu_rss"
 
 
 class RunningMean:

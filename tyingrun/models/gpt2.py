@@ -6,13 +6,12 @@ import math
 from typing import Dict, List
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tyingrun.config import ModelConfig
-from tyingrun.contracts import LossResult, TiedModule
+from tyingrun.contracts import DIFFICULTY, LossResult, TiedModule
 from tyingrun.models.blocks import PreLNBlock, init_normal
-from tyingrun.models.embeddings import TokenEmbedding
+from tyingrun.models.embeddings import TokenEmbedding, next_token_loss
 from tyingrun.tying.stack import TiedStack
 
 
@@ -41,7 +40,6 @@ class GPT2(TiedModule):
         return self.tokens.project(self.ln_f(self.stack(x)))
 
     def loss(self, batch: Dict[str, torch.Tensor]) -> LossResult:
-        """Mean next-token cross-entropy over the batch, and the number of predicted tokens."""
-        logits = self(batch["input_ids"])
-        labels = batch["labels"]
-        return LossResult(F.cross_entropy(logits.float().flatten(0, 1), labels.flatten()), labels.numel())
+        """Mean next-token cross-entropy over the predicted tokens, and their number; an answer-only batch (it
+        carries DIFFICULTY) also reports how many answer tokens are right and which examples are wholly right."""
+        return next_token_loss(self(batch["input_ids"]), batch["labels"], answer_only=DIFFICULTY in batch)

@@ -113,9 +113,7 @@ def hf_weights(model: GPT2) -> Dict[str, torch.Tensor]:
     for name, tensor in model.state_dict().items():
         if name == LM_HEAD_WEIGHT and model.tokens.tied:
             continue
-        value = tensor.detach().cpu()
-        if name in (LM_HEAD_WEIGHT, "tokens.wte.weight"):
-            value = value[:model.tokens.vocab_size]  # model.pad_vocab_to's rows go
+        value = model.tokens.without_padding(name, tensor.detach().cpu())
         weights[hf_name(name)] = (value.t() if name.endswith(CONV1D_WEIGHTS) else value).clone(
             memory_format=torch.contiguous_format)
     # Hugging Face's GPT-2 always has biases; model.bias=false is the same network with zero biases.

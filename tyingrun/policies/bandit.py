@@ -45,7 +45,7 @@ class BanditPolicy(EpisodicPolicy):
         std = self.learned.std
         return std if std > 0 else 1.0
 
-    def _choose(self, layer: int) -> Tuple[int, Optional[List[float]]]:
+    def _choose(self, layer: int, src: List[int]) -> Tuple[int, Optional[List[float]]]:
         pulls, means = self.pulls[layer], self.means[layer]
         untried = [action for action, count in enumerate(pulls) if count == 0]
         if untried:

@@ -18,7 +18,16 @@ class Decision:
 class DecisionContext(Protocol):
     """What the trainer lends a policy at a decision point; the policy never touches the model itself."""
 
-    step: int
+    @property
+    def step(self) -> int: ...
+
+    # The map the model trains under now and its trainable flags: the model's TiedStack owns them, the policy
+    # reads them here and keeps no copy.
+    @property
+    def src(self) -> List[int]: ...
+
+    @property
+    def trainable(self) -> List[bool]: ...
 
     def score_batch(self, batch: Optional[Dict[str, Any]] = None) -> float:
         """Cross-entropy of the current model (eval mode, no graph) on ``batch``, a batch that ``reward_batch``

@@ -22,8 +22,9 @@ steps before it is rewarded. The score taken at a decision point is also the "lo
 the ``improvement`` reward: it is measured just before the trainer applies the action, so the
 improvement includes the action's immediate effect on the loss. A one-layer model has nothing to decide.
 
-Because ``start`` returns the current state, a policy restored by ``load_state_dict`` returns the
-restored map from ``start`` too.
+The map itself is the model's: its TiedStack owns it, and the policy reads it at each decision point
+(``context.src``, ``context.trainable``); ``start`` returns the initial map of a new run, and a resumed run gets
+its map back from the checkpoint.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from tyingrun.config import PolicyConfig, registry_of
 from tyingrun.contracts import perplexity
 from tyingrun.policies.base import Decision, DecisionContext, Policy
 from tyingrun.policies.learning import GreedyRecord, RunningStats, spread_diagnostics
-from tyingrun.seeding import derive_seed
+from tyingrun.seeding import derive_seed, rng_state, set_rng_state
 from tyingrun.tying import maps
 
 HIDDEN = 128
@@ -229,8 +230,6 @@ class EpisodicPolicy(Policy):
     def __init__(self, cfg: PolicyConfig, n_layer: int, seed: int):
         self.cfg, self.n_layer = cfg, n_layer
         self.rng = random.Random(derive_seed(seed, "exploration"))
-        self.src = maps.identity(n_layer)
-        self.trainable = [True] + [not cfg.freeze_at_init] * (n_layer - 1)
         self.next_layer = 1
         self.steps_since_decision = 0
         self.pending: Optional[Transition] = None
@@ -244,7 +243,7 @@ class EpisodicPolicy(Policy):
     def start(self, n_layer: int) -> Decision:
         if n_layer != self.n_layer:
             raise ValueError(f"policy {self.name} was built for {self.n_layer} layers, started with {n_layer}")
-        return Decision(list(self.src), list(self.trainable))
+        return Decision(maps.identity(n_layer), [True] + [not self.cfg.freeze_at_init] * (n_layer - 1))
 
     def after_step(self, context: DecisionContext) -> Optional[Decision]:
         if self.n_layer < 2:
@@ -260,10 +259,10 @@ class EpisodicPolicy(Policy):
             if self.pending is not None:
                 reward = self._reward_pending(self.pending, context.score_batch(self.pending.batch), context.counts())
             batch = context.reward_batch()
-            return self._decide(context.score_batch(batch), reward, batch)
+            return self._decide(context, context.score_batch(batch), reward, batch)
         loss = context.score_batch()
         reward = self._reward_pending(self.pending, loss, context.counts()) if self.pending is not None else None
-        return self._decide(loss, reward)
+        return self._decide(context, loss, reward)
 
     def _reward_pending(self, pending: Transition, loss: float, counts: Dict[str, int]) -> float:
         outcome = Outcome(pending.loss_at_decision, loss, counts["trainable_layers"] / self.n_layer)
@@ -278,54 +277,57 @@ class EpisodicPolicy(Policy):
         self._learn(pending, learned)
         return reward
 
-    def _decide(self, loss: float, reward: Optional[float],
+    def _decide(self, context: DecisionContext, loss: float, reward: Optional[float],
                 batch: Optional[Dict[str, torch.Tensor]] = None) -> Decision:
-        layer = self.next_layer
-        action, q_values = self._choose(layer)
+        """The next layer's action at the map the model trains under now, and the map and flags it leads to."""
+        layer, before, trainable = self.next_layer, list(context.src), list(context.trainable)
+        action, q_values = self._choose(layer, before)
         if q_values is not None:
             self.greedy_record.add(layer, action, q_values)
-        before = self.src
-        self.src = maps.assign(before, layer, action)
-        self.trainable[layer] = True
-        self.pending = Transition(layer, action, before, list(self.src), loss, batch)
+        src = maps.assign(before, layer, action)
+        trainable[layer] = True
+        self.pending = Transition(layer, action, before, list(src), loss, batch)
         self.next_layer = layer % (self.n_layer - 1) + 1
         self.decisions += 1
         info = {"layer": layer, "action": action, "reward": reward, "epsilon": self.epsilon, "q_values": q_values}
-        return Decision(list(self.src), list(self.trainable), info)
+        return Decision(src, trainable, info)
+
+    def _decided_map(self) -> List[int]:
+        """The map the last decision led to (the initial identity before the first): the run's map now, since only
+        decisions change it."""
+        return list(self.pending.next_state) if self.pending is not None else maps.identity(self.n_layer)
 
     def _uniform_action(self, layer: int) -> int:
         return self.rng.randrange(layer + 1)
 
-    def _choose(self, layer: int) -> Tuple[int, Optional[List[float]]]:
-        """The action for ``layer`` (an index in its slice) and the values it was chosen from, if any (the
-        Q-values, or a bandit's mean rewards): their first maximum is the layer's greedy action."""
+    def _choose(self, layer: int, src: List[int]) -> Tuple[int, Optional[List[float]]]:
+        """The action for ``layer`` (an index in its slice) at the map ``src`` and the values it was chosen from, if
+        any (the Q-values, or a bandit's mean rewards): their first maximum is the layer's greedy action."""
         raise NotImplementedError
 
     def _learn(self, transition: Transition, reward: float) -> None:
         """A policy that does not learn ignores its rewards."""
 
     def _value_slices(self) -> List[List[float]]:
-        """The values of every layer 1..L-1 over its actions now (at the current map), for q_spread_*."""
+        """The values of every layer 1..L-1 over its actions now (at the map of the last decision), for q_spread_*."""
         raise NotImplementedError
 
     def state_dict(self) -> Dict[str, Any]:
-        version, internal, gauss_next = self.rng.getstate()
         return {
-            "src": list(self.src), "trainable": list(self.trainable), "next_layer": self.next_layer,
+            "next_layer": self.next_layer,
             "steps_since_decision": self.steps_since_decision,
             "pending": asdict(self.pending) if self.pending is not None else None,
-            "rng": [version, list(internal), gauss_next],
+            "rng": rng_state(self.rng),
             "decisions": self.decisions, "rewards": self.rewards, "clipped_rewards": self.clipped_rewards,
             "reward_stats": self.reward_stats.state_dict(), "greedy_record": self.greedy_record.state_dict(),
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        maps.validate(state["src"], self.n_layer)
-        self.src, self.trainable = list(state["src"]), list(state["trainable"])
         self.next_layer, self.steps_since_decision = state["next_layer"], state["steps_since_decision"]
         self.pending = Transition(**state["pending"]) if state["pending"] is not None else None
-        version, internal, gauss_next = state["rng"]
-        self.rng.setstate((version, tuple(internal), gauss_next))
+        # Checkpoints written before rng_state held the bare state.
+        rng = state["rng"] if isinstance(state["rng"], dict) else {"python": state["rng"]}
+        set_rng_state(rng, self.rng)
         self.decisions, self.rewards = state["decisions"], state["rewards"]
         self.clipped_rewards = state["clipped_rewards"]
         # Checkpoints written before these existed start them afresh.
@@ -362,8 +364,8 @@ class DynamicQPolicy(EpisodicPolicy):
         self.epsilon = EPSILON_START
         self.learner = QLearner(n_layer, seed, cfg.replay, cfg.target_update, cfg.q_lr_decay_updates)
 
-    def _choose(self, layer: int) -> Tuple[int, Optional[List[float]]]:
-        q_values = self.learner.values(self.src, layer)
+    def _choose(self, layer: int, src: List[int]) -> Tuple[int, Optional[List[float]]]:
+        q_values = self.learner.values(src, layer)
         explore = self.rng.random() < self.epsilon
         action = self._uniform_action(layer) if explore else int(q_values.argmax())
         return action, q_values.tolist()
@@ -380,7 +382,8 @@ class DynamicQPolicy(EpisodicPolicy):
             self.epsilon = next_epsilon(self.epsilon)
 
     def _value_slices(self) -> List[List[float]]:
-        return [self.learner.values(self.src, layer).tolist() for layer in range(1, self.n_layer)]
+        src = self._decided_map()
+        return [self.learner.values(src, layer).tolist() for layer in range(1, self.n_layer)]
 
     def diagnostics(self) -> Dict[str, Any]:
         """Whether the agent could have learned (the last, lowest, epsilon and the share of clipped rewards) and

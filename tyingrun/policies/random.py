@@ -12,5 +12,5 @@ class RandomPolicy(EpisodicPolicy):
     # Every decision explores: what dynamic_q would do with epsilon fixed at 1.
     epsilon = 1.0
 
-    def _choose(self, layer: int) -> Tuple[int, Optional[List[float]]]:
+    def _choose(self, layer: int, src: List[int]) -> Tuple[int, Optional[List[float]]]:
         return self._uniform_action(layer), None

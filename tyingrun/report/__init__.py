@@ -12,12 +12,14 @@ from rich.console import Console
 
 from tyingrun.errors import BadInput
 from tyingrun.files import CONFIG_FILE, MAPS_FILE
+from tyingrun.report.difficulty import difficulty_section, write_difficulty_figures
 from tyingrun.report.plots import plot_map_history, plot_memory, plot_quality_vs_flops, plot_quality_vs_params
 from tyingrun.report.rewards import SEPARATION_T
 from tyingrun.report.runs import (
     QUALITY_KINDS,
     Group,
     Run,
+    check_budgets,
     find_runs,
     group_runs,
     headline_metric,
@@ -65,6 +67,7 @@ def write_figures(groups: List[Group], out_dir: Path) -> List[Path]:
         if any(run.summary.get("train_flops_per_token") for group in groups for run in group.runs):
             figures.append(out_dir / "quality_vs_flops.png")
             plot_quality_vs_flops(groups, metric, figures[-1])
+    figures += write_difficulty_figures(groups, out_dir)
     figures.append(out_dir / "memory.png")
     plot_memory(groups, figures[-1])
     for index, group in enumerate(groups):
@@ -188,25 +191,29 @@ def markdown_report(rows: List[Dict[str, Any]], notes: List[str], arms: List[str
 
 
 def write_report(paths: Sequence[Path], out_dir: Optional[Path] = None, console: Optional[Console] = None,
-                 reference: str = "none") -> Path:
+                 reference: str = "none", pair_other_budgets: bool = False) -> Path:
     """Report on every run folder under ``paths`` into ``out_dir`` (default: the first path); print the table.
 
-    Each group is compared with the ``reference`` policy's group of its model and dataset, seed by seed.
+    Each group is compared with the ``reference`` policy's group of its model and dataset, seed by seed; a group of
+    another budget (runs.BUDGET_KEYS) than its reference is refused unless ``pair_other_budgets``.
     """
     runs = find_runs(paths)
     if not runs:
         raise BadInput(f"no run folders (with {CONFIG_FILE}) under {', '.join(map(str, paths))}")
     out_dir = out_dir or paths[0]
-    out_dir.mkdir(parents=True, exist_ok=True)
     groups = group_runs(runs)
     unfinished = [run for run in runs if not run.finished]
     references = reference_groups(groups, reference)
+    check_budgets(groups, references, pair_other_budgets)
+    arms = arms_section(paths, groups)
+    out_dir.mkdir(parents=True, exist_ok=True)
     rows = [group_row(group, references.get(group.family)) for group in groups]
     write_csv(rows, out_dir / "report.csv")
     figures = write_figures(groups, out_dir)
     notes = [*quality_notes(rows, figure_metric(groups)), *paired_notes(groups, references, reference),
              *diagnostics_notes(rows)]
-    report = markdown_report(rows, notes, arms_section(paths, groups), unfinished, figures, out_dir, reference)
+    sections = [*difficulty_section(groups), *arms]
+    report = markdown_report(rows, notes, sections, unfinished, figures, out_dir, reference)
     report += "\n".join(["", *write_sharing(groups)])
     (out_dir / "report.md").write_text(report)
 

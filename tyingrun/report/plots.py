@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence, Tuple
 
 import matplotlib
 
@@ -18,6 +18,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from tyingrun.files import MAPS_FILE, read_jsonl  # noqa: E402
 from tyingrun.report.runs import Group, Run  # noqa: E402
+from tyingrun.report.stats import Estimate  # noqa: E402
 from tyingrun.report.tables import human_count  # noqa: E402
 
 FROZEN_COLOUR = "#d9d9d9"
@@ -169,3 +170,28 @@ def plot_quality_vs_flops(groups: List[Group], metric: str, path: Path) -> None:
     _plot_quality_against(groups, metric, "train_flops_per_token",
                           "training FLOPs per token (forward + backward, every slot counted each time it runs)",
                           "Quality against training compute, one point per run", path)
+
+
+def plot_accuracy_by_difficulty(members: Sequence[Tuple[Group, Dict[int, Estimate]]], difficulty: str, title: str,
+                                path: Path) -> None:
+    """Test accuracy against difficulty, a line per group: the mean over seeds with its 95% t-interval."""
+    fig, ax = plt.subplots(figsize=(10, 5), constrained_layout=True)
+    colours = _group_colours(len(members))
+    for index, (group, accuracies) in enumerate(members):
+        levels = sorted(accuracies)
+        means = [accuracies[level].mean for level in levels]
+        errors = [accuracies[level].halfwidth or 0.0 for level in levels]
+        label = f"{group.name}, {group.settings['model.n_layer']} layers ({len(group.runs)} seeds)"
+        ax.errorbar(levels, means, yerr=errors, marker="o", capsize=3, color=colours[index % len(colours)],
+                    label=_wrap(label))
+    levels = sorted({level for _, accuracies in members for level in accuracies})
+    ax.set_xticks(levels)
+    ax.set_xlim(levels[0] - 0.5, levels[-1] + 0.5)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel(difficulty)
+    ax.set_ylabel("test accuracy, whole answer right (mean ± 95% CI)")
+    ax.set_title(f"Test accuracy by {difficulty}: {title}")
+    ax.grid(alpha=0.3)
+    fig.legend(fontsize=8, loc="outside right upper", title="group")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

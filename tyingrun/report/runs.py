@@ -9,7 +9,7 @@ import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from omegaconf import OmegaConf
 
@@ -18,6 +18,7 @@ from tyingrun.errors import BadInput
 from tyingrun.files import ARMS_FILE, CONFIG_FILE, MAPS_FILE, SUMMARY_FILE, read_json, read_jsonl
 from tyingrun.report.rewards import reward_separation
 from tyingrun.run_status import read_status
+from tyingrun.summary import NUMBER_KEYS
 
 # Keys that do not change what a run measures: runs differing only in these are seeds of one group.
 IGNORED_PREFIXES = ("train.seed", "log.", "hydra.")
@@ -131,15 +132,69 @@ def with_schema_defaults(config: Dict[str, Any]) -> Dict[str, Any]:
     return {**schema_defaults(), **config}
 
 
+# Each arm of an ablation_arms.json: its fields and their types (``note`` may be null).
+ARM_FIELDS: Dict[str, Union[type, Tuple[type, ...]]] = {"arm": str, "folder": str, "overrides": list,
+                                                         "note": (str, type(None))}
+
+
 def read_arms(root: Path) -> Optional[List[Dict[str, Any]]]:
     """The arms in ``root``'s ablation_arms.json (``arm``, ``folder``, ``overrides``, ``note``); None without it."""
     path = root / ARMS_FILE
     if not path.is_file():
         return None
     try:
-        return read_json(path)["arms"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        arms = read_json(path)["arms"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise BadInput(f"{path}: not an ablation arms file ({{\"arms\": [...]}}): {err}") from err
+    if not isinstance(arms, list):
+        raise BadInput(f"{path}: \"arms\" is a {type(arms).__name__}, not a list of arms")
+    for index, arm in enumerate(arms):
+        problem = _arm_problem(arm)
+        if problem:
+            raise BadInput(f"{path}: arm {index} {problem}; each arm is {{\"arm\": str, \"folder\": str, "
+                           f"\"overrides\": [str, ...], \"note\": str}} - repair the file (make ablations writes it)")
+    return arms
+
+
+def _arm_problem(arm: Any) -> Optional[str]:
+    if not isinstance(arm, dict):
+        return f"is a {type(arm).__name__}, not an object"
+    for key, kind in ARM_FIELDS.items():
+        if key not in arm and key != "note":
+            return f"has no {key!r}"
+        value = arm.get(key)
+        if not isinstance(value, kind):
+            return f"has {key!r} of type {type(value).__name__}"
+    if not all(isinstance(item, str) for item in arm["overrides"]):
+        return "has 'overrides' items that are not strings"
+    return None
+
+
+# What a run spends: a group and its reference that differ in these are not paired unless asked
+# (tyingrun-report --pair-other-budgets): their Δ would measure the budget as well as the policy.
+BUDGET_KEYS = ("train.max_steps", "train.batch_size", "dataset.block_size")
+
+
+def reference_differences(group: Group, reference: Group) -> Dict[str, Any]:
+    """Every key outside the policy (policy.* is what is compared) whose value separates ``group`` from
+    ``reference``: the key and the group's value."""
+    return {key: value for key, value in group.settings.items()
+            if not key.startswith("policy.") and key in reference.settings and reference.settings[key] != value}
+
+
+def check_budgets(groups: Sequence[Group], references: Dict[Tuple[str, str], Group], allow: bool) -> None:
+    """BadInput naming the first group whose budget (BUDGET_KEYS) differs from its reference's, unless ``allow``."""
+    for group in groups:
+        reference = references.get(group.family)
+        if allow or reference is None or reference is group:
+            continue
+        budget = [key for key in reference_differences(group, reference) if key in BUDGET_KEYS]
+        if budget:
+            what = ", ".join(f"{key}={show_value(group.settings[key])} against {show_value(reference.settings[key])}"
+                             for key in budget)
+            raise BadInput(f"group '{group.name}' has another budget than its reference '{reference.name}' ({what}), "
+                           f"so its Δ would measure the budget too; report runs of one budget together, or pass "
+                           f"--pair-other-budgets to pair them anyway")
 
 
 # A summary number beyond this is not a measurement (and would overflow the statistics).
@@ -181,7 +236,8 @@ def _first_line(err: BaseException) -> str:
 
 
 def check_summary(summary: Any) -> None:
-    """ValueError unless ``summary`` is an object with a numeric val_loss and finite, bounded numbers."""
+    """ValueError unless ``summary`` is an object with a numeric val_loss and finite, bounded numbers where
+    tyingrun.summary types numbers."""
     if not isinstance(summary, dict):
         raise ValueError(f"{SUMMARY_FILE} is not a JSON object")
     if not _is_number(summary.get("val_loss")):
@@ -189,8 +245,7 @@ def check_summary(summary: Any) -> None:
     for key, value in summary.items():
         if isinstance(value, float) and not (abs(value) <= LARGEST_NUMBER):
             raise ValueError(f"{SUMMARY_FILE}: {key}={value} is not a measurement")
-        if key.endswith(("_loss", "_ppl", "_acc", "_params", "_bytes", "_mean")) and value is not None \
-                and not _is_number(value):
+        if key in NUMBER_KEYS and value is not None and not _is_number(value):
             raise ValueError(f"{SUMMARY_FILE}: {key}={value!r} is not a number")
 
 
@@ -246,16 +301,16 @@ def labels(settings: List[Dict[str, Any]]) -> List[str]:
                 continue
             top = max(counts.values())
             if counts[value] < top or list(counts.values()).count(top) > 1:
-                parts.append(f"{key}={_show(value)}")
+                parts.append(f"{key}={show_value(value)}")
         result.append(" ".join(parts))
     return result
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if value is None:
         return "null"
     if isinstance(value, tuple):
-        return "[" + ",".join(_show(v) for v in value) + "]"
+        return "[" + ",".join(show_value(v) for v in value) + "]"
     return str(value)

@@ -11,7 +11,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from rich.table import Table
 from rich.text import Text
 
-from tyingrun.report.runs import QUALITY_KINDS, Group, Run, headline_metric, quality_kind
+from tyingrun.report.runs import (
+    QUALITY_KINDS,
+    Group,
+    Run,
+    headline_metric,
+    quality_kind,
+    reference_differences,
+    show_value,
+)
 from tyingrun.report.stats import Estimate, estimate, paired_differences
 
 SPLITS = ("test", "val")
@@ -140,6 +148,15 @@ def learning_warning(row: Dict[str, Any]) -> str:
     return f"warning: {row['policy']} ({where}): no sign that the agent learned: {unsettled_map}"
 
 
+def differs_from_reference(group: Group, reference: Optional[Group]) -> str:
+    """What separates the group from its reference that its label (which compares it with the groups of its own
+    policy) does not already say."""
+    if reference is None or reference is group:
+        return ""
+    parts = (f"{key}={show_value(value)}" for key, value in reference_differences(group, reference).items())
+    return " ".join(part for part in parts if part not in group.label.split())
+
+
 def group_row(group: Group, reference: Optional[Group] = None) -> Dict[str, Any]:
     """The group's identity, quality statistics, difference from ``reference`` and the means of its summaries."""
     settings, runs = group.settings, group.runs
@@ -150,6 +167,7 @@ def group_row(group: Group, reference: Optional[Group] = None) -> Dict[str, Any]
     row.update(quality_columns(runs))
     row.update(conversion_columns(runs))
     row.update(paired_columns(group, reference))
+    row["differs_from_reference"] = differs_from_reference(group, reference)
     for key in AVERAGED:
         values = _values(runs, key)
         if values:
@@ -248,7 +266,7 @@ IDENTITY: Tuple[Column, ...] = (
     ("model", None, lambda r: r["model"]),
     ("dataset", None, lambda r: r["dataset"]),
     ("policy", None, _policy),
-    ("differs", None, lambda r: r["label"]),
+    ("differs", None, lambda r: " ".join(filter(None, (r["label"], r["differs_from_reference"])))),
     ("layers", None, lambda r: str(r["n_layer"])),
     ("n (seeds)", None, lambda r: str(r["seeds"])),
 )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -105,12 +105,6 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     return total / dist.get_world_size()
 
 
-def sum_over_ranks(values: Sequence[float], device: torch.device) -> List[float]:
-    totals = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(totals)
-    return totals.tolist()
-
-
 def values_of_ranks(value: float, device: torch.device) -> List[float]:
     """Each rank's ``value``, in rank order, on every rank."""
     values = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(dist.get_world_size())]
@@ -118,11 +112,26 @@ def values_of_ranks(value: float, device: torch.device) -> List[float]:
     return [v.item() for v in values]
 
 
+def objects_of_ranks(obj: object) -> List[object]:
+    """Each rank's ``obj`` (picklable), in rank order, on every rank."""
+    gathered: List[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def broadcast_object(obj: Optional[object], device: torch.device) -> Optional[object]:
     """Rank 0's ``obj`` on every rank."""
     box = [obj]
     dist.broadcast_object_list(box, src=0, device=device)
     return box[0]
+
+
+def agreed_stop_signal(signum: Optional[int], device: torch.device) -> Optional[int]:
+    """The stop signal any rank has received (the highest number when several have), on every rank: a signal to
+    any one rank stops them all at the same step."""
+    value = torch.tensor([signum or 0], dtype=torch.int64, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value.item()) or None
 
 
 def barrier() -> None:

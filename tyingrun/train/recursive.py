@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple, cast
 
 import torch
 from torch import nn
@@ -21,10 +21,13 @@ from torch import nn
 from tyingrun.config import PolicyConfig, registry_of
 from tyingrun.errors import BadInput
 from tyingrun.files import WEIGHTS_FILE
+from tyingrun.models.embeddings import TokenEmbedding
 from tyingrun.models.hf_gpt2 import HF_CONFIG, read_hf_config
+from tyingrun.models.hf_llama import read_hf_config as read_hf_llama_config
 from tyingrun.policies import recursive_map, stack_sharing  # noqa: F401 (export reads it here)
 from tyingrun.train.checkpoint import read_state
-from tyingrun.train.init_from import init_from
+from tyingrun.train.hf_import import is_llama_folder
+from tyingrun.train.init_from import check_depth, init_from
 from tyingrun.tying import maps
 from tyingrun.tying.stack import lora_key
 from tyingrun.tying.weights import read_tensors
@@ -48,12 +51,13 @@ def prepare(model: nn.Module, cfg: PolicyConfig) -> None:
 def source_shape(source: Path) -> Dict[str, int]:
     """Depth, width and vocabulary of a train.init_from source, read from its files."""
     if (source / HF_CONFIG).is_file():
-        hf_cfg, _ = read_hf_config(source)
+        hf_cfg = read_hf_llama_config(source) if is_llama_folder(source) else read_hf_config(source)[0]
         return {"n_layer": hf_cfg.n_layer, "d_model": hf_cfg.d_model, "vocab_size": hf_cfg.vocab_size}
     tensors = read_tensors(source / WEIGHTS_FILE)
     wte = tensors.get("tokens.wte.weight")
     if wte is None:
-        raise BadInput(f"train.init_from={source} holds no token embedding; policy=recursive converts a GPT-2")
+        raise BadInput(f"train.init_from={source} holds no token embedding; policy=recursive converts a GPT-2 or a "
+                       f"Llama")
     _, state = read_state(source)
     return {"n_layer": len(state["map"]), "d_model": wte.shape[1], "vocab_size": wte.shape[0]}
 
@@ -61,11 +65,12 @@ def source_shape(source: Path) -> Dict[str, int]:
 def check_source(model: nn.Module, source: Path, cfg: PolicyConfig) -> None:
     """One line naming the key, for a source the conversion cannot use."""
     shape = source_shape(source)
-    ours = {"n_layer": len(model.stack), "d_model": model.wpe.embedding_dim,
-            "vocab_size": model.tokens.wte.num_embeddings}
+    tokens = cast(TokenEmbedding, model.tokens)
+    ours = {"n_layer": len(model.stack), "d_model": tokens.wte.embedding_dim, "vocab_size": tokens.wte.num_embeddings}
     if shape["vocab_size"] != ours["vocab_size"]:
         raise BadInput(f"policy=recursive: train.init_from={source} has a vocabulary of {shape['vocab_size']} tokens "
-                       f"but this run's is {ours['vocab_size']}; use the dataset and tokenizer the source trained on")
+                       f"but this run's is {ours['vocab_size']}; use the dataset and tokenizer the source trained on "
+                       f"(dataset.tokenizer=from_model for a Hugging Face model)")
     if shape["d_model"] != ours["d_model"]:
         raise BadInput(f"policy=recursive: train.init_from={source} has width {shape['d_model']} but "
                        f"model.d_model={ours['d_model']}; set model.d_model={shape['d_model']}")
@@ -74,9 +79,7 @@ def check_source(model: nn.Module, source: Path, cfg: PolicyConfig) -> None:
     except ValueError as err:
         raise BadInput(f"policy=recursive: policy.pattern={cfg.pattern} cannot use policy.n_sets={cfg.n_sets} with "
                        f"the source's {shape['n_layer']} layers: {err}") from None
-    if shape["n_layer"] != ours["n_layer"]:
-        raise BadInput(f"policy=recursive: train.init_from={source} has {shape['n_layer']} layers but "
-                       f"model.n_layer={ours['n_layer']}; set model.n_layer={shape['n_layer']}")
+    check_depth(source, shape["n_layer"], ours["n_layer"], "policy=recursive: train.init_from")
 
 
 def region(pattern: str, n_layer: int) -> range:
@@ -112,7 +115,12 @@ def _svd_factors(delta: torch.Tensor, rank: int, scale: float):
     """B, A with scale * B @ A the best rank-``rank`` approximation of ``delta``; directions with no singular
     value get A random and B zero (as plain LoRA starts), so that they still learn."""
     u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+    # A rank above the matrix's smaller side (a grouped-query key or value projection is narrower than the model)
+    # gets the missing directions as directions without a singular value.
+    missing = max(0, rank - s.numel())
+    u = torch.cat((u[:, :rank], u.new_zeros(u.shape[0], missing)), dim=1)
+    s = torch.cat((s[:rank], s.new_zeros(missing)))
+    vh = torch.cat((vh[:rank], vh.new_zeros(missing, vh.shape[1])))
     root = (s / scale).sqrt()
     b, a = u * root, root[:, None] * vh
     dead = s <= s.max().clamp_min(1e-30) * 1e-7 if s.numel() else s.bool()

@@ -30,16 +30,21 @@ class StopNow(KeyboardInterrupt):
 
 
 class StopSignals:
-    """While active, the first stop signal is recorded in ``received``; a second one interrupts at once."""
+    """While active, the first stop signal is recorded in ``received``; a second one interrupts at once (through
+    the handler that was in place before, when there was one)."""
 
     def __init__(self):
         self.received: Optional[int] = None
         self._previous = {}
 
     def _handle(self, signum, frame):
-        if self.received is not None:
-            raise StopNow(signum)
-        self.received = signum
+        if self.received is None:
+            self.received = signum
+            return
+        previous = self._previous.get(signum)
+        if callable(previous):  # the program's own way to stop at once (tyingrun.cli.stop_at_once)
+            previous(signum, frame)
+        raise StopNow(signum)
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
