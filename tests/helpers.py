@@ -35,6 +35,8 @@ from tyingrun.models.gpt2 import GPT2
 from tyingrun.models.vit import ViT
 
 # The model and batch of a CLI run that takes seconds; each test module adds its own schedule.
+# Throughput in metrics.jsonl and summary.json: what a resumed run may not reproduce.
+TIMING_KEYS = ("tokens_per_s", "samples_per_s")
 TINY_RUN = ["model.n_layer=4", "model.d_model=64", "dataset.block_size=64", "train.batch_size=8", "log.progress=lines"]
 # `python -m torch.distributed.run` for N local ranks: entry=(*LAUNCHER, "2", "-m", "tyingrun.cli").
 LAUNCHER = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node")

@@ -6,11 +6,10 @@ import subprocess
 
 import pytest
 
-from .helpers import TINY_RUN, bad_input_line, compose_and_run, read_jsonl, start_and_wait_for_checkpoint
+from .helpers import TIMING_KEYS, TINY_RUN, bad_input_line, compose_and_run, read_jsonl, start_and_wait_for_checkpoint
 
 TINY = [*TINY_RUN, "train.eval_batches=2", "train.max_steps=120", "train.checkpoint_interval=20",
         "train.log_interval=5", "train.eval_interval=20"]
-TIMING_KEYS = ("tokens_per_s", "samples_per_s")
 
 
 @pytest.mark.slow
