@@ -14,7 +14,7 @@ JOBS ?=
 STEPS ?=
 ABLATION_ARGS ?=
 
-.PHONY: install demo test test-fast test-all lint bench ablations clean
+.PHONY: install demo test test-fast test-all lint bench gpu-check ablations clean
 
 install: $(VENV)/.installed
 
@@ -52,6 +52,21 @@ test-all: install
 # (MFU on a GPU) -> benchmarks/results.json. BENCH_ARGS="--n-layer 48 --d-model 1600 ..." for other sizes.
 bench: install
 	$(OFFLINE) $(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+# On a lent CUDA machine (docs/gpu.md): CUDA-only tests, a short bf16 run per model family under none, cyclic and
+# dynamic_q, GPT-2 124M tokens/s and MFU (eager, compiled, dynamic_q K=4), recompiles, peak memory against CUDA's
+# allocator, 2-GPU parity -> benchmarks/gpu_check.json, in about 5 minutes on one H100/H200. No venv: the machine's
+# own python with torch; what it lacks (hydra-core, omegaconf, datasets) comes from the wheels in WHEELS, which
+# ../shared/tools/gpu-wheels.sh downloads, installed with tyingrun itself into GPU_SITE.
+GPU_PYTHON ?= python3
+WHEELS ?= .whl
+GPU_SITE ?= .gpu-site
+GPU_CHECK_ARGS ?=
+
+gpu-check:
+	$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade \
+		--target $(GPU_SITE) $(wildcard $(WHEELS)/*.whl) .
+	$(OFFLINE) PYTHONPATH=$(abspath $(GPU_SITE)) PYTHONUNBUFFERED=1 $(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 # ruff, then mypy: no error in tying, models, policies, metrics and contracts, none beyond tools/mypy-baseline.txt
 # elsewhere (tools/typecheck.py --update drops the lines of fixed errors).

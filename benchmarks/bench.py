@@ -1,10 +1,12 @@
 """``make bench``: what tying costs and saves, measured side by side in one process.
 
-(a) loop overhead: tyingrun's ``policy=none`` step over a bare hand-written torch loop (same model, batches);
+(a) loop overhead: tyingrun's ``policy=none`` step over a bare hand-written torch loop (same model, batches), both
+    reading the loss only at log points (every LOG_INTERVAL steps), as a training loop that never waits for the
+    device does;
 (b) train_state_bytes at a map with a quarter of the layers independent over the physical limit;
 (c) step time at that map under ``frozen_copy`` over ``policy=none``;
 (d) dynamic_q's decision cost (Q-network + reward batch) as a fraction of training time at K=4;
-(e) tokens/s of each, and MFU on a GPU;
+(e) tokens/s of each, and MFU on a GPU (``train_flops_per_token`` of each map over the device's peak bf16 FLOP/s);
 (f) peak tensor bytes of a training step at that map under ``frozen_copy`` over ``policy=none``, beside the ratio
     the train-state savings alone would give and the floor (tying leaves every slot's activations), and on a GPU
     a cross-check against ``torch.cuda.max_memory_allocated``;
@@ -30,6 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tyingrun.config import Config, DatasetConfig, HardwareConfig, LogConfig, ModelConfig, PolicyConfig, TrainConfig
+from tyingrun.metrics.mfu import mfu, peak_flops
 from tyingrun.metrics.sinks import ConsoleSink, RunSinks
 from tyingrun.metrics.tensor_memory import TensorMemoryTracker, training_state
 from tyingrun.run import build_data, build_parts
@@ -37,10 +40,10 @@ from tyingrun.train.optim import optimizer_parameters
 from tyingrun.train.trainer import Trainer
 from tyingrun.tying import maps
 from tyingrun.tying.counts import train_state_bytes
+from tyingrun.tying.flops import sequence_length, train_flops_per_token
 
 TARGETS = {"loop_overhead": 1.03, "train_state_vs_limit": 1.05, "frozen_copy_step_ratio": 0.80, "decision_cost": 0.10}
-# Peak dense bf16 FLOP/s of common accelerators, for MFU.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40": 181e12, "A10": 125e12}
+LOG_INTERVAL = 10
 
 
 def bench_config(args, policy: PolicyConfig) -> Config:
@@ -53,7 +56,7 @@ def bench_config(args, policy: PolicyConfig) -> Config:
         policy=policy,
         hardware=HardwareConfig(name="bench", device=device, precision="bf16" if device == "cuda" else "fp32"),
         train=TrainConfig(batch_size=args.batch_size, max_steps=10**9, warmup_steps=0, schedule="constant",
-                          checkpoint_interval=0, log_interval=10**9, eval_interval=10**9),
+                          checkpoint_interval=0, log_interval=LOG_INTERVAL, eval_interval=10**9),
         log=LogConfig(progress="lines"),
     )
 
@@ -74,9 +77,11 @@ def synchronize(device: torch.device) -> None:
 
 
 def bare_step(trainer: Trainer) -> Callable[[], None]:
-    """A hand-written loop over the same model, optimizer and batches: what tyingrun's loop is compared to."""
+    """A hand-written loop over the same model, optimizer and batches: what tyingrun's loop is compared to. It keeps
+    the losses on the device and reads them every LOG_INTERVAL steps, as the trainer does."""
     model, optimizer, sampler, device = trainer.model, trainer.optimizer, trainer.sampler, trainer.device
     params = optimizer_parameters(optimizer)
+    losses = []
 
     def step() -> None:
         batch = {k: v.to(device, non_blocking=True) for k, v in sampler.next_batch().items()}
@@ -86,7 +91,10 @@ def bare_step(trainer: Trainer) -> Callable[[], None]:
         torch.nn.utils.clip_grad_norm_(params, trainer.cfg.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss.item()
+        losses.append(loss.detach())
+        if len(losses) == LOG_INTERVAL:
+            torch.stack(losses).tolist()
+            losses.clear()
 
     return step
 
@@ -138,18 +146,11 @@ def decision_cost(trainer: Trainer, decisions: int) -> float:
     return spent["policy"] / spent["total"]
 
 
-def mfu(trainer: Trainer, tokens_per_s: float) -> float | None:
-    """Model FLOPs utilisation with the PaLM formula (6N + 12 L d T per token); None off a known GPU."""
-    if trainer.device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(trainer.device)
-    peak = next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
-    if peak is None:
-        return None
-    cfg = trainer.cfg.model
-    n_params = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    per_token = 6 * n_params + 12 * cfg.n_layer * cfg.d_model * trainer.cfg.dataset.block_size
-    return per_token * tokens_per_s / peak
+def model_flops_utilisation(trainer: Trainer, tokens_per_s: float) -> float | None:
+    """MFU of ``trainer`` at its map (train_flops_per_token, counted per slot); None off a GPU with a known peak."""
+    seq_len = sequence_length(trainer.model, trainer.cfg.dataset.block_size)
+    flops = train_flops_per_token(trainer.model, seq_len, trainer.cfg.train.batch_size)
+    return mfu(flops, tokens_per_s, peak_flops(trainer.device, trainer.cfg.hardware.peak_flops))
 
 
 def remeasure(trainer: Trainer) -> None:
@@ -297,7 +298,8 @@ def run_benchmarks(args) -> dict:
         "figures": {name: {"value": value, "target": TARGETS[name], "met": value <= TARGETS[name]}
                     for name, value in figures.items()},
         "tokens_per_s": throughput,
-        "mfu": {name: mfu(trainers["none"], rate) for name, rate in throughput.items()},
+        "mfu": {name: model_flops_utilisation(trainers[name], rate)
+                for name, rate in throughput.items()},
     }
 
 

@@ -49,7 +49,7 @@ SUMMARY_KEYS = {
     "status", "model", "dataset", "policy", "steps", "n_layer", "final_map", "independent_layers",
     "trainable_layers", "independent_layers_mean", "val_loss", "val_ppl", "total_params", "trainable_params",
     "trainable_params_mean", "stored_params", "train_state_bytes", "peak_memory_bytes", "peak_memory_kind",
-    "wall_time_s", "tokens_per_s", "seed",
+    "wall_time_s", "tokens_per_s", "seed", "mfu", "compile_graphs", "compile_recompiles",
 }
 
 
@@ -188,6 +188,39 @@ def small_lm_config(policy="cyclic", max_steps=6, model_keys=None, train_keys=No
                              "eval_batches": 2, "log_interval": max_steps, **(train_keys or {})}),
         log=LogConfig(progress="lines"),
     )
+
+
+def count_host_reads(monkeypatch: Any) -> Dict[str, int]:
+    """Counts Tensor.item and Tensor.tolist calls inside Trainer.run_step: in the training step and its log line
+    ("training"), in the evaluations it runs ("evaluation", Evaluator.measure), and in the optimizer's step
+    ("optimizer": the CPU's AdamW reads its own step counter, a CPU tensor; CUDA's fused AdamW does not)."""
+    from tyingrun.train.evaluation import Evaluator
+    from tyingrun.train.trainer import Trainer
+
+    reads = {"training": 0, "evaluation": 0, "optimizer": 0}
+    where = []
+    for method in ("item", "tolist"):
+        original = getattr(torch.Tensor, method)
+
+        def counted(tensor, *args, _original=original, **kwargs):
+            if where:
+                reads[where[-1]] += 1
+            return _original(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    for owner, name, role in ((Trainer, "run_step", "training"), (Evaluator, "measure", "evaluation"),
+                              (torch.optim.AdamW, "step", "optimizer")):
+        original = getattr(owner, name)
+
+        def inside(self, *args, _original=original, _role=role, **kwargs):
+            where.append(_role)
+            try:
+                return _original(self, *args, **kwargs)
+            finally:
+                where.pop()
+
+        monkeypatch.setattr(owner, name, inside)
+    return reads
 
 
 def run_folder(cfg, folder):

@@ -204,13 +204,10 @@ def test_fsdp_refuses_ties_that_share_part_of_a_block(policy_keys, problem):
         check(fsdp_config(**policy_keys))
 
 
-def test_fsdp_needs_data_parallel_ranks_and_eager_mode():
+def test_fsdp_needs_data_parallel_ranks():
     cfg = fsdp_config()
     cfg.hardware.data_parallel = False
     with pytest.raises(BadInput, match=r"^hardware.fsdp=true shards over data-parallel ranks; use hardware=fsdp"):
-        check(cfg)
-    cfg.hardware.data_parallel, cfg.hardware.compile = True, True
-    with pytest.raises(BadInput, match=r"^hardware=fsdp runs eager; drop hardware.compile=true"):
         check(cfg)
     with pytest.raises(BadInput, match=r"^hardware=fsdp needs several processes: torchrun --nproc_per_node=N"):
         mesh_for(True, "auto", "fsdp")

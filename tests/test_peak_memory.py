@@ -116,7 +116,8 @@ def test_a_compiled_run_still_compiles_and_measures_what_an_eager_run_does(tmp_p
     compiled_cfg = replace(eager_cfg, hardware=replace(eager_cfg.hardware, compile=True))
     compiled = run_folder(compiled_cfg, tmp_path / "compiled")
     # The measured steps run eagerly; torch.compile, entered first under the tracker, would never compile at all.
-    assert counters["stats"]["unique_graphs"] == 1
+    assert compiled["compile_graphs"] == {"block:PreLNBlock": 1, "loss": 3}
+    assert counters["stats"]["unique_graphs"] == 4
     eager = run_folder(eager_cfg, tmp_path / "eager")
     assert {key: compiled[key] for key in PEAK_KEYS} == {key: eager[key] for key in PEAK_KEYS}
 

@@ -134,6 +134,7 @@ def test_an_exception_in_the_region_still_leaves_no_mode_behind():
     assert _get_current_dispatch_mode() is None
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compares with the CUDA caching allocator")
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_cuda_peak_matches_max_memory_allocated(optimizer):

@@ -34,6 +34,9 @@ class ModelConfig:
     freeze: List[Any] = field(default_factory=list)
     # Vocabulary size; null takes the tokenizer's.
     vocab_size: Optional[int] = None
+    # Round the embedding and head rows up to a multiple of this (64: 50,257 -> 50,304, faster matrix kernels);
+    # the padding rows get -inf logits, are left out of parameter counts and trimmed by tyingrun-export. 1: none.
+    pad_vocab_to: int = 1
     # bert: causal attention and next-token labels (the official code's variant) instead of masked-LM.
     causal: bool = False
     # vit: side of the square patches; it must divide the dataset's image size.
@@ -184,9 +187,12 @@ class HardwareConfig:
     # Autocast dtype on CUDA: "bf16" or "fp32" (no autocast). The CPU always trains in fp32.
     precision: str = "bf16"
     tf32: bool = True
-    # torch.compile the training loss: each distinct tying map (and trainable flags) compiles once, up to
-    # torch._dynamo's recompile_limit (8) distinct ones; later new ones run eager.
+    # torch.compile per block (docs/gpu.md): one graph per block kind that every slot and tying map reuses (a
+    # second where a slot's weights need no gradient), plus the loss around the stack; evaluation runs eager.
     compile: bool = False
+    # Peak FLOP/s of one device for summary.json's mfu; null: the device's dense bf16 peak by name (H100/H200
+    # 989e12, A100 312e12, ...), and no mfu on a device not in that table (or on the CPU).
+    peak_flops: Optional[float] = None
     # Fused AdamW kernel (CUDA only).
     fused_adamw: bool = False
 
@@ -387,15 +393,16 @@ def check_llama_keys(m: ModelConfig) -> None:
 
 
 def check_hardware(cfg: Config) -> None:
-    """hardware.fsdp shards over data-parallel ranks, whole blocks at a time, in eager mode."""
+    """hardware.peak_flops is a positive number; hardware.fsdp shards over data-parallel ranks, whole blocks at a
+    time."""
     h, p = cfg.hardware, cfg.policy
+    if h.peak_flops is not None:
+        _in_range("hardware.peak_flops", h.peak_flops, 0, math.inf, low_open=True, high_open=True)
     if not h.fsdp:
         return
     if not h.data_parallel:
         raise BadInput("hardware.fsdp=true shards over data-parallel ranks; use hardware=fsdp (it also sets "
                        "hardware.data_parallel=true)")
-    if h.compile:
-        raise BadInput("hardware=fsdp runs eager; drop hardware.compile=true (or use hardware=ddp to compile)")
     if p.name == "recursive" or p.share != "block":
         what = "policy=recursive" if p.name == "recursive" else f"policy.share={p.share}"
         raise BadInput(f"hardware=fsdp shards whole blocks, so a tie must share a whole block; {what} shares part "
@@ -437,6 +444,7 @@ def check_numbers(cfg: Config) -> None:
         _in_range("dataset.max_documents", d.max_documents, 1, inf, high_open=True)
     if m.vocab_size is not None:
         _in_range("model.vocab_size", m.vocab_size, 1, inf, high_open=True)
+    _in_range("model.pad_vocab_to", m.pad_vocab_to, 1, inf, high_open=True)
     _in_range("model.max_positions", m.max_positions, 1, inf, high_open=True)
     _in_range("policy.n_sets", p.n_sets, 1, inf, high_open=True)
     _in_range("policy.steps_per_decision", p.steps_per_decision, 1, inf, high_open=True)

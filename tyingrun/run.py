@@ -129,7 +129,9 @@ def load_checkpointed_model(run_dir: Path, purpose: str) -> Tuple[Config, Path, 
         raise BadInput(f"{run_dir} has no checkpoint to {purpose}; let the run finish (or resume it) first")
     shapes = checkpoint_shapes(read_tensors(checkpoint / WEIGHTS_FILE), checkpoint)
     _, state = read_state(checkpoint)
-    model_cfg = replace(cfg.model, vocab_size=getattr(shapes, "vocab_size", cfg.model.vocab_size))
+    # The vocabulary without model.pad_vocab_to's padding rows, which the stored weights include.
+    vocab_size = state.get("vocab_size") or getattr(shapes, "vocab_size", cfg.model.vocab_size)
+    model_cfg = replace(cfg.model, vocab_size=vocab_size)
     model = build_model(model_cfg, shapes, cfg.policy.grad, *stack_sharing(cfg.policy))
     recursive.prepare(model, cfg.policy)
     freeze_tensors(model, cfg.model.freeze)

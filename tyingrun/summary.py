@@ -61,6 +61,10 @@ class Summary(TypedDict):
     wall_time_s: float
     tokens_per_s: NotRequired[float]
     samples_per_s: NotRequired[float]
+    mfu: Optional[float]  # null on the CPU and on a device of unknown peak without hardware.peak_flops
+    # hardware.compile=true: graphs compiled, and those compiled again, per region ("block:<class>", "loss"); else null
+    compile_graphs: Optional[Dict[str, int]]
+    compile_recompiles: Optional[Dict[str, int]]
     # learned policies (random, dynamic_q, bandit)
     decisions: NotRequired[int]
     final_epsilon: NotRequired[float]  # dynamic_q

@@ -80,8 +80,9 @@ class PeakTensorProbe:
 
     @contextlib.contextmanager
     def measure(self) -> Iterator[bool]:
-        """Around one training step: yields whether the step is measured (then it must run eagerly: under a
-        dispatch mode torch.compile runs eagerly anyway, and then never compiles that code again)."""
+        """Around one training step: yields whether the step is measured. A measured step runs eagerly, compiled
+        code included (``force_eager``): under a dispatch mode torch.compile runs eagerly anyway, and then never
+        compiles that code again."""
         tying = self.tying()
         if tying in self.measured:
             yield False
@@ -91,7 +92,7 @@ class PeakTensorProbe:
         # zero_grad(set_to_none=True) frees the gradients before the region ends: mark them state while they live.
         hook = self.optimizer.register_step_post_hook(lambda *_: tracker.reclassify())
         try:
-            with tracker:
+            with tracker, torch.compiler.set_stance("force_eager"):
                 yield True
         finally:
             hook.remove()

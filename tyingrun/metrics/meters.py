@@ -4,8 +4,9 @@ perplexity: tyingrun.contracts)."""
 from __future__ import annotations
 
 import time
-from typing import Dict
+from typing import Dict, List, Optional, Tuple
 
+import torch
 from torch import nn
 
 from tyingrun.tying import counts
@@ -44,20 +45,49 @@ class RunningMean:
 
 
 class Throughput:
-    """Items per second of training time (evaluation excluded)."""
+    """Items per second of training time (evaluation excluded).
 
-    def __init__(self):
+    On CUDA a step is timed by events on the device's stream, read only when the rate or the seconds are asked
+    for (at log points), so timing never makes a step wait for the device; on the CPU by the wall clock."""
+
+    def __init__(self, device: Optional[torch.device] = None):
         self.items = 0
-        self.seconds = 0.0
-        self._started = None
+        self._seconds = 0.0
+        self._cuda = device is not None and device.type == "cuda"
+        self._started_at = 0.0
+        self._started_event: Optional[torch.cuda.Event] = None
+        self._pending: List[Tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     def start(self) -> None:
-        self._started = time.perf_counter()
+        if self._cuda:
+            self._started_event = torch.cuda.Event(enable_timing=True)
+            self._started_event.record()
+        else:
+            self._started_at = time.perf_counter()
 
     def stop(self, items: int) -> None:
-        self.seconds += time.perf_counter() - self._started
+        if self._started_event is not None:
+            stopped = torch.cuda.Event(enable_timing=True)
+            stopped.record()
+            self._pending.append((self._started_event, stopped))
+            self._started_event = None
+        else:
+            self._seconds += time.perf_counter() - self._started_at
         self.items += items
 
     @property
+    def seconds(self) -> float:
+        for started, stopped in self._pending:
+            self._seconds += started.elapsed_time(stopped) / 1000.0  # waits for the step's events
+        self._pending.clear()
+        return self._seconds
+
+    @seconds.setter
+    def seconds(self, value: float) -> None:
+        self._pending.clear()
+        self._seconds = value
+
+    @property
     def rate(self) -> float:
-        return self.items / self.seconds if self.seconds else 0.0
+        seconds = self.seconds
+        return self.items / seconds if seconds else 0.0

@@ -28,7 +28,7 @@ class BERT(TiedModule):
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, grad_mode: str = "shared"):
         super().__init__()
-        self.tokens = TokenEmbedding(vocab_size, cfg.d_model, cfg.tie_embeddings)
+        self.tokens = TokenEmbedding(vocab_size, cfg.d_model, cfg.tie_embeddings, cfg.pad_vocab_to)
         self.wpe = nn.Embedding(cfg.max_positions, cfg.d_model)
         self.wtt = nn.Embedding(TOKEN_TYPES, cfg.d_model)
         self.ln_embed = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
@@ -40,7 +40,7 @@ class BERT(TiedModule):
         # The MLM head's transform; its projection is the token embedding (tied) plus an output bias.
         self.head_dense = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.head_ln = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-        self.head_bias = nn.Parameter(torch.zeros(vocab_size))
+        self.head_bias = nn.Parameter(torch.zeros(self.tokens.wte.num_embeddings))
         init_normal(self)
 
     def encode(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ class GPT2(TiedModule):
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, grad_mode: str = "shared"):
         super().__init__()
-        self.tokens = TokenEmbedding(vocab_size, cfg.d_model, cfg.tie_embeddings)
+        self.tokens = TokenEmbedding(vocab_size, cfg.d_model, cfg.tie_embeddings, cfg.pad_vocab_to)
         self.wpe = nn.Embedding(cfg.max_positions, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         blocks = [PreLNBlock(cfg.d_model, cfg.n_head, cfg.dropout, cfg.bias, causal=True) for _ in range(cfg.n_layer)]

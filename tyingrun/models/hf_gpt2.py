@@ -113,7 +113,7 @@ def hf_weights(model: GPT2) -> Dict[str, torch.Tensor]:
     for name, tensor in model.state_dict().items():
         if name == LM_HEAD_WEIGHT and model.tokens.tied:
             continue
-        value = tensor.detach().cpu()
+        value = model.tokens.without_padding(name, tensor.detach().cpu())
         weights[hf_name(name)] = (value.t() if name.endswith(CONV1D_WEIGHTS) else value).clone(
             memory_format=torch.contiguous_format)
     # Hugging Face's GPT-2 always has biases; model.bias=false is the same network with zero biases.
@@ -129,7 +129,7 @@ def architecture(model: GPT2) -> ModelConfig:
         name="gpt2", n_layer=len(model.stack), n_head=cast(PreLNBlock, model.stack.blocks[0]).attn.n_head,
         d_model=model.wpe.embedding_dim, dropout=model.drop.p, bias=model.ln_f.bias is not None,
         max_positions=model.wpe.num_embeddings, tie_embeddings=model.tokens.tied,
-        vocab_size=model.tokens.wte.num_embeddings,
+        vocab_size=model.tokens.vocab_size,
     )
 
 

@@ -130,7 +130,7 @@ def architecture(model: Llama) -> ModelConfig:
         head_dim=head_width(cfg), d_ff=mlp_width(cfg), rope_theta=cfg.rope_theta,
         norm_eps=cfg.norm_eps, qk_norm=cfg.qk_norm, attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias,
         dropout=cfg.dropout, max_positions=cfg.max_positions, tie_embeddings=model.tokens.tied,
-        vocab_size=model.tokens.wte.num_embeddings,
+        vocab_size=model.tokens.vocab_size,
     )
 
 
@@ -174,7 +174,8 @@ def hf_config(model: Llama) -> Dict[str, Any]:
 
 def hf_weights(model: Llama) -> Dict[str, torch.Tensor]:
     """Every layer slot's weights as Hugging Face names them; tied slots become copies of their roots."""
-    return {hf_name(name): tensor.detach().cpu().clone(memory_format=torch.contiguous_format)
+    return {hf_name(name): model.tokens.without_padding(name, tensor.detach().cpu()).clone(
+                memory_format=torch.contiguous_format)
             for name, tensor in model.state_dict().items() if not (name == LM_HEAD_WEIGHT and model.tokens.tied)}
 
 

@@ -136,7 +136,7 @@ class Llama(TiedModule):
     def __init__(self, cfg: ModelConfig, vocab_size: int, grad_mode: str = "shared"):
         super().__init__()
         self.cfg = cfg
-        self.tokens = TokenEmbedding(vocab_size, cfg.d_model, cfg.tie_embeddings)
+        self.tokens = TokenEmbedding(vocab_size, cfg.d_model, cfg.tie_embeddings, cfg.pad_vocab_to)
         self.stack = TiedStack([LlamaBlock(cfg) for _ in range(cfg.n_layer)], grad_mode)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         init_normal(self)

@@ -2,20 +2,19 @@
 
 The set of trainable tensors changes at every tying decision, which a DistributedDataParallel wrapper
 cannot follow (its buckets and hooks are fixed at construction). Instead every rank computes its share of
-the global batch, and under hardware=ddp the gradients of exactly the trainable tensors are averaged in one
-coalesced all-reduce per step (hardware=fsdp shards the model instead and FSDP reduce-scatters them; see
-tyingrun.train.fsdp). Rank 0 takes every map decision and broadcasts it, so ranks never disagree.
+the global batch, and under hardware=ddp the gradients of exactly the trainable tensors are averaged in buckets
+during the backward (tyingrun.train.grad_sync; hardware=fsdp shards the model instead and FSDP reduce-scatters
+them; see tyingrun.train.fsdp). Rank 0 takes every map decision and broadcasts it, so ranks never disagree.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from tyingrun.errors import BadInput
 from tyingrun.train.launch import launched_by_torchrun
@@ -99,25 +98,11 @@ def rank_share(items: Iterable[T], mesh: Mesh) -> Iterator[Tuple[T, bool]]:
         yield round_items[mesh.rank if mine else 0], mine
 
 
-def average_gradients(params: Sequence[torch.Tensor], mesh: Mesh) -> None:
-    """Average the gradients of ``params`` over the ranks in one all-reduce per device and dtype."""
-    grads: Dict[tuple, List[torch.Tensor]] = {}
-    for param in params:
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
-        grads.setdefault((param.grad.device, param.grad.dtype), []).append(param.grad)
-    for group in grads.values():
-        flat = _flatten_dense_tensors(group)
-        dist.all_reduce(flat)
-        flat.div_(mesh.world_size)
-        for grad, reduced in zip(group, _unflatten_dense_tensors(flat, group), strict=True):
-            grad.copy_(reduced)
-
-
-def sum_over_ranks(values: Sequence[float], device: torch.device) -> List[float]:
-    totals = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(totals)
-    return totals.tolist()
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """``values`` averaged over the ranks (one all-reduce; the tensor stays on its device)."""
+    total = values.clone()
+    dist.all_reduce(total)
+    return total / dist.get_world_size()
 
 
 def values_of_ranks(value: float, device: torch.device) -> List[float]:

@@ -20,7 +20,7 @@ from tyingrun.contracts import TiedModule
 from tyingrun.errors import BadInput, warn
 from tyingrun.files import CONFIG_FILE, STATE_FILE
 from tyingrun.hub import model_folder
-from tyingrun.models.embeddings import LM_HEAD_WEIGHT
+from tyingrun.models.embeddings import LM_HEAD_WEIGHT, TokenEmbedding
 from tyingrun.models.gpt2 import GPT2
 from tyingrun.models.hf_gpt2 import HF_CONFIG, architecture, read_hf_config, read_hf_weights
 from tyingrun.models.hf_llama import read_hf_config as read_hf_llama_config
@@ -80,7 +80,8 @@ def init_from(model: nn.Module, source: Path) -> None:
     if (source / HF_CONFIG).is_file():
         weights = (llama_weights(model, source) if is_llama_folder(source)
                    else read_hf_weights(source, _matching_hf_config(model, source).tie_embeddings))
-        _copy_keeping_head_apart(model, weights, label)
+        tokens = cast(TokenEmbedding, model.tokens)  # model.pad_vocab_to's rows, which a Hugging Face folder lacks
+        _copy_keeping_head_apart(model, {name: tokens.with_padding(name, t) for name, t in weights.items()}, label)
         return
     _, state = read_state(source)
     check_depth(source, len(state["map"]), len(cast(TiedModule, model).stack))

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any, Dict, Tuple, cast
 
 from tyingrun.config import Config
 from tyingrun.metrics.memory import train_state_figures
+from tyingrun.metrics.mfu import mfu, peak_flops
 from tyingrun.summary import Summary
 from tyingrun.train.distributed import values_of_ranks
 from tyingrun.train.optim import optimizer_parameters
@@ -18,9 +19,16 @@ if TYPE_CHECKING:
 
 def measurements(trainer: Trainer, wall_time_s: float) -> Dict[str, Any]:
     """What ``trainer`` measured over its run: the last evaluation (the final one), the map it ends with and its
-    counts, memory and compute, time, throughput and the policy's diagnostics."""
+    counts, memory and compute, time, throughput and MFU, what compiled, and the policy's diagnostics."""
     model, optimizer, cfg = trainer.model, trainer.optimizer, trainer.cfg
-    mesh, device = trainer.mesh, trainer.device
+    mesh, device, unit = trainer.mesh, trainer.device, trainer.data.unit
+    # A reasoning task sets its own instance length; text data blocks of dataset.block_size.
+    seq_len = sequence_length(model, getattr(trainer.data, "block_size", cfg.dataset.block_size))
+    flops_per_token = train_flops_per_token(model, seq_len, cfg.train.batch_size)
+    rate = trainer.loop.throughput.rate
+    # MFU counts tokens: a vision sample is its sequence of patches.
+    tokens_per_s = rate if unit == "tokens" else rate * seq_len
+    compiled = trainer.regional_compile
 
     def per_rank(held: int) -> list:
         return values_of_ranks(held, device) if mesh.distributed else [held]
@@ -34,13 +42,13 @@ def measurements(trainer: Trainer, wall_time_s: float) -> Dict[str, Any]:
         "optimizer_params": sum(p.numel() for p in optimizer_parameters(optimizer)),
         **train_state_figures(model, optimizer, per_rank),
         "unique_blocks": unique_blocks(model),
-        # A reasoning task sets its own instance length; text data blocks of dataset.block_size.
-        "train_flops_per_token": train_flops_per_token(
-            model, sequence_length(model, getattr(trainer.data, "block_size", cfg.dataset.block_size)),
-            cfg.train.batch_size),
+        "train_flops_per_token": flops_per_token,
         **trainer.peak.highest,
         "wall_time_s": wall_time_s,
-        f"{trainer.data.unit}_per_s": trainer.loop.throughput.rate,
+        f"{unit}_per_s": rate,
+        "mfu": mfu(flops_per_token, tokens_per_s, peak_flops(device, cfg.hardware.peak_flops)),
+        "compile_graphs": compiled.graphs if compiled else None,
+        "compile_recompiles": compiled.recompiles if compiled else None,
         **trainer.policy.diagnostics(),
     }
 

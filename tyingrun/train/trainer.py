@@ -3,7 +3,8 @@
 What the loop hands off, each to its own module: the decision point a policy sees (train.decisions), evaluation
 (train.evaluation), the loop's bookkeeping (train.state) and the RNGs (seeding.rng_state), the peak-memory probe
 (metrics.memory), maps.jsonl's held reward rows and the console lines (metrics.sinks), loading a checkpoint into
-the model (train.checkpoint.restore_model) and the summary (train.summary).
+the model (train.checkpoint.restore_model), the summary (train.summary), hardware.compile's regional compile
+(train.compile) and hardware=ddp's gradient averaging during the backward (train.grad_sync).
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ import contextlib
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
-from tyingrun.config import Config
+from tyingrun.config import Config, TrainConfig
 from tyingrun.contracts import Batch, Sink, TiedModule, TrainingData
 from tyingrun.metrics.memory import PeakTensorProbe
 from tyingrun.metrics.meters import model_counts
@@ -25,30 +26,27 @@ from tyingrun.metrics.sinks import RewardedMapRows, evaluation_line, training_li
 from tyingrun.policies.base import Decision, Policy
 from tyingrun.seeding import derive_seed, rng_state, set_rng_state
 from tyingrun.train.checkpoint import read_state, restore_model, save_checkpoint
+from tyingrun.train.compile import RegionalCompile
 from tyingrun.train.decisions import DecisionPoint
 from tyingrun.train.device import on_device
 from tyingrun.train.distributed import (
     SINGLE,
     Mesh,
     agreed_stop_signal,
-    average_gradients,
     barrier,
     local_rows,
-    sum_over_ranks,
 )
 from tyingrun.train.evaluation import Evaluator
 from tyingrun.train.freeze import freeze_tensors, frozen_layers
 from tyingrun.train.fsdp import placed_optimizer_state, whole_tensors
+from tyingrun.train.grad_sync import OverlappedGradientAverage
 from tyingrun.train.optim import build_optimizer, optimizer_parameters, sync_optimizer
 from tyingrun.train.signals import RunInterrupted, StopSignals
-from tyingrun.train.state import LoopState
+from tyingrun.train.state import LoopState, NonFiniteLoss
 from tyingrun.train.summary import measurements
+from tyingrun.tying.counts import trainable_parameters
 from tyingrun.tying.stack import TiedStack
 from tyingrun.tying.weights import unique_weights
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 def learning_rate(step: int, cfg: Config) -> float:
@@ -62,6 +60,11 @@ def learning_rate(step: int, cfg: Config) -> float:
     return floor + 0.5 * (t.lr - floor) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def checkpoint_due(step: int, train: TrainConfig) -> bool:
+    """Whether train.checkpoint_interval asks for a checkpoint after ``step`` steps (the end and a stop always do)."""
+    return train.checkpoint_interval > 0 and step % train.checkpoint_interval == 0
+
+
 class Trainer:
     def __init__(self, cfg: Config, model: TiedModule, stack: TiedStack, data: TrainingData, policy: Policy,
                  device: torch.device, sinks: Sink, mesh: Mesh = SINGLE):
@@ -70,19 +73,21 @@ class Trainer:
         freeze_tensors(model, cfg.model.freeze)
         self.frozen_layers = frozen_layers(cfg.model.freeze)
         self.optimizer = build_optimizer(model, cfg.train, cfg.hardware, device)
+        # hardware=ddp: gradients averaged in buckets during the backward (FSDP reduce-scatters them itself).
+        self.grad_sync = (OverlappedGradientAverage(mesh.world_size)
+                          if mesh.distributed and not cfg.hardware.fsdp else None)
         self.sampler = data.train_sampler(cfg.train.batch_size, cfg.train.seed)
         # Policies score the model on their own stream of training batches, so the training stream is the
         # same whatever the policy; the stream is derived, so it is no other seed's training stream either.
         self.score_sampler = data.train_sampler(cfg.train.batch_size, derive_seed(cfg.train.seed, "reward_batches"))
-        # Dynamo guards on the map and on requires_grad, so each distinct map and trainable flags compile once
-        # and revisits reuse the cached graph. Evaluation runs eager: in eval mode under no_grad every map
-        # would compile a second graph.
-        self.train_loss = torch.compile(model.loss) if cfg.hardware.compile else model.loss
+        # Each block kind compiles once and every map reuses it (tyingrun.train.compile); evaluation runs eager.
+        self.regional_compile = RegionalCompile(model) if cfg.hardware.compile else None
+        self.train_loss = self.regional_compile.loss if self.regional_compile else model.loss
         self.evaluator = Evaluator(cfg, model, data, mesh, device)
         self.autocast = self.evaluator.autocast
         self.step = 0
         self.counts: Dict[str, int] = {}
-        self.loop = LoopState()
+        self.loop = LoopState(device, mesh)
         self.peak = PeakTensorProbe(model, self.optimizer, device)
         self.map_rows = RewardedMapRows(sinks)
         self.decision_point = DecisionPoint(self)
@@ -93,14 +98,21 @@ class Trainer:
         resume (restore); the stack's apply_map has other callers that build or load models outside a run."""
         trainable = [flag and slot not in self.frozen_layers for slot, flag in enumerate(decision.trainable)]
         self.stack.apply_map(decision.src, trainable)
-        sync_optimizer(self.optimizer, self.model)
+        self._sync_trainable_set()
         self.counts = model_counts(self.model, self.stack)
         self.map_rows.record({
             "step": self.step, "map": list(self.stack.src), "trainable": self.stack.effective_trainable,
             **self.counts, **decision.info,
         }, self.step)
 
-    def _optimizer_step(self) -> float:
+    def _sync_trainable_set(self) -> None:
+        """The optimizer, and under DDP the gradient hooks, follow the tensors that train now."""
+        sync_optimizer(self.optimizer, self.model)
+        if self.grad_sync is not None:
+            self.grad_sync.arm(trainable_parameters(self.model))
+
+    def _optimizer_step(self) -> torch.Tensor:
+        """One optimizer step; its loss stays on the device (the step never waits to read it: LoopState.read_losses)."""
         with self.peak.measure() as measured:
             loss_of: Callable[[Batch], Any] = self.model.loss if measured else self.train_loss
             global_batch = self.sampler.next_batch()
@@ -113,19 +125,14 @@ class Trainer:
             with self.autocast():
                 loss = loss_of(batch).loss
             loss.backward()
-            if self.mesh.distributed and not self.cfg.hardware.fsdp:  # FSDP has reduce-scattered them in the backward
-                average_gradients(optimizer_parameters(self.optimizer), self.mesh)
+            if self.grad_sync is not None:
+                self.grad_sync.finish()
             if self.cfg.train.grad_clip > 0:
                 nn.utils.clip_grad_norm_(optimizer_parameters(self.optimizer), self.cfg.train.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            value = loss.item()
-            if self.mesh.distributed:
-                value = sum_over_ranks([value], self.device)[0] / self.mesh.world_size
             self.loop.throughput.stop(self.data.items_in(global_batch))
-            if not math.isfinite(value):
-                raise NonFiniteLoss(f"training loss became {value} at step {self.step}")
-            return value
+            return loss.detach()
 
     def _record_eval(self, final: bool = False) -> Dict[str, Any]:
         """Evaluate the model as it trained up to this step, under the map it trained with (recorded)."""
@@ -134,7 +141,7 @@ class Trainer:
         self.sinks.console.line(evaluation_line(self.step, result, self.counts, len(self.stack)))
         return result
 
-    def _record_train(self, losses: list) -> None:
+    def _record_train(self, losses: List[float]) -> None:
         unit = self.data.unit
         row = {
             "step": self.step, "train_loss": sum(losses) / len(losses), "lr": self.optimizer.param_groups[0]["lr"],
@@ -146,8 +153,11 @@ class Trainer:
     def _checkpoint(self, elapsed: float) -> None:
         """Rank 0 writes the checkpoint; under FSDP every rank first takes part in gathering the whole tensors."""
         keep = self.mesh.is_main
+        state = self.state_dict(elapsed)  # reads the losses not yet logged: a non-finite one stops the run here
         weights = whole_tensors(unique_weights(self.model), keep)
-        state = whole_tensors(self.state_dict(elapsed), keep)
+        if keep and not all(bool(torch.isfinite(tensor).all()) for tensor in weights.values()):
+            raise NonFiniteLoss(f"the weights became non-finite by step {self.step}; no checkpoint was written")
+        state = whole_tensors(state, keep)
         if keep:
             save_checkpoint(self.sinks.out_dir, self.step, weights, state, self.cfg.train.keep_checkpoints)
         barrier()
@@ -157,10 +167,12 @@ class Trainer:
         ``elapsed``: seconds this process has trained."""
         return {
             "map": list(self.stack.src), "trainable": list(self.stack.trainable), "sharing": self.stack.sharing,
+            # The vocabulary without model.pad_vocab_to's padding rows, which the stored weights include.
+            "vocab_size": getattr(getattr(self.model, "tokens", None), "vocab_size", None),
             "data": {"dataset": self.cfg.dataset.name, "tokenizer_sha256": self.data.tokenizer_sha256},
             "optimizer": self.optimizer.state_dict(), "policy": self.policy.state_dict(),
             "sampler": self.sampler.state_dict(), "score_sampler": self.score_sampler.state_dict(),
-            **self.loop.state_dict(elapsed), **self.map_rows.state_dict(), **self.peak.state_dict(),
+            **self.loop.state_dict(elapsed, self.step), **self.map_rows.state_dict(), **self.peak.state_dict(),
             "rng": rng_state(),
         }
 
@@ -168,7 +180,7 @@ class Trainer:
         """Continue exactly where ``checkpoint`` left off: weights, map, optimizer, policy, data and RNGs."""
         self.step, state = read_state(checkpoint)
         restore_model(self.model, checkpoint, state)
-        sync_optimizer(self.optimizer, self.model)
+        self._sync_trainable_set()
         self.optimizer.load_state_dict(placed_optimizer_state(self.optimizer, state["optimizer"]))
         self.policy.load_state_dict(state["policy"])
         self.sampler.load_state_dict(state["sampler"])
@@ -184,7 +196,8 @@ class Trainer:
         A decision is taken after an evaluation of the same step, never at the run's last step, and applied
         before the next optimizer step: every evaluated map has trained, and the final evaluation scores the
         map the run ends with. Returns the stop signal the run obeys: any rank's, agreed by all, so every rank
-        stops at the same step.
+        stops at the same step; under data parallelism the ranks agree at log points and checkpoints only (an
+        all-reduce waits for the device), so a run stops within train.log_interval steps of the signal.
         """
         decision = self.decision_point.decide() if self.step > 0 else None
         if decision is not None:
@@ -193,14 +206,16 @@ class Trainer:
         losses.append(self._optimizer_step())
         self.loop.count(self.counts)
         self.step += 1
-        if self.mesh.distributed:
-            stop_signal = agreed_stop_signal(stop_signal, self.device)
-        self.sinks.console.progress(self.step, f"loss {losses[-1]:.3f}")
         train = self.cfg.train
         last = self.step == train.max_steps
-        if self.step % train.log_interval == 0 or last:
-            self._record_train(losses)
+        logged = self.step % train.log_interval == 0 or last
+        if self.mesh.distributed:
+            agreed = logged or checkpoint_due(self.step, train)
+            stop_signal = agreed_stop_signal(stop_signal, self.device) if agreed else None
+        if logged:
+            self._record_train(self.loop.read_losses(self.step))
             losses.clear()
+        self.sinks.console.progress(self.step, self.loop.progress())
         if self.step % train.eval_interval == 0 or last:
             self.loop.last_eval = self._record_eval(final=last)
         if last:
@@ -220,8 +235,7 @@ class Trainer:
         with contextlib.nullcontext(signals) if signals is not None else StopSignals() as signals:
             while self.step < train.max_steps:
                 stop_signal = self.run_step(signals.received)
-                due = train.checkpoint_interval > 0 and self.step % train.checkpoint_interval == 0
-                if due or stop_signal or self.step == train.max_steps:
+                if checkpoint_due(self.step, train) or stop_signal or self.step == train.max_steps:
                     self._checkpoint(time.perf_counter() - started)
                 if stop_signal:
                     raise RunInterrupted(stop_signal, self.step)

@@ -26,12 +26,18 @@ def trainable_parameters(model: nn.Module) -> list:
     return [p for p in unique_parameters(model.parameters()).values() if p.requires_grad]
 
 
+def padding_params(model: nn.Module, trainable_only: bool = False) -> int:
+    """Parameters in padded vocabulary rows (model.pad_vocab_to): storage, not part of the model they describe."""
+    counters = [getattr(module, "padding_params", None) for module in model.modules()]
+    return sum(counter(trainable_only) for counter in counters if callable(counter))
+
+
 def stored_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in unique_parameters(model.parameters()).values())
+    return sum(p.numel() for p in unique_parameters(model.parameters()).values()) - padding_params(model)
 
 
 def trainable_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in trainable_parameters(model))
+    return sum(p.numel() for p in trainable_parameters(model)) - padding_params(model, trainable_only=True)
 
 
 def total_params(model: nn.Module) -> int:
@@ -40,7 +46,7 @@ def total_params(model: nn.Module) -> int:
     in_stacks = {id(p) for stack in stacks for p in stack.parameters()}
     outside = unique_parameters(p for p in model.parameters() if id(p) not in in_stacks)
     per_slot = sum(p.numel() for stack in stacks for block in stack.blocks for p in block.parameters())
-    return per_slot + sum(p.numel() for p in outside.values())
+    return per_slot + sum(p.numel() for p in outside.values()) - padding_params(model)
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
