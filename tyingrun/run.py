@@ -44,7 +44,7 @@ from tyingrun.seeding import derive_seed
 from tyingrun.summary import Summary
 from tyingrun.train import recursive
 from tyingrun.train.checkpoint import checkpoint_step, newest_intact_checkpoint, read_state, restore_model
-from tyingrun.train.distributed import SINGLE, Mesh, mesh_for
+from tyingrun.train.distributed import SINGLE, Mesh, barrier, mesh_for
 from tyingrun.train.freeze import freeze_tensors
 from tyingrun.train.fsdp import shard_model
 from tyingrun.train.init_from import check_source_data, init_from, init_source
@@ -176,6 +176,8 @@ def resume_point(run_dir: str, out_dir: Path) -> Path:
 
 def build_sinks(cfg: Config, out_dir: Path, mesh: Mesh, resume_step: Optional[int]) -> Sink:
     """Rank 0 records the run (and wandb when asked); other ranks record only the maps they applied."""
+    # Rank 0 claimed the folder (RunFolder) before it built anything; no rank writes into it before that.
+    barrier()
     if not mesh.is_main:
         return RankSinks(out_dir, mesh.rank, resume_step)
     console = ConsoleSink(cfg.log.progress, cfg.train.max_steps)
