@@ -16,6 +16,8 @@ from tyingrun.metrics.sinks import decided_before, logged_by, resumed_lines
 from tyingrun.train.checkpoint import save_checkpoint
 from tyingrun.train.init_from import check_source_data
 
+from .helpers import read_jsonl
+
 SMALL = ["model=gpt2", "dataset=pydoc", "hardware=cpu", "model.n_layer=2", "model.d_model=32",
          "dataset.block_size=32", "dataset.vocab_size=512", "train.batch_size=4", "train.max_steps=10",
          "train.checkpoint_interval=5", "train.eval_interval=5", "train.log_interval=5", "train.eval_batches=2",
@@ -50,10 +52,6 @@ def main_exits(capsys, main, argv, code, *words):
     assert len(lines) == 1, lines
     for word in words:
         assert word in lines[0], lines[0]
-
-
-def rows(path):
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in path.open()]
 
 
 def summary_of(folder):
@@ -121,7 +119,7 @@ def test_a_torn_last_row_resumes_bit_identically_to_the_uninterrupted_run(tmp_pa
     dropped = [line for line in warnings(result) if "dropping its torn last row" in line]
     assert len(dropped) == 2 and "after the checkpoint at step 5" in dropped[0], result.stderr
     for name in ("metrics.jsonl", "maps.jsonl"):
-        assert rows(crashed / name) == rows(whole / name)
+        assert read_jsonl(crashed / name, drop=TIMING_KEYS) == read_jsonl(whole / name, drop=TIMING_KEYS)
     assert summary_of(crashed) == summary_of(whole)
 
 
@@ -180,7 +178,7 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_previous_one(tmp_path, cli
     fallback = [line for line in warnings(result) if "the newest intact checkpoint" in line]
     assert len(fallback) == 1 and str(newest) in fallback[0] and "step_00000005" in fallback[0], result.stderr
     assert fallback == [line for line in warnings(inspected) if "the newest intact checkpoint" in line]
-    assert rows(run / "metrics.jsonl") == rows(whole / "metrics.jsonl")
+    assert read_jsonl(run / "metrics.jsonl", drop=TIMING_KEYS) == read_jsonl(whole / "metrics.jsonl", drop=TIMING_KEYS)
     assert summary_of(run) == summary_of(whole)
 
 
