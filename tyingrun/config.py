@@ -169,6 +169,30 @@ class PolicyConfig:
     init: str = "stepwise"
     lora_rank: int = 0
     lora_alpha: Optional[float] = None
+    # looped (docs/looped.md): `prelude` unique blocks, then `core` blocks run `loops` times (their slots tied across
+    # the loops), then `coda` unique blocks: model.n_layer = prelude + core * loops + coda. Or `counts` instead: layer
+    # i runs counts[i] times in a row (model.n_layer = sum(counts)).
+    prelude: int = 1
+    core: int = 1
+    coda: int = 1
+    loops: int = 2
+    counts: Optional[List[int]] = None
+    # looped: loops per training step, "fixed" (policy.loops) or "poisson" (1 + Poisson(lambda), lambda log-normal
+    # with mean policy.loops - 1 and log-space deviation loop_sigma, at most max_loops; the same on every rank).
+    train_loops: str = "fixed"
+    loop_sigma: float = 0.5
+    # looped: the most loops a step draws or train.eval_loops asks for; null: 2 * policy.loops, or the largest
+    # train.eval_loops if that is more.
+    max_loops: Optional[int] = None
+    # looped: backpropagate through the last backprop_loops loops only (truncated backprop); null: every loop.
+    backprop_loops: Optional[int] = None
+    # looped: the prelude's output fed into every later loop's input: "none", "add" or "concat" (concatenated with
+    # the state and projected back to the width by one shared matrix, which starts as add).
+    inject: str = "none"
+    # looped: per-loop parameters of the core: "none", "scale" (a per-channel output scale per core slot, at 1),
+    # "adaln" (each core slot's own block norms, starting as the shared ones) or "lora" (a LoRA of rank
+    # policy.lora_rank on each core slot's matrices, B at 0).
+    loop_params: str = "none"
 
 
 @dataclass
@@ -236,6 +260,12 @@ class TrainConfig:
     allow_other_tokenizer: bool = False
     # Weight-decay the embedding tables (and so a tied head, once) like other matrices, as nanoGPT does now.
     decay_embeddings: bool = True
+    # policy=looped: after training, score the test split again at each of these loop counts (summary.json's
+    # test_<metric>_by_loops); [] scores it at policy.loops only.
+    eval_loops: List[int] = field(default_factory=list)
+    # Learning rate of a tensor that n slots use, under policy.grad=shared: lr ("none"), lr / n ("linear") or
+    # lr / sqrt(n) ("sqrt").
+    tied_lr: str = "none"
 
 
 @dataclass
@@ -273,6 +303,10 @@ CHOICES = {
     "policy.bandit_algorithm": ("ucb1", "thompson"),
     "policy.pattern": ("cycle", "sequence", "middle_cycle", "middle_sequence"),
     "policy.init": ("stepwise", "average", "lower", "upper", "random"),
+    "policy.train_loops": ("fixed", "poisson"),
+    "policy.inject": ("none", "add", "concat"),
+    "policy.loop_params": ("none", "scale", "adaln", "lora"),
+    "train.tied_lr": ("none", "linear", "sqrt"),
     "hardware.device": ("auto", "cpu", "cuda"),
     "hardware.precision": ("bf16", "fp32"),
     "train.schedule": ("cosine", "constant"),

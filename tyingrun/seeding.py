@@ -16,7 +16,7 @@ import numpy as np
 
 # The named streams of a run; each is derived independently from the run's seed.
 STREAMS = ("init", "data_order", "reward_batches", "dropout", "exploration", "q_init", "masking", "augmentation",
-           "val_instances", "test_instances")
+           "val_instances", "test_instances", "loop_counts")
 
 
 def _name_key(name: str) -> int:
