@@ -17,6 +17,7 @@ from tyingrun.errors import BadInput
 from tyingrun.models import MODELS
 from tyingrun.policies import POLICIES, recursive_map
 from tyingrun.policies.fixed import given_map
+from tyingrun.tying.loops import resolved_max_loops
 
 POLICY_DEFAULTS = PolicyConfig()
 
@@ -70,12 +71,105 @@ def check_policy(cfg: Config) -> None:
         given_map(policy.path, policy.map, policy.groups, cfg.model.n_layer)
     if policy.name == "recursive":
         check_recursive(cfg)
+    check_looped(cfg)
     if spec.pattern is not None:
         try:
             spec.pattern(cfg.model.n_layer, policy.n_sets)
         except ValueError as err:
             raise BadInput(f"policy={policy.name}: policy.n_sets={policy.n_sets} does not fit model.n_layer="
                            f"{cfg.model.n_layer}: {err}") from None
+
+
+def _whole_number(key: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise BadInput(f"{key}={value!r} must be a whole number of at least {low}")
+
+
+# Keys of policy=looped's prelude/core/coda form that the policy.counts form has no use for.
+PLAN_ONLY = ("prelude", "core", "coda", "loops", "train_loops", "max_loops", "backprop_loops", "inject")
+
+
+def check_looped(cfg: Config) -> None:
+    """policy=looped's layout fits model.n_layer, its loop counts are possible, and what each loop adds fits the rest
+    (train.eval_loops asks for policy=looped's prelude/core/coda form)."""
+    policy, n_layer, eval_loops = cfg.policy, cfg.model.n_layer, list(cfg.train.eval_loops)
+    plan_form = policy.name == "looped" and policy.counts is None
+    if eval_loops and not plan_form:
+        raise BadInput("train.eval_loops scores a looped model at other loop counts; it needs policy=looped with "
+                       "policy.prelude/core/coda/loops (not policy.counts) - drop it for this policy")
+    if policy.name != "looped":
+        return
+    if policy.counts is not None:
+        if not isinstance(policy.counts, (list, tuple)):
+            raise BadInput(f"policy.counts={policy.counts!r} must be a list of repeat counts, one per layer, e.g. "
+                           f"[4,2,1,1]")
+        counts = list(policy.counts)
+        for count in counts:
+            _whole_number("policy.counts entry", count, 1)
+        if sum(counts) != n_layer:
+            raise BadInput(f"policy.counts={counts} runs {sum(counts)} layer slots but model.n_layer={n_layer}; set "
+                           f"model.n_layer={sum(counts)}")
+        for key in PLAN_ONLY:
+            if getattr(policy, key) != getattr(POLICY_DEFAULTS, key):
+                raise BadInput(f"policy.counts runs each layer a fixed number of times; policy.{key} belongs to the "
+                               f"policy.prelude/core/coda/loops form - drop one of the two")
+    else:
+        for key, low in (("prelude", 0), ("core", 1), ("coda", 0), ("loops", 1)):
+            _whole_number(f"policy.{key}", getattr(policy, key), low)
+        slots = policy.prelude + policy.core * policy.loops + policy.coda
+        if slots != n_layer:
+            raise BadInput(f"policy=looped: policy.prelude + policy.core * policy.loops + policy.coda = "
+                           f"{policy.prelude} + {policy.core}*{policy.loops} + {policy.coda} = {slots} slots but "
+                           f"model.n_layer={n_layer}; set model.n_layer={slots}")
+        check_loop_counts(cfg)
+    check_loop_params(cfg)
+
+
+def check_loop_counts(cfg: Config) -> None:
+    """policy.max_loops, train.eval_loops, policy.backprop_loops and policy.loop_sigma are possible together."""
+    policy = cfg.policy
+    if policy.max_loops is not None:
+        _whole_number("policy.max_loops", policy.max_loops, policy.loops)
+    cap = resolved_max_loops(policy.loops, policy.max_loops, [])
+    for loops in cfg.train.eval_loops:
+        _whole_number("train.eval_loops entry", loops, 1)
+        if policy.max_loops is not None and loops > cap:
+            raise BadInput(f"train.eval_loops asks for {loops} loops, beyond policy.max_loops={cap}; raise "
+                           f"policy.max_loops or drop {loops}")
+    if policy.backprop_loops is not None:
+        _whole_number("policy.backprop_loops", policy.backprop_loops, 1)
+        if policy.backprop_loops > policy.loops:
+            raise BadInput(f"policy.backprop_loops={policy.backprop_loops} exceeds policy.loops={policy.loops}; "
+                           f"backpropagate through at most the {policy.loops} loops (or null: all)")
+        if policy.grad != "shared":
+            raise BadInput("policy.backprop_loops truncates the gradient a shared block sums over its loops; it "
+                           "needs policy.grad=shared")
+    if policy.train_loops == "poisson":
+        _in_open_range("policy.loop_sigma", policy.loop_sigma)
+
+
+def _in_open_range(key: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 10:
+        raise BadInput(f"{key}={value!r} must be a number in (0, 10)")
+
+
+def check_loop_params(cfg: Config) -> None:
+    """loop_params=lora has a rank that fits the matrices (and only it takes one); hardware=fsdp shards whole blocks,
+    so it takes no per-loop tensors and no injection."""
+    policy = cfg.policy
+    if policy.loop_params == "lora":
+        if policy.lora_rank == 0:
+            raise BadInput("policy.loop_params=lora needs a rank: set policy.lora_rank (e.g. 4)")
+        _whole_number("policy.lora_rank", policy.lora_rank, 1)
+        if policy.lora_rank > cfg.model.d_model:
+            raise BadInput(f"policy.lora_rank={policy.lora_rank} exceeds the full rank {cfg.model.d_model} "
+                           f"(model.d_model)")
+    elif policy.lora_rank != POLICY_DEFAULTS.lora_rank or policy.lora_alpha != POLICY_DEFAULTS.lora_alpha:
+        raise BadInput("policy.lora_rank and policy.lora_alpha size policy.loop_params=lora's corrections; set "
+                       "policy.loop_params=lora or drop them")
+    if cfg.hardware.fsdp and (policy.inject != "none" or policy.loop_params != "none"):
+        raise BadInput("hardware=fsdp shards whole blocks; policy.inject and policy.loop_params add tensors beside "
+                       "them - use hardware=ddp for them")
 
 
 def check_recursive(cfg: Config) -> None:

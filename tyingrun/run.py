@@ -42,7 +42,7 @@ from tyingrun.preflight import preflight
 from tyingrun.run_status import LAUNCH_COMMAND_ENV, write_status
 from tyingrun.seeding import derive_seed
 from tyingrun.summary import Summary
-from tyingrun.train import recursive
+from tyingrun.train import looped, recursive
 from tyingrun.train.checkpoint import checkpoint_step, newest_intact_checkpoint, read_state, restore_model
 from tyingrun.train.distributed import SINGLE, Mesh, barrier, mesh_for
 from tyingrun.train.freeze import freeze_tensors
@@ -108,6 +108,13 @@ def build_model(model_cfg: ModelConfig, data: Optional[TrainingData], grad_mode:
     return model
 
 
+def prepare_policy_tensors(model: TiedModule, cfg: Config) -> None:
+    """The tensors a policy adds to a built model (policy=recursive's LoRA; policy=looped's loop control and per-loop
+    tensors), so that a checkpoint of it loads back."""
+    recursive.prepare(model, cfg.policy)
+    looped.prepare(model, cfg)
+
+
 def checkpoint_shapes(stored: Dict[str, torch.Tensor], checkpoint: Path) -> SimpleNamespace:
     """What a model builder reads from its data (vocabulary; image size, channels, classes), from saved weights."""
     if "tokens.wte.weight" in stored:
@@ -133,7 +140,7 @@ def load_checkpointed_model(run_dir: Path, purpose: str) -> Tuple[Config, Path, 
     vocab_size = state.get("vocab_size") or getattr(shapes, "vocab_size", cfg.model.vocab_size)
     model_cfg = replace(cfg.model, vocab_size=vocab_size)
     model = build_model(model_cfg, shapes, cfg.policy.grad, *stack_sharing(cfg.policy))
-    recursive.prepare(model, cfg.policy)
+    prepare_policy_tensors(model, cfg)
     freeze_tensors(model, cfg.model.freeze)
     restore_model(model, checkpoint, state)
     return cfg, checkpoint, model, state
@@ -217,7 +224,7 @@ def build_parts(cfg: Config, out_dir: Path, data: Optional[TrainingData] = None)
     data = build_data(cfg) if data is None else data
     seed_stream(cfg.train.seed, "init")
     model = build_model(cfg.model, data, cfg.policy.grad, *stack_sharing(cfg.policy))
-    recursive.prepare(model, cfg.policy)
+    prepare_policy_tensors(model, cfg)
     model = model.to(device)
     conversion, source_model = None, None
     if start is not None and cfg.policy.name == "recursive":

@@ -73,6 +73,18 @@ class Summary(TypedDict):
     q_spread_mean: NotRequired[float]
     greedy_fraction_last20: NotRequired[Optional[float]]
     greedy_map_stability: NotRequired[Optional[float]]
+    # policy=looped: the layout (its keys and the resolved max_loops), the loops val_* and test_* were scored at, the
+    # mean loops per training step, the training FLOPs per token at each evaluated loop count, and (train.eval_loops)
+    # the test metrics at each loop count, keyed by the count
+    looped: NotRequired[Dict[str, Any]]
+    loops: NotRequired[int]
+    train_loops_mean: NotRequired[float]
+    train_flops_per_token_by_loops: NotRequired[Dict[str, int]]
+    test_loss_by_loops: NotRequired[Dict[str, float]]
+    test_ppl_by_loops: NotRequired[Dict[str, float]]
+    test_acc_by_loops: NotRequired[Dict[str, float]]
+    test_token_acc_by_loops: NotRequired[Dict[str, float]]
+    test_acc_by_difficulty_by_loops: NotRequired[Dict[str, Dict[str, float]]]
     # policy=recursive: the conversion and the losses before any training step
     conversion: NotRequired[Dict[str, Any]]
     source_val_loss: NotRequired[float]

@@ -10,6 +10,7 @@ from tyingrun.policies.bandit import BanditPolicy
 from tyingrun.policies.base import Policy
 from tyingrun.policies.dynamic_q import DynamicQPolicy
 from tyingrun.policies.fixed import FIXED_PATTERNS, RECURSIVE_PATTERNS, FixedPolicy, given_map
+from tyingrun.policies.looped import looped_map
 from tyingrun.policies.random import RandomPolicy
 from tyingrun.tying.maps import TyingMap
 
@@ -22,6 +23,9 @@ DYNAMIC_Q_KEYS = (*EPISODIC_KEYS, "epsilon_schedule", "epsilon_decay_per_decisio
 BANDIT_KEYS = (*EPISODIC_KEYS, "reward_normalization", "bandit_algorithm")
 # policy=recursive (docs/method.md#recursive-conversion): what the conversion reads, and the grad mode of the ties.
 RECURSIVE_KEYS = ("pattern", "n_sets", "init", "lora_rank", "lora_alpha", "grad")
+# policy=looped (docs/looped.md): the layout, how many loops train and evaluate, and what each loop adds.
+LOOPED_KEYS = ("prelude", "core", "coda", "loops", "counts", "train_loops", "loop_sigma", "max_loops", "backprop_loops",
+               "inject", "loop_params", "lora_rank", "lora_alpha", "grad")
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ POLICIES = {
     "recursive": PolicySpec(
         lambda cfg, n_layer, seed: FixedPolicy("recursive", RECURSIVE_PATTERNS[cfg.pattern](n_layer, cfg.n_sets)),
         RECURSIVE_KEYS),
+    "looped": PolicySpec(lambda cfg, n_layer, seed: FixedPolicy("looped", looped_map(cfg)), LOOPED_KEYS),
     "random": _episodic(RandomPolicy),
     "dynamic_q": _episodic(DynamicQPolicy, DYNAMIC_Q_KEYS),
     "bandit": _episodic(BanditPolicy, BANDIT_KEYS),
@@ -70,7 +75,10 @@ def recursive_map(cfg: PolicyConfig, n_layer: int) -> TyingMap:
 
 def stack_sharing(cfg: PolicyConfig) -> Tuple[str, bool]:
     """What a tie shares in the model's stack: policy.share, except under policy=recursive with LoRA, where the
-    ties share the weight matrices and every slot keeps its own biases and layer norms."""
+    ties share the weight matrices and every slot keeps its own biases and layer norms, and under policy=looped with
+    loop_params=adaln, where every slot keeps its block's own norms."""
     if cfg.name == "recursive" and cfg.lora_rank > 0:
         return "matrices", False
+    if cfg.name == "looped" and cfg.loop_params == "adaln":
+        return "all_but_norms", False
     return cfg.share, cfg.share_norms

@@ -68,9 +68,24 @@ class Evaluator:
         return self.evaluate("val", eval_batch_limit(self.cfg))
 
     def final(self) -> Dict[str, Any]:
-        """The whole val split and the whole test split, with the number of items each holds."""
+        """The whole val split and the whole test split, with the number of items each holds; a looped model's test
+        split at each loop count too (by_loops)."""
         unit = self.data.unit
         return {
             **self.evaluate("val", None), f"val_{unit}": self.data.eval_items("val"),
             **self.evaluate("test", None), f"test_{unit}": self.data.eval_items("test"),
+            **self.by_loops(),
         }
+
+    def by_loops(self) -> Dict[str, Dict[str, Any]]:
+        """policy=looped with train.eval_loops: the whole test split scored again at policy.loops and at each of
+        train.eval_loops, the same weights run at that many loops: ``test_<metric>_by_loops`` = {loops: value}."""
+        control = self.model.stack.looping
+        if control is None or not self.cfg.train.eval_loops:
+            return {}
+        by_loops: Dict[str, Dict[str, Any]] = {}
+        for loops in sorted({control.plan.loops, *self.cfg.train.eval_loops}):
+            with control.at(loops):
+                for key, value in self.evaluate("test", None).items():
+                    by_loops.setdefault(f"{key}_by_loops", {})[str(loops)] = value
+        return by_loops

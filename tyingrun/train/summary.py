@@ -24,7 +24,8 @@ def measurements(trainer: Trainer, wall_time_s: float) -> Dict[str, Any]:
     mesh, device, unit = trainer.mesh, trainer.device, trainer.data.unit
     # A reasoning task sets its own instance length; text data blocks of dataset.block_size.
     seq_len = sequence_length(model, getattr(trainer.data, "block_size", cfg.dataset.block_size))
-    flops_per_token = train_flops_per_token(model, seq_len, cfg.train.batch_size)
+    looped = trainer.loop_counts.figures(model, seq_len)
+    flops_per_token = looped.get("train_flops_per_token") or train_flops_per_token(model, seq_len, cfg.train.batch_size)
     rate = trainer.loop.throughput.rate
     # MFU counts tokens: a vision sample is its sequence of patches.
     tokens_per_s = rate if unit == "tokens" else rate * seq_len
@@ -43,6 +44,7 @@ def measurements(trainer: Trainer, wall_time_s: float) -> Dict[str, Any]:
         **train_state_figures(model, optimizer, per_rank),
         "unique_blocks": unique_blocks(model),
         "train_flops_per_token": flops_per_token,
+        **looped,
         **trainer.peak.highest,
         "wall_time_s": wall_time_s,
         f"{unit}_per_s": rate,

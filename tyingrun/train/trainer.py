@@ -40,6 +40,7 @@ from tyingrun.train.evaluation import Evaluator
 from tyingrun.train.freeze import freeze_tensors, frozen_layers
 from tyingrun.train.fsdp import placed_optimizer_state, whole_tensors
 from tyingrun.train.grad_sync import OverlappedGradientAverage
+from tyingrun.train.looped import LoopCounts
 from tyingrun.train.optim import build_optimizer, optimizer_parameters, sync_optimizer
 from tyingrun.train.signals import RunInterrupted, StopSignals
 from tyingrun.train.state import LoopState, NonFiniteLoss
@@ -80,6 +81,7 @@ class Trainer:
         # Policies score the model on their own stream of training batches, so the training stream is the
         # same whatever the policy; the stream is derived, so it is no other seed's training stream either.
         self.score_sampler = data.train_sampler(cfg.train.batch_size, derive_seed(cfg.train.seed, "reward_batches"))
+        self.loop_counts = LoopCounts(cfg, stack)
         # Each block kind compiles once and every map reuses it (tyingrun.train.compile); evaluation runs eager.
         self.regional_compile = RegionalCompile(model) if cfg.hardware.compile else None
         self.train_loss = self.regional_compile.loss if self.regional_compile else model.loss
@@ -122,7 +124,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.loop.throughput.start()
-            with self.autocast():
+            with self.autocast(), self.loop_counts.training_step():
                 loss = loss_of(batch).loss
             loss.backward()
             if self.grad_sync is not None:
@@ -172,6 +174,7 @@ class Trainer:
             "data": {"dataset": self.cfg.dataset.name, "tokenizer_sha256": self.data.tokenizer_sha256},
             "optimizer": self.optimizer.state_dict(), "policy": self.policy.state_dict(),
             "sampler": self.sampler.state_dict(), "score_sampler": self.score_sampler.state_dict(),
+            "loop_counts": self.loop_counts.state_dict(),
             **self.loop.state_dict(elapsed, self.step), **self.map_rows.state_dict(), **self.peak.state_dict(),
             "rng": rng_state(),
         }
@@ -185,6 +188,8 @@ class Trainer:
         self.policy.load_state_dict(state["policy"])
         self.sampler.load_state_dict(state["sampler"])
         self.score_sampler.load_state_dict(state["score_sampler"])
+        if "loop_counts" in state:
+            self.loop_counts.load_state_dict(state["loop_counts"])
         for part in (self.loop, self.map_rows, self.peak):
             part.load_state_dict(state)
         self.counts = model_counts(self.model, self.stack)

@@ -41,9 +41,10 @@ def trainable_params(model: nn.Module) -> int:
 
 
 def total_params(model: nn.Module) -> int:
-    """The parameter count of the same model with every layer slot independent (embedding tying kept)."""
+    """The parameter count of the same model with every layer slot independent (embedding tying kept; a looped
+    stack's injection and per-loop scales count once, LoRA corrections not at all)."""
     stacks = [m for m in model.modules() if isinstance(m, TiedStack)]
-    in_stacks = {id(p) for stack in stacks for p in stack.parameters()}
+    in_stacks = {id(p) for stack in stacks for p in [*stack.blocks.parameters(), *stack.lora.parameters()]}
     outside = unique_parameters(p for p in model.parameters() if id(p) not in in_stacks)
     per_slot = sum(p.numel() for stack in stacks for block in stack.blocks for p in block.parameters())
     return per_slot + sum(p.numel() for p in outside.values()) - padding_params(model)

@@ -28,10 +28,14 @@ the root's gradient sums over every position), under ``frozen_copy`` they are al
 
 Where a slot's own tensors live is the stack's ``storage`` (``SlotStorage``): whole tensors in this process by
 default; under hardware=fsdp, the slot's shards (tyingrun.train.fsdp).
+
+A looped model (policy=looped) gives the stack a ``LoopControl`` (``looping``): the stack then runs its plan at the
+control's loop count instead of every slot once (tyingrun.tying.loops).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, FrozenSet, Iterator, List, MutableMapping, Optional, Sequence, Tuple, cast
 
 import torch
@@ -39,10 +43,12 @@ from torch import nn
 
 from tyingrun.config import CHOICES
 from tyingrun.tying import maps
+from tyingrun.tying.loops import LoopControl
 
 GRAD_MODES = CHOICES["policy.grad"]
-# "matrices" (internal, policy=recursive with LoRA): ties share every weight matrix; biases and norms stay per slot.
-SHARE_MODES = (*CHOICES["policy.share"], "matrices")
+# Internal modes: "matrices" (policy=recursive with LoRA): ties share every weight matrix, biases and norms stay per
+# slot; "all_but_norms" (policy=looped with loop_params=adaln): ties share everything but the block's own norms.
+SHARE_MODES = (*CHOICES["policy.share"], "matrices", "all_but_norms")
 
 
 def shared_names(block: nn.Module, share: str = "block", share_norms: bool = False) -> FrozenSet[str]:
@@ -60,6 +66,9 @@ def shared_names(block: nn.Module, share: str = "block", share_norms: bool = Fal
     if share == "matrices":
         return frozenset(name for name, param in block.named_parameters() if param.dim() >= 2)
     sublayers = getattr(block, "sublayers", None)
+    if share == "all_but_norms" and sublayers:
+        norms = tuple(f"{norm}." for _, norm in sublayers.values())
+        return frozenset(name for name in names if not name.startswith(norms))
     if not sublayers or share not in sublayers:
         raise ValueError(f"{type(block).__name__} does not name its {share} sublayer; it can only be shared whole")
     module, norm = sublayers[share]
@@ -123,6 +132,7 @@ class TiedStack(nn.Module):
         # policy=recursive: per-slot LoRA corrections of the shared weight matrices (empty dicts: none).
         self.lora = nn.ModuleList([nn.ModuleDict() for _ in self.blocks])
         self.storage = SlotStorage()
+        self.looping: Optional[LoopControl] = None
 
     def _set_shared(self, shared: FrozenSet[str]) -> None:
         self.shared = shared
@@ -164,20 +174,47 @@ class TiedStack(nn.Module):
         return cast(MutableMapping[str, LoRA], self.lora[slot])
 
     def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self.looping is not None:
+            return self._run_loops(self.looping, x, **kwargs)
         for slot in range(len(self.blocks)):
-            corrections = self.corrections(slot)
-            if len(corrections) == 0:
-                x = self._run(slot, x, **kwargs)
-                continue
-            block = self.runs(slot)
-            params = dict(block.named_parameters())
-            relaxed = {name: params[name] + corrections[lora_key(name)].delta()
-                       for name in params if lora_key(name) in corrections}
-            x = torch.func.functional_call(block, relaxed, (x,), kwargs)
+            x = self._run(slot, x, **kwargs)
         return x
+
+    def _run_loops(self, control: LoopControl, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The prelude, the core at ``control.loops_now`` loops (the early ones without a graph under truncated
+        backprop; each later loop's input injected with the prelude's output), then the coda."""
+        plan = control.plan
+        for slot in range(plan.prelude):
+            x = self._run(slot, x, **kwargs)
+        prelude_output = x
+        for loop, grad in enumerate(control.loop_grads(self.training)):
+            with contextlib.nullcontext() if grad else torch.no_grad():
+                if loop > 0 and control.injection is not None:
+                    x = control.injection(x, prelude_output)
+                for block in range(plan.core):
+                    slot = plan.core_slot(loop, block)
+                    x = self._run(slot, x, **kwargs)
+                    scale = control.scale(slot)
+                    if scale is not None:
+                        x = x * scale
+        for slot in range(plan.slots - plan.coda, plan.slots):
+            x = self._run(slot, x, **kwargs)
+        return x
+
+    def executed_slots(self) -> List[Tuple[int, bool]]:
+        """The slots a training forward runs, in order, each with whether its backward runs (tying.loops)."""
+        if self.looping is not None:
+            return self.looping.executed_slots()
+        return [(slot, True) for slot in range(len(self))]
 
     def _run(self, slot: int, x: torch.Tensor, **kwargs) -> torch.Tensor:
         block = self.runs(slot)
+        corrections = self.corrections(slot)
+        if len(corrections):
+            params = dict(block.named_parameters())
+            relaxed = {name: params[name] + corrections[lora_key(name)].delta()
+                       for name in params if lora_key(name) in corrections}
+            return torch.func.functional_call(block, relaxed, (x,), kwargs)
         if self.whole_block and self.src[slot] != slot and block is self.blocks[slot]:
             return self.storage.call_aliased(block, x, **kwargs)
         return block(x, **kwargs)
