@@ -65,6 +65,11 @@ def load_for_export(run_dir: Path) -> tuple[Config, Path, TiedModule, dict]:
     cfg, checkpoint, model, state = load_checkpointed_model(run_dir, "export")
     if cfg.model.name not in FORMATS:
         raise BadInput(f"{run_dir} trained model={cfg.model.name}; only GPT-2 and Llama runs export to Hugging Face")
+    looping = model.stack.looping
+    if looping is not None and (looping.injection is not None or len(looping.scales)):
+        raise BadInput(f"{run_dir} is a looped model with policy.inject={cfg.policy.inject} and policy.loop_params="
+                       f"{cfg.policy.loop_params}; a Hugging Face {cfg.model.name} has no input injection or per-loop "
+                       f"scales, so only looped runs without them export (adaln and lora do)")
     if model.stack.has_lora:
         # policy=recursive: each slot's weights become W + B A, every slot its own (Hugging Face models have no ties).
         model.stack.merge_lora()
