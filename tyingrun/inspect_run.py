@@ -69,6 +69,11 @@ def storage_rows(model, optimizer) -> List[Dict[str, Any]]:
         rows.append({"slot": slot, "root": stack.src[slot], "trainable": stack.is_trainable(slot) or bool(lora),
                      "shares": shares, "own_params": sum(p.numel() for p in own),
                      **cost(own)})
+    if stack.looping is not None and len(list(stack.looping.parameters())):
+        # policy=looped: the input injection's matrix and the per-loop scales, beside the slots.
+        loop_params = list(stack.looping.parameters())
+        rows.append({"slot": "loops", "root": None, "trainable": any(p.requires_grad for p in loop_params),
+                     "shares": "-", "own_params": sum(p.numel() for p in loop_params), **cost(loop_params)})
     in_stack = {id(p) for p in stack.parameters()}
     rest = [p for p in model.parameters() if id(p) not in in_stack]
     rows.append({"slot": "rest", "root": None, "trainable": any(p.requires_grad for p in rest), "shares": "-",
@@ -85,6 +90,34 @@ def _describe(shared: List[str], block: Dict[str, Any], stack) -> str:
     return ", ".join(parts)
 
 
+def looped_parts(cfg, stack) -> Dict[int, str]:
+    """policy=looped: the part each slot belongs to (prelude, the core at loop k, coda; or layer i's k-th run)."""
+    if cfg.policy.name != "looped":
+        return {}
+    if stack.looping is None:
+        roots = sorted(set(stack.src))
+        return {slot: f"layer {roots.index(root)}, run {slot - root + 1}/{stack.src.count(root)}"
+                for slot, root in enumerate(stack.src)}
+    plan = stack.looping.plan
+    parts = plan.parts()
+    named = {slot: "prelude" for slot in parts["prelude"]}
+    named.update({slot: f"core, loop {(slot - plan.prelude) // plan.core + 1}" for slot in parts["core"]})
+    named.update({slot: "coda" for slot in parts["coda"]})
+    return named
+
+
+def looped_line(cfg, stack) -> List[str]:
+    """The looped layout in one line (policy=looped), else nothing."""
+    p = cfg.policy
+    if p.name != "looped":
+        return []
+    if stack.looping is None:
+        return [f"looped: per-layer repeat counts {list(p.counts)}  loop params {p.loop_params}"]
+    plan = stack.looping.plan
+    return [f"looped: prelude {plan.prelude} + core {plan.core} x {plan.loops} loops + coda {plan.coda}  "
+            f"train loops {p.train_loops}  inject {p.inject}  loop params {p.loop_params}"]
+
+
 def report(run_dir: Path) -> str:
     cfg, checkpoint, model, optimizer = load_run(run_dir)
     stack = model.stack
@@ -95,17 +128,20 @@ def report(run_dir: Path) -> str:
         f"model {cfg.model.name} {len(stack)}x{cfg.model.d_model}  policy {cfg.policy.name}  grad {stack.grad_mode}  "
         f"share {stack.share}{norms}",
         f"final map {list(stack.src)}  trainable {stack.effective_trainable}",
+        *looped_line(cfg, stack),
         f"parameters: total (untied) {counts.total_params(model):,}  unique {counts.stored_params(model):,}  "
         f"trainable {counts.trainable_params(model):,}",
         "",
         f"{'slot':>4}  {'root':>4}  {'shares from root':<24} {'trainable':>9}  {'own params':>11}  {'weights B':>11}  "
         f"{'grads B':>11}  {'optimizer B':>11}",
     ]
+    parts = looped_parts(cfg, stack)
     for row in rows:
         root = "" if row["root"] is None else row["root"]
         shares = row["shares"] if row["root"] != row["slot"] else "-"
+        part = f"  {parts[row['slot']]}" if row["slot"] in parts else ""
         lines.append(f"{row['slot']:>4}  {root:>4}  {shares:<24} {str(row['trainable']):>9}  {row['own_params']:>11,}  "
-                     f"{row['weights']:>11,}  {row['grads']:>11,}  {row['optimizer']:>11,}")
+                     f"{row['weights']:>11,}  {row['grads']:>11,}  {row['optimizer']:>11,}{part}")
     total = {key: sum(row[key] for row in rows) for key in ("weights", "grads", "optimizer")}
     lines.append(f"{'total':>4}  {'':>4}  {'':<24} {'':>9}  {counts.stored_params(model):>11,}  "
                  f"{total['weights']:>11,}  {total['grads']:>11,}  {total['optimizer']:>11,}")
