@@ -9,7 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from tyingrun.config import HardwareConfig, TrainConfig
+from tyingrun.config import Config, HardwareConfig, ModelConfig, PolicyConfig, TrainConfig
+from tyingrun.policies.looped import looped_map
+from tyingrun.train.looped import prepare
 from tyingrun.train.optim import build_optimizer, set_learning_rate, slots_using, sync_optimizer
 from tyingrun.tying.stack import TiedStack
 from tyingrun.tying.weights import storage_key
@@ -129,6 +131,22 @@ def test_partial_sharing_counts_the_shared_sublayer_only():
     assert [group["lr_scale"] for group in scaled] == [pytest.approx(1 / math.sqrt(3))] * 2
     attention = {id(param) for param in blocks[0].attn.parameters()}
     assert {id(param) for group in scaled for param in group["params"]} == attention
+
+
+def test_a_looped_core_learns_at_lr_over_its_loops_and_the_loops_own_tensors_at_lr():
+    cfg = Config(model=ModelConfig(n_layer=5, d_model=32, n_head=2),
+                 policy=PolicyConfig(name="looped", prelude=1, core=1, coda=1, loops=3, inject="concat",
+                                     loop_params="scale"),
+                 train=TrainConfig(tied_lr="linear"))
+    model = tiny_gpt2(n_layer=5)
+    prepare(model, cfg)
+    model.stack.apply_map(looped_map(cfg.policy))
+    optimizer = build_optimizer(model, cfg.train, HardwareConfig(), CPU)
+    scale_of = {id(param): group["lr_scale"] for group in optimizer.param_groups for param in group["params"]}
+    blocks, looping = model.stack.blocks, model.stack.looping
+    assert {scale_of[id(param)] for param in blocks[1].parameters()} == {1 / 3}
+    for part in (blocks[0], blocks[4], looping, model.tokens):
+        assert {scale_of[id(param)] for param in part.parameters()} == {1.0}
 
 
 def test_groups_follow_a_map_change_and_tensors_keep_their_adam_state():
