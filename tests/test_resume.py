@@ -13,10 +13,13 @@ TINY = [*TINY_RUN, "train.eval_batches=2", "train.max_steps=120", "train.checkpo
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("policy", ["none", "dynamic_q"])
+@pytest.mark.parametrize("policy", [["policy=none"], ["policy=dynamic_q"],
+                                    ["policy=dynamic_q", "policy.grad=shared", "train.tied_lr=linear"]],
+                         ids=["none", "dynamic_q", "dynamic_q-tied_lr"])
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, cli, policy):
-    # 60 steps: killed soon after the checkpoint at 20 (40 steps to spare), resumed from it to the end.
-    schedule = [f"policy={policy}", "train.max_steps=60"]
+    # 60 steps: killed soon after the checkpoint at 20 (40 steps to spare), resumed from it to the end. Under
+    # train.tied_lr the optimizer's groups follow the changing map, and the resume must find them as saved.
+    schedule = [*policy, "train.max_steps=60"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     compose_and_run([*TINY, *schedule], whole)  # in-process: the CLI's config, one run without a stop
 

@@ -27,6 +27,7 @@ def preflight(cfg: Config, world_size: int = 1) -> None:
     config_module.check(cfg)
     check_model_and_dataset(cfg)
     check_policy(cfg)
+    check_tied_lr(cfg)
     if cfg.train.batch_size % world_size:
         raise BadInput(
             f"train.batch_size={cfg.train.batch_size} does not split evenly over {world_size} data-parallel ranks; "
@@ -170,6 +171,14 @@ def check_loop_params(cfg: Config) -> None:
     if cfg.hardware.fsdp and (policy.inject != "none" or policy.loop_params != "none"):
         raise BadInput("hardware=fsdp shards whole blocks; policy.inject and policy.loop_params add tensors beside "
                        "them - use hardware=ddp for them")
+
+
+def check_tied_lr(cfg: Config) -> None:
+    """train.tied_lr corrects the sum of gradients over the slots that share a tensor, which only grad=shared takes."""
+    if cfg.train.tied_lr != "none" and cfg.policy.grad == "frozen_copy":
+        raise BadInput(f"train.tied_lr={cfg.train.tied_lr} needs policy.grad=shared: under policy.grad=frozen_copy a "
+                       f"root learns from its own position only, so there is no sum over slots to correct; "
+                       f"set policy.grad=shared or train.tied_lr=none")
 
 
 def check_recursive(cfg: Config) -> None:

@@ -41,7 +41,7 @@ from tyingrun.train.freeze import freeze_tensors, frozen_layers
 from tyingrun.train.fsdp import placed_optimizer_state, whole_tensors
 from tyingrun.train.grad_sync import OverlappedGradientAverage
 from tyingrun.train.looped import LoopCounts
-from tyingrun.train.optim import build_optimizer, optimizer_parameters, sync_optimizer
+from tyingrun.train.optim import build_optimizer, optimizer_parameters, set_learning_rate, sync_optimizer
 from tyingrun.train.signals import RunInterrupted, StopSignals
 from tyingrun.train.state import LoopState, NonFiniteLoss
 from tyingrun.train.summary import measurements
@@ -120,9 +120,7 @@ class Trainer:
             global_batch = self.sampler.next_batch()
             batch = on_device(local_rows(global_batch, self.mesh), self.device)
             self.model.train()
-            lr = learning_rate(self.step, self.cfg)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            set_learning_rate(self.optimizer, learning_rate(self.step, self.cfg))
             self.loop.throughput.start()
             with self.autocast(), self.loop_counts.training_step():
                 loss = loss_of(batch).loss
