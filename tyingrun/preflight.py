@@ -17,7 +17,7 @@ from tyingrun.errors import BadInput
 from tyingrun.models import MODELS
 from tyingrun.policies import POLICIES, recursive_map
 from tyingrun.policies.fixed import given_map
-from tyingrun.tying.loops import resolved_max_loops
+from tyingrun.policies.looped import max_loops
 
 POLICY_DEFAULTS = PolicyConfig()
 
@@ -131,7 +131,7 @@ def check_loop_counts(cfg: Config) -> None:
     policy = cfg.policy
     if policy.max_loops is not None:
         _whole_number("policy.max_loops", policy.max_loops, policy.loops)
-    cap = resolved_max_loops(policy.loops, policy.max_loops, [])
+    cap = max_loops(policy, [])
     for loops in cfg.train.eval_loops:
         _whole_number("train.eval_loops entry", loops, 1)
         if policy.max_loops is not None and loops > cap:

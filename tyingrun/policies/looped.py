@@ -3,10 +3,10 @@ repeat counts (policy.counts); its map is fixed for the whole run."""
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from tyingrun.config import PolicyConfig
-from tyingrun.tying.loops import LoopPlan, counts_map
+from tyingrun.tying.loops import LoopPlan, counts_map, resolved_max_loops
 from tyingrun.tying.maps import TyingMap
 
 
@@ -26,3 +26,8 @@ def later_loop_slots(cfg: PolicyConfig) -> List[int]:
     """The slots that repeat an earlier slot's block (every loop after the first): those policy.loop_params=lora
     gives their own correction."""
     return [slot for slot, root in enumerate(looped_map(cfg)) if root != slot]
+
+
+def max_loops(cfg: PolicyConfig, eval_loops: Sequence[int]) -> int:
+    """The most loops a step draws or an evaluation runs (tying.loops.resolved_max_loops)."""
+    return resolved_max_loops(cfg.loops, cfg.max_loops, eval_loops)

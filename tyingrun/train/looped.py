@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from tyingrun.config import Config
-from tyingrun.policies.looped import later_loop_slots, loop_plan
+from tyingrun.policies.looped import later_loop_slots, loop_plan, max_loops
 from tyingrun.seeding import derive_seed, rng_state, set_rng_state
 from tyingrun.tying.flops import train_flops_per_token
-from tyingrun.tying.loops import LoopControl, resolved_max_loops
+from tyingrun.tying.loops import LoopControl
 from tyingrun.tying.stack import TiedStack
 
 
@@ -48,10 +48,6 @@ def prepare(model: nn.Module, cfg: Config) -> None:
                     nn.init.kaiming_uniform_(correction.A, a=math.sqrt(5))
 
 
-def max_loops(cfg: Config) -> int:
-    return resolved_max_loops(cfg.policy.loops, cfg.policy.max_loops, cfg.train.eval_loops)
-
-
 class LoopCounts:
     """The loop count of every training step of a policy=looped run (of any other run: none, and no effect)."""
 
@@ -59,7 +55,7 @@ class LoopCounts:
         policy = cfg.policy
         self.cfg, self.control = cfg, stack.looping
         self.loops, self.sigma, self.poisson = policy.loops, policy.loop_sigma, policy.train_loops == "poisson"
-        self.cap = max_loops(cfg)
+        self.cap = max_loops(policy, cfg.train.eval_loops)
         self.generator = random.Random(derive_seed(cfg.train.seed, "loop_counts"))
         # steps[n]: the training steps that ran n loops so far.
         self.steps = [0] * (self.cap + 1)
