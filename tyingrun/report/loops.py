@@ -181,17 +181,6 @@ class PhiResult:
     from_mean: Reading
     effective: Reading  # unique blocks at the mean loss on the mean curve
 
-    def text(self, digits: int = 3) -> str:
-        found = self.over_seeds
-        if found is not None:
-            return (f"{found.mean:.{digits}f}" if found.halfwidth is None
-                    else f"{found.mean:.{digits}f} ± {found.halfwidth:.{digits}f}")
-        outside = sum(not reading.exact for reading in self.by_seed.values())
-        text = self.from_mean.text(digits)
-        if self.from_mean.exact or outside < len(self.by_seed):
-            text += f" (of the mean loss; no interval: {outside} of {len(self.by_seed)} seeds without a number)"
-        return text
-
 
 def phi_result(losses: Dict[Any, float], untied: Untied, shape: Shape, loops: int) -> PhiResult:
     """phi of the arm whose test loss at ``loops`` loops is ``losses`` (by seed), read against ``untied``."""
