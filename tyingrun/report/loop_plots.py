@@ -17,7 +17,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from tyingrun.report.difficulty import DIFFICULTY_NAMES  # noqa: E402
-from tyingrun.report.loops import LoopedArm, LoopFamily, unique_blocks  # noqa: E402
+from tyingrun.report.loops import LoopedArm, LoopFamily, blocks_text, unique_blocks  # noqa: E402
 from tyingrun.report.plots import _group_colours, _wrap  # noqa: E402
 from tyingrun.report.runs import Group  # noqa: E402
 from tyingrun.report.stats import Estimate, estimate  # noqa: E402
@@ -47,7 +47,8 @@ def _loop_axis(axis: plt.Axes, loops: List[int]) -> None:
 def plot_quality_vs_loops(family: LoopFamily, path: Path) -> None:
     """Test loss (and accuracy or perplexity where scored) against loops evaluated, a line per looped arm; the
     untied arms' test losses as dotted levels."""
-    metrics = [metric for metric in METRIC_AXES if any(arm.quality_by_loops(metric) for arm in family.looped)]
+    arms = [arm for arm in family.looped if arm.scored_at_several_loop_counts]
+    metrics = [metric for metric in METRIC_AXES if any(arm.quality_by_loops(metric) for arm in arms)]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics) + 3, 5), constrained_layout=True,
                              squeeze=False)
     colours = _group_colours(len(family.looped))
@@ -55,7 +56,7 @@ def plot_quality_vs_loops(family: LoopFamily, path: Path) -> None:
         evaluated = set()
         for index, arm in enumerate(family.looped):
             found = arm.quality_by_loops(metric)
-            if not found:
+            if not found or not arm.scored_at_several_loop_counts:
                 continue
             evaluated |= set(found)
             colour = colours[index % len(colours)]
@@ -69,7 +70,7 @@ def plot_quality_vs_loops(family: LoopFamily, path: Path) -> None:
                 losses = list(group.values_by_seed("test_loss").values())
                 if losses:
                     axis.axhline(np.mean(losses), color="grey", linestyle=":", linewidth=1)
-                    axis.annotate(f"untied, {unique_blocks(group):g} blocks", (1, np.mean(losses)),
+                    axis.annotate(f"untied, {blocks_text(unique_blocks(group))}", (1, np.mean(losses)),
                                   xycoords=("axes fraction", "data"), ha="right", va="bottom", fontsize=7,
                                   color="grey")
         _loop_axis(axis, sorted(evaluated))
@@ -142,6 +143,7 @@ def plot_loss_vs_cost(family: LoopFamily, path: Path) -> None:
                               label=_wrap(f"{arm.group.name}, {arm.shape.layout}") if position == 0 else None)
         axis.set_xscale("log")
         axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: human_count(value)))
+        axis.xaxis.set_minor_formatter(FuncFormatter(lambda value, _: human_count(value)))
         axis.set_xlabel(COSTS[key])
         axis.set_ylabel("test loss (mean ± 95% CI)")
         axis.grid(alpha=0.3)
@@ -157,7 +159,7 @@ def write_loop_figures(families: List[LoopFamily], out_dir: Path) -> List[Path]:
     for number, family in enumerate(families):
         model, dataset = family.looped[0].group.family
         stem = f"{model}_{dataset}" + (f"_{number}" if len(families) > 1 else "")
-        if any(arm.quality_by_loops(metric) for arm in family.looped for metric in METRIC_AXES):
+        if any(arm.scored_at_several_loop_counts for arm in family.looped):
             paths.append(out_dir / f"quality_vs_loops_{stem}.png")
             plot_quality_vs_loops(family, paths[-1])
         if cost_axes(family):
@@ -165,7 +167,7 @@ def write_loop_figures(families: List[LoopFamily], out_dir: Path) -> List[Path]:
             plot_loss_vs_cost(family, paths[-1])
         for index, arm in enumerate(family.looped):
             by_loops = arm.accuracy_by_difficulty_by_loops()
-            if by_loops:
+            if len(by_loops) > 1:
                 paths.append(out_dir / f"accuracy_by_difficulty_by_loops_{stem}_arm{index:02d}.png")
                 plot_difficulty_vs_loops(arm, by_loops, paths[-1])
     return paths

@@ -10,7 +10,15 @@ from typing import Any, Dict, List, Optional, Tuple
 from rich.table import Table
 
 from tyingrun.report.difficulty import DIFFICULTY_NAMES
-from tyingrun.report.loops import PUBLISHED_PHI, LoopedArm, LoopFamily, PhiResult, Reading, unique_blocks
+from tyingrun.report.loops import (
+    PUBLISHED_PHI,
+    LoopedArm,
+    LoopFamily,
+    PhiResult,
+    Reading,
+    blocks_text,
+    unique_blocks,
+)
 from tyingrun.report.stats import estimate
 from tyingrun.report.tables import console_cells, estimate_columns, estimate_text, markdown_cells, write_csv
 
@@ -79,20 +87,21 @@ def untied_line(family: LoopFamily) -> str:
     for group in family.untied:
         losses = list(group.values_by_seed("test_loss").values())
         if losses:
-            points.append(f"{unique_blocks(group):g} blocks: {estimate_text(estimate(losses), 4)} "
+            points.append(f"{blocks_text(unique_blocks(group))}: {estimate_text(estimate(losses), 4)} "
                           f"({len(losses)} seed{'s' if len(losses) > 1 else ''})")
     return "Untied arms read against (policy=none, test loss ± 95% CI): " + "; ".join(points) + "."
 
 
 def quality_table(family: LoopFamily) -> List[str]:
-    """Markdown: each looped arm's test quality at every loop count it was scored at, a row per metric."""
-    evaluated = sorted({loops for arm in family.looped for metric in LOOP_METRICS
-                        for loops in arm.quality_by_loops(metric)})
+    """Markdown: the test quality of each looped arm scored at several loop counts, at each of them, a row per
+    metric."""
+    arms = [arm for arm in family.looped if arm.scored_at_several_loop_counts]
+    evaluated = sorted({loops for arm in arms for metric in LOOP_METRICS for loops in arm.quality_by_loops(metric)})
     if not evaluated:
         return []
     headers = ["group", "trained at", "metric", *(f"{loops} loops" for loops in evaluated)]
     cells = []
-    for arm in family.looped:
+    for arm in arms:
         for metric, digits in LOOP_METRICS.items():
             found = arm.quality_by_loops(metric)
             if found:
@@ -100,15 +109,17 @@ def quality_table(family: LoopFamily) -> List[str]:
                               *(estimate_text(found[loops], digits) if loops in found else "" for loops in evaluated)])
     return [f"### Quality against loops evaluated: {family.title}", "", markdown_cells(headers, cells), "",
             "Each cell: the mean over the arm's seeds ± half-width of its 95% t-interval, the model trained at "
-            "'trained at' loops and evaluated, with the same weights, at the column's loop count.", ""]
+            "'trained at' loops and evaluated, with the same weights, at the column's loop count (arms scored at "
+            "one loop count only, no train.eval_loops, are in the φ table alone).", ""]
 
 
 def difficulty_tables(family: LoopFamily) -> List[str]:
-    """Markdown: per looped arm on a reasoning task, test accuracy by difficulty (columns) at each loop count."""
+    """Markdown: per looped arm on a reasoning task scored at several loop counts, test accuracy by difficulty
+    (columns) at each loop count (rows)."""
     lines: List[str] = []
     for arm in family.looped:
         found = arm.accuracy_by_difficulty_by_loops()
-        if not found:
+        if len(found) < 2:
             continue
         name = DIFFICULTY_NAMES.get(arm.group.settings["dataset.name"], "difficulty")
         levels = sorted({level for by_level in found.values() for level in by_level})

@@ -43,6 +43,10 @@ class Reading:
         return f"{self.relation} {self.value:.{digits}f} ({self.why})"
 
 
+def blocks_text(blocks: float) -> str:
+    return f"{blocks:g} block{'' if blocks == 1 else 's'}"
+
+
 @dataclass(frozen=True)
 class DepthCurve:
     """Test loss against unique blocks (ascending), interpolated by a monotone piecewise cubic (Hermite) in
@@ -101,9 +105,9 @@ class DepthCurve:
         if self.problem:
             return Reading(None, why=self.problem)
         if loss < self.losses[-1]:
-            return Reading(self.blocks[-1], ">", f"better than the deepest untied arm, {self.blocks[-1]:g} blocks")
+            return Reading(self.blocks[-1], ">", f"better than the deepest untied arm, {blocks_text(self.blocks[-1])}")
         if loss > self.losses[0]:
-            return Reading(self.blocks[0], "<", f"worse than the shallowest untied arm, {self.blocks[0]:g} blocks")
+            return Reading(self.blocks[0], "<", f"worse than the shallowest untied arm, {blocks_text(self.blocks[0])}")
         k = next(index for index in range(len(self.blocks) - 1) if self.losses[index + 1] <= loss)
         tangents, low, high = self._tangents(), 0.0, 1.0
         for _ in range(BISECTIONS):  # the segment falls monotonically in t
@@ -223,6 +227,10 @@ class LoopedArm:
     @property
     def evaluated_loops(self) -> List[int]:
         return keys_in_every_run(self.group, "test_loss_by_loops")
+
+    @property
+    def scored_at_several_loop_counts(self) -> bool:
+        return len(self.evaluated_loops) > 1
 
     def quality_by_loops(self, metric: str) -> Dict[int, Estimate]:
         """``test_<metric>_by_loops`` at each loop count every seed scored, over seeds."""
