@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from tyingrun.report.difficulty import DIFFICULTY_NAMES  # noqa: E402
 from tyingrun.report.loops import LoopedArm, LoopFamily, blocks_text, unique_blocks  # noqa: E402
@@ -142,8 +142,9 @@ def plot_loss_vs_cost(family: LoopFamily, path: Path) -> None:
                               markersize=8, linestyle="", capsize=3, color=colours[index % len(colours)],
                               label=_wrap(f"{arm.group.name}, {arm.shape.layout}") if position == 0 else None)
         axis.set_xscale("log")
+        axis.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: human_count(value)))
-        axis.xaxis.set_minor_formatter(FuncFormatter(lambda value, _: human_count(value)))
+        axis.xaxis.set_minor_formatter(NullFormatter())
         axis.set_xlabel(COSTS[key])
         axis.set_ylabel("test loss (mean ± 95% CI)")
         axis.grid(alpha=0.3)
