@@ -1,4 +1,5 @@
-"""``tyingrun-report``: finished run folders -> report.md, report.csv and PNG figures."""
+"""``tyingrun-report``: finished run folders -> report.md, report.csv (loops.csv, quality_by_loops.csv where there are
+looped arms) and PNG figures."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from rich.console import Console
 from tyingrun.errors import BadInput
 from tyingrun.files import CONFIG_FILE, MAPS_FILE
 from tyingrun.report.difficulty import difficulty_section, write_difficulty_figures
+from tyingrun.report.loop_plots import write_loop_figures
+from tyingrun.report.loop_report import console_phi_tables, loops_section, write_loop_csvs
+from tyingrun.report.loops import LoopFamily, loop_families
 from tyingrun.report.plots import plot_map_history, plot_memory, plot_quality_vs_flops, plot_quality_vs_params
 from tyingrun.report.rewards import SEPARATION_T
 from tyingrun.report.runs import (
@@ -55,8 +59,9 @@ def figure_metric(groups: List[Group]) -> Optional[str]:
     return headline_metric([run for run in runs if quality_kind([run]) == kind], kind)
 
 
-def write_figures(groups: List[Group], out_dir: Path) -> List[Path]:
-    """The figures of ``groups``: quality against parameters, memory, and one map history per group."""
+def write_figures(groups: List[Group], out_dir: Path, families: Sequence[LoopFamily] = ()) -> List[Path]:
+    """The figures of ``groups``: quality against parameters, memory, and one map history per group; those of the
+    looped arms' ``families``."""
     if not groups:
         return []
     figures = []
@@ -68,6 +73,7 @@ def write_figures(groups: List[Group], out_dir: Path) -> List[Path]:
             figures.append(out_dir / "quality_vs_flops.png")
             plot_quality_vs_flops(groups, metric, figures[-1])
     figures += write_difficulty_figures(groups, out_dir)
+    figures += write_loop_figures(list(families), out_dir)
     figures.append(out_dir / "memory.png")
     plot_memory(groups, figures[-1])
     for index, group in enumerate(groups):
@@ -209,16 +215,18 @@ def write_report(paths: Sequence[Path], out_dir: Optional[Path] = None, console:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [group_row(group, references.get(group.family)) for group in groups]
     write_csv(rows, out_dir / "report.csv")
-    figures = write_figures(groups, out_dir)
+    families = loop_families(groups)
+    loop_csvs = write_loop_csvs(families, out_dir)
+    figures = write_figures(groups, out_dir, families)
     notes = [*quality_notes(rows, figure_metric(groups)), *paired_notes(groups, references, reference),
              *diagnostics_notes(rows)]
-    sections = [*difficulty_section(groups), *arms]
+    sections = [*difficulty_section(groups), *loops_section(families), *arms]
     report = markdown_report(rows, notes, sections, unfinished, figures, out_dir, reference)
     report += "\n".join(["", *write_sharing(groups)])
     (out_dir / "report.md").write_text(report)
 
     title = f"{len(runs) - len(unfinished)} finished runs in {len(groups)} groups"
-    tables = console_tables(rows, reference, title, TABLE_LEGEND)
+    tables = console_tables(rows, reference, title, TABLE_LEGEND) + console_phi_tables(families)
     # Files and pipes get each table whole, on lines as long as it needs (rich squeezes a table wider than the
     # console, its free-text column first, down to nothing).
     console = console or Console(width=None if sys.stdout.isatty() else max(
@@ -229,6 +237,7 @@ def write_report(paths: Sequence[Path], out_dir: Optional[Path] = None, console:
         console.print(line, highlight=False, markup=False)
     for run in unfinished:
         console.print(f"did not finish: {run.path}: {run.problem}", highlight=False, markup=False)
-    console.print(f"report written to {out_dir / 'report.md'} and report.csv, {len(figures)} figures",
+    files = ", ".join(["report.csv", *(path.name for path in loop_csvs)])
+    console.print(f"report written to {out_dir / 'report.md'} and {files}, {len(figures)} figures",
                   highlight=False, markup=False)
     return out_dir / "report.md"

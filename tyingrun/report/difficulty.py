@@ -10,6 +10,7 @@ from typing import Dict, List, Tuple
 from tyingrun.report.plots import plot_accuracy_by_difficulty
 from tyingrun.report.runs import Group
 from tyingrun.report.stats import Estimate, estimate
+from tyingrun.report.tables import estimate_text
 
 BREAKDOWN = "test_acc_by_difficulty"
 # What a difficulty counts, by dataset.
@@ -25,10 +26,6 @@ def accuracy_by_difficulty(group: Group) -> Dict[int, Estimate]:
         for level, accuracy in breakdown.items():
             values[int(level)].append(accuracy)
     return {level: estimate(found) for level, found in sorted(values.items()) if len(found) == len(breakdowns)}
-
-
-def _cell(found: Estimate) -> str:
-    return f"{found.mean:.4f}" if found.halfwidth is None else f"{found.mean:.4f} ± {found.halfwidth:.4f}"
 
 
 def families(groups: List[Group]) -> Dict[Tuple[str, str], List[Tuple[Group, Dict[int, Estimate]]]]:
@@ -51,7 +48,7 @@ def difficulty_section(groups: List[Group]) -> List[str]:
                   "| group | layers | seeds | " + " | ".join(f"{name} {level}" for level in levels) + " |",
                   "|" + "---|" * (3 + len(levels))]
         for group, accuracies in members:
-            cells = [_cell(accuracies[level]) if level in accuracies else "" for level in levels]
+            cells = [estimate_text(accuracies[level], 4) if level in accuracies else "" for level in levels]
             lines.append(f"| {group.name} | {group.settings['model.n_layer']} | {len(group.runs)} | "
                          + " | ".join(cells) + " |")
         lines.append("")

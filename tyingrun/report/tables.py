@@ -210,6 +210,12 @@ def _seconds(value: float) -> str:
     return f"{value / 60:.1f} min" if value >= 60 else f"{value:.1f} s"
 
 
+def estimate_text(found: Estimate, digits: int) -> str:
+    """``mean ± half-width`` of the 95% t-interval, or the mean alone (one value has no interval)."""
+    mean = f"{found.mean:.{digits}f}"
+    return mean if found.halfwidth is None else f"{mean} ± {found.halfwidth:.{digits}f}"
+
+
 def _quality(row: Dict[str, Any], key: str, digits: int) -> str:
     mean, high = row[f"{key}_mean"], row[f"{key}_ci_high"]
     if high is None:
@@ -320,7 +326,11 @@ def display_cells(rows: List[Dict[str, Any]], reference: str,
 
 
 def markdown_table(rows: List[Dict[str, Any]], reference: str) -> str:
-    headers, cells = display_cells(rows, reference)
+    return markdown_cells(*display_cells(rows, reference))
+
+
+def markdown_cells(headers: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
+    """A Markdown table of ``headers`` and rows of ``cells`` (a "|" inside a cell escaped)."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in cells]
     return "\n".join(lines)
@@ -328,7 +338,12 @@ def markdown_table(rows: List[Dict[str, Any]], reference: str) -> str:
 
 def console_table(rows: List[Dict[str, Any]], reference: str, columns: Sequence[Column], title: str,
                   caption: Optional[str] = None) -> Table:
-    headers, cells = display_cells(rows, reference, columns)
+    return console_cells(*display_cells(rows, reference, columns), title, caption)
+
+
+def console_cells(headers: Sequence[str], cells: Sequence[Sequence[str]], title: str,
+                  caption: Optional[str] = None) -> Table:
+    """A rich table of ``headers`` and rows of ``cells``; only the free-text column ("differs") wraps."""
     table = Table(title=title, caption=caption)
     for header in headers:
         # Only the free-text column wraps; numbers stay on one line.
