@@ -17,7 +17,7 @@ def test_the_registries_are_keyed_by_the_schema_choices():
     assert tuple(INIT_SOURCES) == CHOICES["policy.init"]
     assert tuple(WIKI2_VARIANTS) == CHOICES["dataset.variant"]
     assert GRAD_MODES == CHOICES["policy.grad"]
-    assert SHARE_MODES == (*CHOICES["policy.share"], "matrices")
+    assert SHARE_MODES == (*CHOICES["policy.share"], "matrices", "all_but_norms")
 
 
 @pytest.mark.parametrize("registry", [{"raw": 1}, {"v1": 1, "raw": 2}, {"raw": 1, "v1": 2, "v2": 3}])

@@ -375,7 +375,7 @@ def test_a_folder_asking_for_rope_scaling_exits_2_with_one_line_before_any_data(
 
 
 EVERY_POLICY = ["none", "sequential", "cyclic", "cycle_rev", "middle_cycle", "middle_sequence", "random", "dynamic_q",
-                "bandit", "from_file", "recursive"]
+                "bandit", "from_file", "recursive", "looped"]
 
 
 @pytest.mark.slow
@@ -390,6 +390,7 @@ EVERY_POLICY = ["none", "sequential", "cyclic", "cycle_rev", "middle_cycle", "mi
     ("dynamic_q", {"steps_per_decision": 1}),
     ("bandit", {"steps_per_decision": 1}),
     ("from_file", {"map": [0, 0, 2, 2]}),
+    ("looped", {"loop_params": "adaln", "train_loops": "poisson"}),
 ])
 def test_every_policy_trains_model_llama(tmp_path, policy, keys):
     cfg = small_lm_config(policy, 4, model_keys={"name": "llama", "n_kv_head": 2, "d_ff": 96}, policy_keys=keys)
