@@ -112,7 +112,7 @@ def prepare_policy_tensors(model: TiedModule, cfg: Config) -> None:
     """The tensors a policy adds to a built model (policy=recursive's LoRA; policy=looped's loop control and per-loop
     tensors), so that a checkpoint of it loads back."""
     recursive.prepare(model, cfg.policy)
-    looped.prepare(model, cfg)
+    looped.prepare(model.stack, cfg)
 
 
 def checkpoint_shapes(stored: Dict[str, torch.Tensor], checkpoint: Path) -> SimpleNamespace:

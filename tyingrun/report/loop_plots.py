@@ -17,7 +17,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from tyingrun.report.difficulty import DIFFICULTY_NAMES  # noqa: E402
-from tyingrun.report.loops import LoopedArm, LoopFamily, blocks_text, unique_blocks  # noqa: E402
+from tyingrun.report.loops import LoopedArm, LoopFamily, blocks_text, summary_of, unique_blocks  # noqa: E402
 from tyingrun.report.plots import _group_colours, _wrap  # noqa: E402
 from tyingrun.report.runs import Group  # noqa: E402
 from tyingrun.report.stats import Estimate, estimate  # noqa: E402
@@ -103,7 +103,7 @@ def plot_difficulty_vs_loops(arm: LoopedArm, by_loops: Dict[int, Dict[int, Estim
 
 
 def _mean(group: Group, key: str) -> float:
-    values = [run.summary[key] for run in group.runs if run.summary.get(key) is not None]
+    values = [summary_of(run)[key] for run in group.runs if summary_of(run).get(key) is not None]
     return float(np.mean(values)) if values else float("nan")
 
 
@@ -114,7 +114,7 @@ COSTS = {"train_flops_per_token": "training FLOPs per token (forward + backward)
 def cost_axes(family: LoopFamily) -> List[str]:
     """The cost keys (COSTS) that some run of the family reports."""
     groups = family.untied + [arm.group for arm in family.looped]
-    return [key for key in COSTS if any(run.summary.get(key) for group in groups for run in group.runs)]
+    return [key for key in COSTS if any(summary_of(run).get(key) for group in groups for run in group.runs)]
 
 
 def plot_loss_vs_cost(family: LoopFamily, path: Path) -> None:

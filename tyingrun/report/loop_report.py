@@ -17,6 +17,7 @@ from tyingrun.report.loops import (
     PhiResult,
     Reading,
     blocks_text,
+    summary_of,
     unique_blocks,
 )
 from tyingrun.report.stats import estimate
@@ -46,7 +47,7 @@ def phi_text(result: Optional[PhiResult], digits: int = 3) -> str:
 def _train_loops(arm: LoopedArm) -> str:
     if arm.shape.train_loops == "fixed":
         return "fixed"
-    means = [run.summary["train_loops_mean"] for run in arm.group.runs if run.summary.get("train_loops_mean")]
+    means = [summary_of(run)["train_loops_mean"] for run in arm.group.runs if summary_of(run).get("train_loops_mean")]
     return f"{arm.shape.train_loops} (mean {statistics.fmean(means):.2f})" if means else arm.shape.train_loops
 
 

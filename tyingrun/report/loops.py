@@ -189,17 +189,22 @@ class PhiResult:
 def phi_result(losses: Dict[Any, float], untied: Untied, shape: Shape, loops: int) -> PhiResult:
     """phi of the arm whose test loss at ``loops`` loops is ``losses`` (by seed), read against ``untied``."""
     by_seed = {seed: shape.phi(untied.curve(seed).blocks_at(loss), loops) for seed, loss in sorted(losses.items())}
-    exact = all(reading.exact for reading in by_seed.values())
+    values = [reading.value for reading in by_seed.values() if reading.exact and reading.value is not None]
     effective = untied.curve().blocks_at(statistics.fmean(losses.values()))
-    return PhiResult(by_seed, estimate([reading.value for reading in by_seed.values()]) if exact else None,
+    return PhiResult(by_seed, estimate(values) if len(values) == len(by_seed) else None,
                      shape.phi(effective, loops), effective)
+
+
+def summary_of(run: Any) -> Dict[str, Any]:
+    """A run's summary (the report groups completed runs only, which all have one)."""
+    return run.summary or {}
 
 
 def nested_by_seed(group: Group, *path: str) -> Dict[Any, float]:
     """``summary[path[0]][path[1]]...`` of each seed that has it; runs repeating a seed are averaged."""
     values: Dict[Any, List[float]] = defaultdict(list)
     for run in group.runs:
-        node: Any = run.summary
+        node: Any = summary_of(run)
         for key in path:
             node = node.get(key) if isinstance(node, dict) else None
         if isinstance(node, (int, float)) and not isinstance(node, bool):
@@ -209,7 +214,7 @@ def nested_by_seed(group: Group, *path: str) -> Dict[Any, float]:
 
 def keys_in_every_run(group: Group, key: str) -> List[int]:
     """The loop counts (or difficulties) under ``summary[key]`` that every run of the group has, ascending."""
-    found = [set(map(int, run.summary[key])) if isinstance(run.summary.get(key), dict) else set()
+    found = [set(map(int, summary_of(run)[key])) if isinstance(summary_of(run).get(key), dict) else set()
              for run in group.runs]
     return sorted(set.intersection(*found)) if found else []
 
@@ -243,7 +248,7 @@ class LoopedArm:
         key = "test_acc_by_difficulty_by_loops"
         result = {}
         for loops in keys_in_every_run(self.group, key):
-            levels = set.intersection(*(set(map(int, run.summary[key][str(loops)])) for run in self.group.runs))
+            levels = set.intersection(*(set(map(int, summary_of(run)[key][str(loops)])) for run in self.group.runs))
             result[loops] = {level: estimate(list(nested_by_seed(self.group, key, str(loops), str(level)).values()))
                              for level in sorted(levels)}
         return result
@@ -267,7 +272,7 @@ def _comparable(group: Group) -> Tuple[Tuple[str, Any], ...]:
 
 
 def unique_blocks(group: Group) -> float:
-    return group.runs[0].summary.get("unique_blocks", group.settings["model.n_layer"])
+    return summary_of(group.runs[0]).get("unique_blocks", group.settings["model.n_layer"])
 
 
 def untied_arms(groups: Sequence[Group]) -> Optional[Untied]:
@@ -283,9 +288,9 @@ def loop_families(groups: Sequence[Group]) -> List[LoopFamily]:
     """The looped groups (summaries with "looped") with their untied arms and φ, in the order first seen."""
     families: Dict[Tuple, LoopFamily] = {}
     for group in groups:
-        if group.runs[0].summary.get("looped"):
+        if summary_of(group.runs[0]).get("looped"):
             families.setdefault(_comparable(group), LoopFamily([], [])).looped.append(
-                LoopedArm(group, Shape.of(group.runs[0].summary["looped"]), None))
+                LoopedArm(group, Shape.of(summary_of(group.runs[0])["looped"]), None))
     for group in groups:
         if group.settings["policy.name"] == "none" and _comparable(group) in families:
             families[_comparable(group)].untied.append(group)

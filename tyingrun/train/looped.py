@@ -27,13 +27,12 @@ from tyingrun.tying.loops import LoopControl
 from tyingrun.tying.stack import TiedStack
 
 
-def prepare(model: nn.Module, cfg: Config) -> None:
+def prepare(stack: TiedStack, cfg: Config) -> None:
     """The loop control (plan, injection, per-loop scales, truncated backprop) and, for loop_params=lora, each later
     loop's LoRA: A drawn as torch.nn.Linear draws its weights (from the run's init stream), B at 0."""
     policy = cfg.policy
     if policy.name != "looped":
         return
-    stack = model.stack
     plan = loop_plan(policy)
     if plan is not None:
         stack.looping = LoopControl(plan, cfg.model.d_model, policy.inject, policy.loop_params == "scale",
