@@ -139,7 +139,7 @@ def test_a_looped_core_learns_at_lr_over_its_loops_and_the_loops_own_tensors_at_
                                      loop_params="scale"),
                  train=TrainConfig(tied_lr="linear"))
     model = tiny_gpt2(n_layer=5)
-    prepare(model, cfg)
+    prepare(model.stack, cfg)
     model.stack.apply_map(looped_map(cfg.policy))
     optimizer = build_optimizer(model, cfg.train, HardwareConfig(), CPU)
     scale_of = {id(param): group["lr_scale"] for group in optimizer.param_groups for param in group["params"]}
