@@ -295,3 +295,18 @@ def test_export_refuses_a_looped_run_whose_scales_hugging_face_cannot_hold(tmp_p
     result = call_main(export.main, [str(sampled_run[0]), str(tmp_path / "hf")], capsys)
     assert_one_line(result, 2, "policy.loop_params=scale", program="tyingrun-export")
     assert not (tmp_path / "hf").exists()
+
+
+def test_inspect_shows_the_layout_each_slots_part_and_rows_that_add_up(sampled_run, capsys):
+    from tyingrun.inspect_run import load_run, main, storage_rows
+
+    folder, summary = sampled_run
+    _, _, model, optimizer = load_run(folder)
+    rows = storage_rows(model, optimizer)
+    assert sum(row["weights"] + row["grads"] + row["optimizer"] for row in rows) == summary["train_state_bytes"]
+    assert [row for row in rows if row["slot"] == "loops"][0]["own_params"] == 2 * 64  # a scale per core slot
+    main([str(folder)])
+    out = capsys.readouterr().out
+    assert "looped: prelude 1 + core 1 x 2 loops + coda 1  train loops poisson" in out
+    assert [line.split()[-2:] for line in out.splitlines() if line.strip().startswith(("1 ", "2 "))] == [
+        ["loop", "1"], ["loop", "2"]]
