@@ -181,8 +181,7 @@ class PolicyConfig:
     # with mean policy.loops - 1 and log-space deviation loop_sigma, at most max_loops; the same on every rank).
     train_loops: str = "fixed"
     loop_sigma: float = 0.5
-    # looped: the most loops a step draws or train.eval_loops asks for; null: 2 * policy.loops, or the largest
-    # train.eval_loops if that is more.
+    # looped: the most loops a training step draws (null: 2 * policy.loops); when set, train.eval_loops stay within it.
     max_loops: Optional[int] = None
     # looped: backpropagate through the last backprop_loops loops only (truncated backprop); null: every loop.
     backprop_loops: Optional[int] = None

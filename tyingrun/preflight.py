@@ -131,7 +131,7 @@ def check_loop_counts(cfg: Config) -> None:
     policy = cfg.policy
     if policy.max_loops is not None:
         _whole_number("policy.max_loops", policy.max_loops, policy.loops)
-    cap = max_loops(policy, [])
+    cap = max_loops(policy)
     for loops in cfg.train.eval_loops:
         _whole_number("train.eval_loops entry", loops, 1)
         if policy.max_loops is not None and loops > cap:

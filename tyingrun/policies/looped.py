@@ -3,10 +3,10 @@ repeat counts (policy.counts); its map is fixed for the whole run."""
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 from tyingrun.config import PolicyConfig
-from tyingrun.tying.loops import LoopPlan, counts_map, resolved_max_loops
+from tyingrun.tying.loops import LoopPlan, counts_map
 from tyingrun.tying.maps import TyingMap
 
 
@@ -28,6 +28,7 @@ def later_loop_slots(cfg: PolicyConfig) -> List[int]:
     return [slot for slot, root in enumerate(looped_map(cfg)) if root != slot]
 
 
-def max_loops(cfg: PolicyConfig, eval_loops: Sequence[int]) -> int:
-    """The most loops a step draws or an evaluation runs (tying.loops.resolved_max_loops)."""
-    return resolved_max_loops(cfg.loops, cfg.max_loops, eval_loops)
+def max_loops(cfg: PolicyConfig) -> int:
+    """The most loops a training step draws: policy.max_loops, or (null) twice policy.loops. Only training reads it:
+    train.eval_loops may go beyond (they must stay within it only where policy.max_loops is set)."""
+    return 2 * cfg.loops if cfg.max_loops is None else cfg.max_loops

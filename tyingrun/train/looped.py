@@ -54,7 +54,7 @@ class LoopCounts:
         policy = cfg.policy
         self.cfg, self.control = cfg, stack.looping
         self.loops, self.sigma, self.poisson = policy.loops, policy.loop_sigma, policy.train_loops == "poisson"
-        self.cap = max_loops(policy, cfg.train.eval_loops)
+        self.cap = max_loops(policy)
         self.generator = random.Random(derive_seed(cfg.train.seed, "loop_counts"))
         # steps[n]: the training steps that ran n loops so far.
         self.steps = [0] * (self.cap + 1)

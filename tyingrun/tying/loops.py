@@ -56,13 +56,6 @@ def counts_map(counts: Sequence[int]) -> TyingMap:
     return src
 
 
-def resolved_max_loops(loops: int, max_loops: Optional[int], eval_loops: Sequence[int]) -> int:
-    """policy.max_loops, or (null) twice policy.loops, or the largest train.eval_loops if that is more."""
-    if max_loops is not None:
-        return max_loops
-    return max(2 * loops, *eval_loops) if eval_loops else 2 * loops
-
-
 class Injection(nn.Module):
     """The prelude's output ``e`` fed into a later loop's input ``h``: ``h + e`` (add) or ``W [h; e]`` (concat, one
     matrix shared by every loop, initialised to ``[I I]`` so it starts as add)."""
