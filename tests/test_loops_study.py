@@ -11,7 +11,7 @@ def test_each_task_has_the_untied_depths_and_the_looped_variants_at_one_layout()
     variants = ("fixed", "poisson", "inject", "scale")
     assert list(arms) == [name for task in LOOPS_TASKS for name in (
         f"{task}_untied_1", f"{task}_untied_3", *(f"{task}_looped_{variant}" for variant in variants))]
-    assert arms["pydoc_untied_3"][0] == ["dataset=pydoc", "train.batch_size=16", "train.max_steps=800", "policy=none",
+    assert arms["pydoc_untied_3"][0] == ["dataset=pydoc", "train.batch_size=16", "train.max_steps=1200", "policy=none",
                                          "model.n_layer=3"]
     looped = ["dataset=phop", "policy=looped", "model.n_layer=6", "policy.prelude=2", "policy.core=1",
               "policy.loops=4", "policy.coda=0", "train.eval_loops=[1,2,3,4,6]"]

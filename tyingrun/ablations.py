@@ -145,7 +145,7 @@ def reasoning_arms(k: int = REASONING_K, loops: int = REASONING_L) -> Arms:
 # scored at every loop count of LOOPS_EVAL (untied models refuse train.eval_loops). Each task's arms share every other
 # setting; pydoc's budget is its own (the preset's is phop's): more, smaller steps, at which depth pays sooner.
 LOOPS_TASKS: Dict[str, List[str]] = {"phop": ["dataset=phop"],
-                                     "pydoc": ["dataset=pydoc", "train.batch_size=16", "train.max_steps=800"]}
+                                     "pydoc": ["dataset=pydoc", "train.batch_size=16", "train.max_steps=1200"]}
 LOOPS_DEPTHS = (1, 2, 4, 8)
 LOOPS_LAYOUT = {"prelude": 1, "core": 2, "loops": 3, "coda": 1}
 LOOPS_EVAL = (1, 2, 3, 4, 6)
