@@ -46,6 +46,8 @@ def test_every_arm_of_the_study_composes_and_passes_the_preflight():
         budgets = {(cfg.train.max_steps, cfg.train.batch_size, cfg.train.lr, cfg.dataset.block_size,
                     tuple(cfg.dataset.test_hops or ())) for arm, cfg in configs.items() if arm.startswith(task)}
         assert len(budgets) == 1
+    assert (configs["phop_untied_8"].train.max_steps, configs["phop_untied_8"].train.batch_size) == (1500, 32)
+    assert (configs["pydoc_looped_scale"].train.max_steps, configs["pydoc_looped_scale"].train.batch_size) == (1200, 16)
     phop = configs["phop_untied_1"].dataset
     assert phop.hops == 1 and list(phop.test_hops) == [1, 2]
     variant = {arm: configs[f"phop_looped_{arm}"].policy for arm in ("fixed", "poisson", "inject", "scale")}
