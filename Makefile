@@ -7,7 +7,7 @@ TORCH_INDEX ?=
 HAS_NVIDIA_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
 
-# make ablations [SCALE=cpu|paper|learn|recursive|reasoning] [SEEDS=0,1,2] [JOBS=n] [STEPS=n] [ABLATION_ARGS="key=value ..."]
+# make ablations [SCALE=cpu|paper|learn|recursive|reasoning|loops] [SEEDS=0,1,2] [JOBS=n] [STEPS=n] [ABLATION_ARGS="key=value ..."]
 SCALE ?= cpu
 SEEDS ?=
 JOBS ?=
@@ -75,12 +75,13 @@ lint: install
 	$(PY) tools/typecheck.py
 
 # docs/studies.md#ablations over SEEDS (default 0,1,2; recursive: 0,1), then report.md/report.csv/figures, under
-# outputs/ablations/<scale>-<date>_<time>. The cpu, learn, recursive and reasoning scales need no network; the paper
-# scale downloads WikiText-2 and wants GPUs. SCALE=learn is the learning study (docs/studies.md#the-learning-study),
+# outputs/ablations/<scale>-<date>_<time>. The cpu, learn, recursive, reasoning and loops scales need no network; the
+# paper scale downloads WikiText-2 and wants GPUs. SCALE=learn is the learning study (docs/studies.md#the-learning-study),
 # SCALE=recursive the conversion study (docs/studies.md#the-conversion-study), SCALE=reasoning the looped-depth study
-# on generated reasoning tasks (docs/studies.md#the-reasoning-study).
+# on generated reasoning tasks (docs/studies.md#the-reasoning-study), SCALE=loops what one loop is worth: untied depths
+# beside policy=looped arms evaluated at several loop counts, on p-hop and pydoc (docs/studies.md#the-loops-study).
 ablations: install
-	$(if $(filter cpu learn recursive reasoning,$(SCALE)),$(OFFLINE)) $(PY) -m tyingrun.ablations --scale $(SCALE) \
+	$(if $(filter cpu learn recursive reasoning loops,$(SCALE)),$(OFFLINE)) $(PY) -m tyingrun.ablations --scale $(SCALE) \
 		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(JOBS),--jobs $(JOBS)) \
 		$(if $(STEPS),train.max_steps=$(STEPS)) $(ABLATION_ARGS)
 

@@ -18,13 +18,17 @@ file, cyclic, sequential) at as many independent layers as the learning-option d
 ``--scale reasoning`` is the looped-depth study on generated reasoning tasks (docs/studies.md#the-reasoning-study): one
 stage of k⊗1, k⊗L and kL⊗1 on p-hop induction and on n-ary addition, every arm at the same steps.
 
+``--scale loops`` is what one loop is worth (docs/studies.md#the-loops-study): one stage, on p-hop induction and on
+pydoc, of untied models of 1, 2, 4 and 8 layers and of policy=looped models of 8 slots (1 + 2x3 + 1) with fixed loops,
+sampled loops, input injection and per-loop scales, each looped arm scored at several loop counts.
+
 ``--scale recursive`` is the recursive-conversion study (docs/studies.md#the-conversion-study): stage 1 trains the
 parent; stage 2 converts each seed's parent into half as many unique blocks under every ``policy.init`` with and
 without LoRA and continues training each for the parent's steps, beside the parent continued for those steps and a
 model with as many layers as unique blocks trained from scratch for both spans together.
 
-    python -m tyingrun.ablations [--scale cpu|paper|learn|recursive|reasoning] [--seeds 0,1,2] [--jobs N] [--out DIR]
-                                 [override ...]
+    python -m tyingrun.ablations [--scale cpu|paper|learn|recursive|reasoning|loops] [--seeds 0,1,2] [--jobs N]
+                                 [--out DIR] [override ...]
 """
 
 from __future__ import annotations
@@ -132,6 +136,44 @@ def reasoning_arms(k: int = REASONING_K, loops: int = REASONING_L) -> Arms:
             f"{k}⊗{loops}: {k} block(s) looped {loops} times (cyclic, {k} set(s) over {k * loops} slots)")
         arms[f"{task}_{k * loops}x1"] = ([f"dataset={task}", "policy=none", f"model.n_layer={k * loops}"],
                                          f"{k * loops}⊗1: {k * loops} layers, the reference")
+    return arms
+
+
+# The loops study (--scale loops, +experiment=loops_cpu; docs/studies.md#the-loops-study): on each task, untied models
+# of several depths (the curve that prices a loop: docs/method.md#what-one-loop-is-worth) and looped models of the
+# deepest one's depth, prelude + core x loops + coda, each differing from the fixed-loop arm in one knob and each
+# scored at every loop count of LOOPS_EVAL (untied models refuse train.eval_loops). Each task's arms share every other
+# setting; pydoc's budget is its own (the preset's is phop's): more, smaller steps, at which depth pays sooner.
+LOOPS_TASKS: Dict[str, List[str]] = {"phop": ["dataset=phop"],
+                                     "pydoc": ["dataset=pydoc", "train.batch_size=16", "train.max_steps=1200"]}
+LOOPS_DEPTHS = (1, 2, 4, 8)
+LOOPS_LAYOUT = {"prelude": 1, "core": 2, "loops": 3, "coda": 1}
+LOOPS_EVAL = (1, 2, 3, 4, 6)
+LOOPED_VARIANTS: Dict[str, Tuple[List[str], str]] = {
+    "fixed": ([], "the same loop count at every training step"),
+    "poisson": (["policy.train_loops=poisson"], "loop counts drawn per training step (log-normal-Poisson, mean 3)"),
+    "inject": (["policy.inject=add"], "fixed loops, the prelude's output added to the core's input at every loop"),
+    "scale": (["policy.loop_params=scale"], "fixed loops, a learned per-loop output scale (initialised at 1)"),
+}
+
+
+def loops_arms(depths: Tuple[int, ...] = LOOPS_DEPTHS, layout: Optional[Dict[str, int]] = None) -> Arms:
+    """Per task: an untied arm at each of ``depths``, then each looped variant at ``layout`` (its depth
+    prelude + core * loops + coda)."""
+    layout = layout or LOOPS_LAYOUT
+    n_layer = layout["prelude"] + layout["core"] * layout["loops"] + layout["coda"]
+    shape = (f"{layout['prelude']}+{layout['core']}x{layout['loops']}+{layout['coda']}: {n_layer} slots, "
+             f"{layout['prelude'] + layout['core'] + layout['coda']} unique blocks")
+    arms: Arms = {}
+    for task, dataset in LOOPS_TASKS.items():
+        for depth in depths:
+            arms[f"{task}_untied_{depth}"] = ([*dataset, "policy=none", f"model.n_layer={depth}"],
+                                              f"{depth} untied layer(s): a point of the depth curve")
+        looped = [*dataset, "policy=looped", f"model.n_layer={n_layer}",
+                  *(f"policy.{key}={value}" for key, value in layout.items()),
+                  f"train.eval_loops=[{','.join(map(str, LOOPS_EVAL))}]"]
+        for variant, (knobs, note) in LOOPED_VARIANTS.items():
+            arms[f"{task}_looped_{variant}"] = ([*looped, *knobs], f"{shape}; {note}")
     return arms
 
 
@@ -247,6 +289,7 @@ STUDIES = {
     "recursive": Study("recursive_cpu", RECURSIVE_STAGE_1, "parent", recursive_stage_2, seeds="0,1",
                        one_thread_per_run=True, pairs_other_budgets=True),
     "reasoning": Study("reasoning_cpu", reasoning_arms(), None, None, one_thread_per_run=True),
+    "loops": Study("loops_cpu", loops_arms(), None, None, one_thread_per_run=True),
 }
 
 
@@ -409,12 +452,13 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="cpu: 8x128 GPT-2 on pydoc (~22 min on 2 cores); paper: 48x1600 on WikiText-2 (GPUs); "
                              "learn: the learning study, 6x64 GPT-2 on pydoc (~15 min on 2 cores); recursive: the "
                              "conversion study, an 8x128 GPT-2 parent on pydoc (~21 min on 2 cores); reasoning: "
-                             "1⊗1, 1⊗4 and 4⊗1 GPT-2 of width 64 on p-hop and addition (docs/method.md"
-                             "#the-reasoning-study)")
+                             "1⊗1, 1⊗4 and 4⊗1 GPT-2 of width 64 on p-hop and addition (docs/studies.md"
+                             "#the-reasoning-study); loops: untied 1, 2, 4, 8 layers and looped 1+2x3+1 GPT-2 of width "
+                             "64 on p-hop and pydoc (docs/studies.md#the-loops-study)")
     parser.add_argument("--seeds", help="train.seed values, comma-separated (default 0,1,2; recursive: 0,1)")
     parser.add_argument("--out", type=Path, help="default: outputs/ablations/<scale>-<date>_<time>")
-    parser.add_argument("--jobs", type=int, help="runs at a time (default: cpu, learn, recursive: one per core, each "
-                                                 "with one thread, output in <out>/logs/; paper: 1)")
+    parser.add_argument("--jobs", type=int, help="runs at a time (default: cpu, learn, recursive, reasoning, loops: "
+                                                 "one per core, each with one thread, output in <out>/logs/; paper: 1)")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. train.max_steps=20")
     args = parser.parse_args(argv)
     if args.jobs is not None and args.jobs < 1:
