@@ -90,7 +90,10 @@ def untied_line(family: LoopFamily) -> str:
         if losses:
             points.append(f"{blocks_text(unique_blocks(group))}: {estimate_text(estimate(losses), 4)} "
                           f"({len(losses)} seed{'s' if len(losses) > 1 else ''})")
-    return "Untied arms read against (policy=none, test loss ± 95% CI): " + "; ".join(points) + "."
+    mean_curve = family.looped[0].untied.curve() if family.looped and family.looped[0].untied else None
+    verdict = (f" {mean_curve.problem[0].upper()}{mean_curve.problem[1:]} (in the mean over seeds), so no looped arm's "
+               f"effective blocks or φ can be read off it." if mean_curve is not None and mean_curve.problem else "")
+    return "Untied arms read against (policy=none, test loss ± 95% CI): " + "; ".join(points) + "." + verdict
 
 
 def quality_table(family: LoopFamily) -> List[str]:
