@@ -310,3 +310,10 @@ def test_inspect_shows_the_layout_each_slots_part_and_rows_that_add_up(sampled_r
     assert "looped: prelude 1 + core 1 x 2 loops + coda 1  train loops poisson" in out
     assert [line.split()[-2:] for line in out.splitlines() if line.strip().startswith(("1 ", "2 "))] == [
         ["loop", "1"], ["loop", "2"]]
+
+
+def test_init_from_a_looped_run_needs_its_per_loop_tensors_in_one_line(tmp_path, sampled_run):
+    folder, _ = sampled_run
+    without_scales = [*LOOPED_RUN, f"train.init_from={folder}"]
+    assert "holds stack.looping.scales.0, a tensor of its policy.inject and policy.loop_params" in bad_input_line(
+        without_scales, tmp_path / "run")

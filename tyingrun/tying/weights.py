@@ -55,6 +55,9 @@ def copy_weights(model: nn.Module, stored: Dict[str, torch.Tensor], source: str)
     expected = unique_weights(model)
     missing = sorted(set(expected) - set(stored))
     if missing:
+        if _loop_tensor(missing[0]):
+            raise BadInput(f"{source} lacks {missing[0]}: it was trained without this run's {LOOP_KEYS}; give "
+                           f"this run the source's")
         raise BadInput(f"{source} lacks {missing[0]} (and {len(missing) - 1} more); it is not of this model "
                        f"(or was saved with other model.* settings, e.g. model.tie_embeddings)")
     targets = model.state_dict(keep_vars=True)
@@ -65,6 +68,9 @@ def copy_weights(model: nn.Module, stored: Dict[str, torch.Tensor], source: str)
                 f"{source} stores {name} apart from {partner} but this model ties the two into one tensor; "
                 f"two trained matrices cannot be merged - untie them (model.tie_embeddings=false)"
             )
+        if name not in targets and _loop_tensor(name):
+            raise BadInput(f"{source} holds {name}, a tensor of its {LOOP_KEYS} that this run does not have; give "
+                           f"this run the source's (its learned per-loop tensors cannot be dropped silently)")
         if name not in targets or targets[name].shape != value.shape:
             shape = tuple(targets[name].shape) if name in targets else "absent"
             raise BadInput(
@@ -74,6 +80,14 @@ def copy_weights(model: nn.Module, stored: Dict[str, torch.Tensor], source: str)
     with torch.no_grad():
         for name, value in stored.items():
             local_view(targets[name]).copy_(local_view(placed_like(targets[name], value)))
+
+
+# policy=looped's own tensors (the stack's LoopControl, tyingrun.tying.loops): the input injection and per-loop scales.
+LOOP_KEYS = "policy.inject and policy.loop_params (policy=looped)"
+
+
+def _loop_tensor(name: str) -> bool:
+    return ".looping." in f".{name}"
 
 
 def read_tensors(path: Path) -> Dict[str, torch.Tensor]:
