@@ -242,17 +242,33 @@ def test_resume_with_sampled_loops_is_bit_identical(tmp_path, cli, sampled_run):
         assert resumed[key] == summary[key]
 
 
+LOOPED_PARALLEL = ["model.n_layer=5", "policy=looped", "policy.loops=3"]
+
+
 @pytest.mark.slow
-def test_ranks_draw_the_same_loops_so_data_parallel_losses_match_one_process(tmp_path, cli):
+@pytest.mark.parametrize("knobs", [
+    # The ranks draw the same loop counts (else their losses would not be one process's).
+    ["policy.train_loops=poisson", "policy.max_loops=6", "policy.loop_params=scale"],
+    # Truncated backprop without injection: the prelude and the positions never get a gradient, so under DDP as in one
+    # process the optimizer skips them (no zeros standing in for a gradient, no weight decay).
+    ["policy.backprop_loops=1"],
+], ids=["poisson", "truncated"])
+def test_data_parallel_looped_runs_match_one_process(tmp_path, cli, knobs):
+    from tyingrun.tying.weights import read_tensors
+
     from .helpers import parallel_run
 
-    looped = ["model.n_layer=5", "policy=looped", "policy.loops=3", "policy.train_loops=poisson", "policy.max_loops=6"]
-    single = read_jsonl(parallel_run(cli, tmp_path / "single", *looped) / "metrics.jsonl")
-    parallel = read_jsonl(parallel_run(cli, tmp_path / "ddp", *looped, ranks=2) / "metrics.jsonl")
+    runs = [parallel_run(cli, tmp_path / "single", *LOOPED_PARALLEL, *knobs),
+            parallel_run(cli, tmp_path / "ddp", *LOOPED_PARALLEL, *knobs, ranks=2)]
+    single, parallel = (read_jsonl(run / "metrics.jsonl") for run in runs)
     for key in ("train_loss", "val_loss"):
         ours, theirs = ([row[key] for row in rows if key in row] for rows in (parallel, single))
         assert len(ours) == len(theirs) > 1
         assert ours == pytest.approx(theirs, abs=1e-5)
+    if knobs == ["policy.backprop_loops=1"]:
+        weights = [read_tensors(run / "checkpoints" / "step_00000012" / "model.safetensors") for run in runs]
+        untrained = [name for name in weights[0] if name.startswith(("stack.blocks.0.", "wpe."))]
+        assert untrained and all(torch.equal(weights[0][name], weights[1][name]) for name in untrained)
 
 
 @pytest.mark.parametrize("overrides, expected", [

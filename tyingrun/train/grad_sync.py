@@ -6,7 +6,9 @@ put in buckets of about ``bucket_bytes`` in the reverse order of the model's par
 produces them; a bucket whose tensors are all ready is flattened and all-reduced asynchronously, so communication
 overlaps the rest of the backward. Buckets are launched in index order only, so every rank issues the same
 collectives in the same order. ``finish`` launches what is left (tensors with no gradient this step get zeros, as
-on every rank), waits, and writes the averages back.
+on every rank), waits, and writes the averages back; a tensor that had no gradient this step (on every rank: they run
+the same graph) gets none again, so the optimizer skips it as it would in one process (a looped model's prelude under
+truncated backprop, a later loop's tensors in a step that drew fewer loops).
 
 The trainable set changes at tying decisions, which DistributedDataParallel's fixed buckets cannot follow: ``arm``
 builds the buckets and hooks again for the tensors the optimizer now holds (the trainer calls it after each map).
@@ -40,6 +42,7 @@ class OverlappedGradientAverage:
         self._bucket_of: dict = {}
         self._handles: list = []
         self._next = 0  # the next bucket to launch
+        self._without_grad: List[torch.Tensor] = []  # the tensors that had no gradient this step
         self.launched_in_backward = 0  # buckets launched by hooks (not by finish), over the run
 
     def arm(self, params: Sequence[torch.Tensor]) -> None:
@@ -80,6 +83,7 @@ class OverlappedGradientAverage:
         for param in bucket.params:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
+                self._without_grad.append(param)
             grads.append(param.grad)
         flat = _flatten_dense_tensors(grads)
         bucket.launched = (grads, flat, dist.all_reduce(flat, async_op=True))
@@ -96,4 +100,7 @@ class OverlappedGradientAverage:
             flat.div_(self.world_size)
             for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
                 grad.copy_(reduced)
+        for param in self._without_grad:
+            param.grad = None
+        self._without_grad = []
         self._reset()
