@@ -283,6 +283,8 @@ def test_data_parallel_looped_runs_match_one_process(tmp_path, cli, knobs):
     (["policy.counts=[2,1,1]", "policy.loops=3"], "policy.loops belongs to the policy.prelude/core/coda/loops form"),
     (["policy.inject=sum"], "policy.inject='sum' is not an option; choose one of: none, add, concat"),
     (["policy=cyclic", "train.eval_loops=[2]"], "train.eval_loops scores a looped model at other loop counts"),
+    (["policy.counts=[3,1]", "policy.loop_params=scale"], "policy.counts has no core loop"),
+    (["policy.loops=1", "model.n_layer=3", "policy.loop_params=adaln"], "this layout repeats no block"),
     (["policy.train_loops=poisson", "policy.loop_sigma=0"], "policy.loop_sigma=0.0 must be a number in (0, 10)"),
 ])
 def test_impossible_looped_configs_are_one_line_before_anything_is_built(tmp_path, overrides, expected):

@@ -190,7 +190,7 @@ class PolicyConfig:
     inject: str = "none"
     # looped: per-loop parameters of the core: "none", "scale" (a per-channel output scale per core slot, at 1),
     # "adaln" (each core slot's own block norms, starting as the shared ones) or "lora" (a LoRA of rank
-    # policy.lora_rank on each core slot's matrices, B at 0).
+    # policy.lora_rank on the matrices of every later loop's core slots, B at 0).
     loop_params: str = "none"
 
 

@@ -17,7 +17,7 @@ from tyingrun.errors import BadInput
 from tyingrun.models import MODELS
 from tyingrun.policies import POLICIES, recursive_map
 from tyingrun.policies.fixed import given_map
-from tyingrun.policies.looped import max_loops
+from tyingrun.policies.looped import later_loop_slots, max_loops
 
 POLICY_DEFAULTS = PolicyConfig()
 
@@ -155,9 +155,16 @@ def _in_open_range(key: str, value: object) -> None:
 
 
 def check_loop_params(cfg: Config) -> None:
-    """loop_params=lora has a rank that fits the matrices (and only it takes one); hardware=fsdp shards whole blocks,
-    so it takes no per-loop tensors and no injection."""
+    """loop_params=lora has a rank that fits the matrices (and only it takes one); adaln and lora have a repeated slot
+    to give their tensors to, scale a loop plan; hardware=fsdp shards whole blocks, so it takes no per-loop tensors and
+    no injection."""
     policy = cfg.policy
+    if policy.loop_params == "scale" and policy.counts is not None:
+        raise BadInput("policy.loop_params=scale scales each loop of the core; policy.counts has no core loop - use "
+                       "policy.prelude/core/coda/loops, or policy.loop_params=adaln|lora")
+    if policy.loop_params in ("adaln", "lora") and not later_loop_slots(policy):
+        raise BadInput(f"policy.loop_params={policy.loop_params} gives every later loop its own tensors, but this "
+                       f"layout repeats no block; raise policy.loops (or a policy.counts entry) or drop it")
     if policy.loop_params == "lora":
         if policy.lora_rank == 0:
             raise BadInput("policy.loop_params=lora needs a rank: set policy.lora_rank (e.g. 4)")
