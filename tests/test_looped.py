@@ -285,7 +285,8 @@ def test_data_parallel_looped_runs_match_one_process(tmp_path, cli, knobs):
     (["policy=cyclic", "train.eval_loops=[2]"], "train.eval_loops scores a looped model at other loop counts"),
     (["policy.counts=[3,1]", "policy.loop_params=scale"], "policy.counts has no core loop"),
     (["policy.loops=1", "model.n_layer=3", "policy.loop_params=adaln"], "this layout repeats no block"),
-    (["policy.train_loops=poisson", "policy.loop_sigma=0"], "policy.loop_sigma=0.0 must be a number in (0, 10)"),
+    (["policy.train_loops=poisson", "policy.loop_sigma=0"],
+     "policy.loop_sigma=0.0 is out of range; it must be a finite number in (0, 10)"),
 ])
 def test_impossible_looped_configs_are_one_line_before_anything_is_built(tmp_path, overrides, expected):
     line = bad_input_line(["model=gpt2", "dataset=pydoc", "hardware=cpu", "policy=looped", *overrides],

@@ -486,6 +486,7 @@ def check_numbers(cfg: Config) -> None:
     _in_range("policy.replay", p.replay, 0, inf, high_open=True)
     _in_range("policy.target_update", p.target_update, 0, inf, high_open=True)
     _in_range("policy.q_lr_decay_updates", p.q_lr_decay_updates, 0, inf, high_open=True)
+    _in_range("policy.loop_sigma", p.loop_sigma, 0, 10, low_open=True, high_open=True)
     if p.lora_alpha is not None:
         _in_range("policy.lora_alpha", p.lora_alpha, 0, inf, low_open=True, high_open=True)
     if p.seed is not None:

@@ -127,7 +127,7 @@ def check_looped(cfg: Config) -> None:
 
 
 def check_loop_counts(cfg: Config) -> None:
-    """policy.max_loops, train.eval_loops, policy.backprop_loops and policy.loop_sigma are possible together."""
+    """policy.max_loops, train.eval_loops and policy.backprop_loops are possible together."""
     policy = cfg.policy
     if policy.max_loops is not None:
         _whole_number("policy.max_loops", policy.max_loops, policy.loops)
@@ -145,13 +145,6 @@ def check_loop_counts(cfg: Config) -> None:
         if policy.grad != "shared":
             raise BadInput("policy.backprop_loops truncates the gradient a shared block sums over its loops; it "
                            "needs policy.grad=shared")
-    if policy.train_loops == "poisson":
-        _in_open_range("policy.loop_sigma", policy.loop_sigma)
-
-
-def _in_open_range(key: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 10:
-        raise BadInput(f"{key}={value!r} must be a number in (0, 10)")
 
 
 def check_loop_params(cfg: Config) -> None:

@@ -18,8 +18,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: 
 
 from tyingrun.report.difficulty import DIFFICULTY_NAMES  # noqa: E402
 from tyingrun.report.loops import LoopedArm, LoopFamily, blocks_text, summary_of, unique_blocks  # noqa: E402
-from tyingrun.report.plots import _group_colours, _wrap  # noqa: E402
-from tyingrun.report.runs import Group  # noqa: E402
+from tyingrun.report.plots import _group_colours, _group_mean, _wrap  # noqa: E402
 from tyingrun.report.stats import Estimate, estimate  # noqa: E402
 from tyingrun.report.tables import human_count  # noqa: E402
 
@@ -102,11 +101,6 @@ def plot_difficulty_vs_loops(arm: LoopedArm, by_loops: Dict[int, Dict[int, Estim
     plt.close(fig)
 
 
-def _mean(group: Group, key: str) -> float:
-    values = [summary_of(run)[key] for run in group.runs if summary_of(run).get(key) is not None]
-    return float(np.mean(values)) if values else float("nan")
-
-
 COSTS = {"train_flops_per_token": "training FLOPs per token (forward + backward)",
          "trainable_params": "trainable parameters"}
 
@@ -128,7 +122,7 @@ def plot_loss_vs_cost(family: LoopFamily, path: Path) -> None:
         untied = [(group, estimate(list(group.values_by_seed("test_loss").values()))) for group in family.untied
                   if group.values_by_seed("test_loss")]
         if untied:
-            xs = [_mean(group, key) for group, _ in untied]
+            xs = [_group_mean(group, key) for group, _ in untied]
             axis.errorbar(xs, [found.mean for _, found in untied],
                           yerr=[found.halfwidth or 0.0 for _, found in untied], marker="s", color="black", capsize=3,
                           label="untied (policy=none)" if position == 0 else None)
@@ -138,7 +132,7 @@ def plot_loss_vs_cost(family: LoopFamily, path: Path) -> None:
             losses = list(arm.group.values_by_seed("test_loss").values())
             if losses:
                 found = estimate(losses)
-                axis.errorbar([_mean(arm.group, key)], [found.mean], yerr=[found.halfwidth or 0.0], marker="o",
+                axis.errorbar([_group_mean(arm.group, key)], [found.mean], yerr=[found.halfwidth or 0.0], marker="o",
                               markersize=8, linestyle="", capsize=3, color=colours[index % len(colours)],
                               label=_wrap(f"{arm.group.name}, {arm.shape.layout}") if position == 0 else None)
         axis.set_xscale("log")

@@ -99,19 +99,19 @@ class LoopCounts:
             return figures
         batch = self.cfg.train.batch_size
 
-        def flops_at(loops: int) -> int:
-            with control.at(loops):
-                return train_flops_per_token(model, seq_len, batch)
-
         ran = {loops: steps for loops, steps in enumerate(self.steps) if steps}
         total = sum(ran.values())
         evaluated = sorted({self.loops, *self.cfg.train.eval_loops})
+        flops = {}
+        for loops in {*ran, *evaluated}:
+            with control.at(loops):
+                flops[loops] = train_flops_per_token(model, seq_len, batch)
         return {
             **figures, "loops": self.loops,
             "train_loops_mean": sum(loops * steps for loops, steps in ran.items()) / total if total else self.loops,
-            "train_flops_per_token": round(sum(flops_at(loops) * steps for loops, steps in ran.items()) / total)
-            if total else flops_at(self.loops),
-            "train_flops_per_token_by_loops": {str(loops): flops_at(loops) for loops in evaluated},
+            "train_flops_per_token": round(sum(flops[loops] * steps for loops, steps in ran.items()) / total)
+            if total else flops[self.loops],
+            "train_flops_per_token_by_loops": {str(loops): flops[loops] for loops in evaluated},
         }
 
     def state_dict(self) -> Dict[str, Any]:

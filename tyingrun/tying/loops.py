@@ -62,7 +62,6 @@ class Injection(nn.Module):
 
     def __init__(self, mode: str, width: int):
         super().__init__()
-        self.mode = mode
         self.project = None
         if mode == "concat":
             self.project = nn.Linear(2 * width, width, bias=False)
@@ -105,15 +104,21 @@ class LoopControl(nn.Module):
         with_grad = loops if not training or self.backprop_loops is None else min(loops, self.backprop_loops)
         return [loop >= loops - with_grad for loop in range(loops)]
 
+    def core_runs(self, training: bool) -> List[Tuple[bool, List[int]]]:
+        """For each loop of this forward: whether it builds a graph, and the core slots it runs, in order."""
+        plan = self.plan
+        return [(grad, [plan.core_slot(loop, block) for block in range(plan.core)])
+                for loop, grad in enumerate(self.loop_grads(training))]
+
     def executed_slots(self) -> List[Tuple[int, bool]]:
         """The slots a training forward runs, in order, each with whether its backward runs: a loop without a graph
         has none, nor has the prelude when nothing that carries a graph reads its output (truncated, no injection)."""
-        plan, grads = self.plan, self.loop_grads(training=True)
-        prelude_backward = grads[0] or self.injection is not None
-        executed = [(slot, prelude_backward) for slot in range(plan.prelude)]
-        for loop, grad in enumerate(grads):
-            executed += [(plan.core_slot(loop, block), grad) for block in range(plan.core)]
-        return executed + [(slot, True) for slot in range(plan.slots - plan.coda, plan.slots)]
+        parts, runs = self.plan.parts(), self.core_runs(training=True)
+        prelude_backward = runs[0][0] or self.injection is not None
+        executed = [(slot, prelude_backward) for slot in parts["prelude"]]
+        for grad, slots in runs:
+            executed += [(slot, grad) for slot in slots]
+        return executed + [(slot, True) for slot in parts["coda"]]
 
     def scale(self, slot: int) -> Optional[torch.Tensor]:
         """The output scale of core slot ``slot``, if the plan has them."""

@@ -183,21 +183,20 @@ class TiedStack(nn.Module):
     def _run_loops(self, control: LoopControl, x: torch.Tensor, **kwargs) -> torch.Tensor:
         """The prelude, the core at ``control.loops_now`` loops (the early ones without a graph under truncated
         backprop; each later loop's input injected with the prelude's output), then the coda."""
-        plan = control.plan
-        for slot in range(plan.prelude):
+        parts = control.plan.parts()
+        for slot in parts["prelude"]:
             x = self._run(slot, x, **kwargs)
         prelude_output = x
-        for loop, grad in enumerate(control.loop_grads(self.training)):
+        for loop, (grad, slots) in enumerate(control.core_runs(self.training)):
             with contextlib.nullcontext() if grad else torch.no_grad():
                 if loop > 0 and control.injection is not None:
                     x = control.injection(x, prelude_output)
-                for block in range(plan.core):
-                    slot = plan.core_slot(loop, block)
+                for slot in slots:
                     x = self._run(slot, x, **kwargs)
                     scale = control.scale(slot)
                     if scale is not None:
                         x = x * scale
-        for slot in range(plan.slots - plan.coda, plan.slots):
+        for slot in parts["coda"]:
             x = self._run(slot, x, **kwargs)
         return x
 
