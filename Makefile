@@ -14,7 +14,7 @@ JOBS ?=
 STEPS ?=
 ABLATION_ARGS ?=
 
-.PHONY: install demo test test-fast test-all lint bench gpu-check ablations clean
+.PHONY: install demo test test-fast test-all lint bench gpu-wheels gpu-check ablations clean
 
 install: $(VENV)/.installed
 
@@ -57,11 +57,22 @@ bench: install
 # dynamic_q, GPT-2 124M tokens/s and MFU (eager, compiled, dynamic_q K=4), recompiles, peak memory against CUDA's
 # allocator, 2-GPU parity -> benchmarks/gpu_check.json, in about 5 minutes on one H100/H200. No venv: the machine's
 # own python with torch; what it lacks (hydra-core, omegaconf, datasets) comes from the wheels in WHEELS, which
-# ../shared/tools/gpu-wheels.sh downloads, installed with tyingrun itself into GPU_SITE.
+# `make gpu-wheels` downloads here, installed with tyingrun itself into GPU_SITE.
 GPU_PYTHON ?= python3
 WHEELS ?= .whl
 GPU_SITE ?= .gpu-site
 GPU_CHECK_ARGS ?=
+# The GPU machine's Python, and the packages it lacks (pinned where its other packages need an older version).
+GPU_PYTHON_VERSION ?= 3.12
+GPU_WHEEL_PACKAGES := hydra-core 'omegaconf<2.4' datasets 'dill<0.4.2' 'multiprocess<0.70.20'
+
+# Here, with PyPI: binary wheels for GPU_PYTHON_VERSION, and omegaconf's parser runtime (published as source only)
+# built into a pure-Python wheel.
+gpu-wheels: install
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) --implementation cp \
+		--platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any -d $(WHEELS) \
+		$(GPU_WHEEL_PACKAGES)
+	$(PY) -m pip wheel -q --no-deps -w $(WHEELS) 'antlr4-python3-runtime==4.9.3'
 
 gpu-check:
 	$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade \
